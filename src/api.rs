@@ -1,0 +1,222 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the `/api/v1` calls of
+//! PROTOCOL.md. It runs on the control thread, never on a shard, and reaches shard state
+//! only through messages (and the shards' own metric counters, which it only reads).
+//!
+//! HTTP/1.1 with keep-alive, parsed with `httparse`; bodies need `Content-Length` (no
+//! chunked uploads) and are limited to [`MAX_BODY`].
+
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use crate::metrics::{self, ShardMetrics};
+use crate::server::Node;
+
+/// Largest request head (request line + headers).
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body; larger gets 413.
+pub const MAX_BODY: usize = 1 << 20;
+/// An admin connection silent this long between requests is closed.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// What the admin handlers need.
+pub struct Admin {
+    node: Arc<Node>,
+    metrics: Vec<Arc<ShardMetrics>>,
+}
+
+impl Admin {
+    pub fn new(node: Arc<Node>, metrics: Vec<Arc<ShardMetrics>>) -> Admin {
+        Admin { node, metrics }
+    }
+}
+
+/// One parsed request.
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// One response, written with `Content-Length`.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Response {
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
+    }
+
+    /// `{"error":"<code>","message":"..."}` as PROTOCOL.md says.
+    fn error(status: u16, code: &str, message: &str) -> Response {
+        let body = serde_json::json!({ "error": code, "message": message });
+        Response { status, content_type: "application/json", body: body.to_string().into_bytes() }
+    }
+
+    fn encode(&self, keep_alive: bool) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            202 => "Accepted",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            413 => "Payload Too Large",
+            503 => "Service Unavailable",
+            _ => "",
+        };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}\r\n",
+            self.status,
+            self.content_type,
+            self.body.len(),
+            if keep_alive { "" } else { "Connection: close\r\n" }
+        )
+        .into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// Accepts admin connections until the task is dropped.
+pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
+    let admin = Rc::new(admin);
+    // SAFETY: a bound, listening TCP socket we own.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(connection(admin.clone(), stream)).detach();
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves requests on one admin connection (keep-alive) until it closes or errs.
+async fn connection(admin: Rc<Admin>, mut stream: TcpStream) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let read =
+            glommio::timer::timeout(KEEP_ALIVE, async { Ok(read_request(&mut stream, &mut buf).await) })
+                .await;
+        let (request, keep_alive) = match read {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(Some(refusal))) => {
+                let _ = stream.write_all(&refusal.encode(false)).await;
+                return;
+            }
+            Ok(Err(None)) | Err(_) => return,
+        };
+        let response = route(&admin, &request);
+        if stream.write_all(&response.encode(keep_alive)).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Reads one request. `Err(None)`: the peer went away; `Err(Some(r))`: answer `r` and close.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(Request, bool), Option<Response>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let mut content_length = 0usize;
+                let mut authorization = None;
+                let mut close = req.version == Some(0);
+                for h in req.headers.iter() {
+                    let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        content_length = value
+                            .parse()
+                            .map_err(|_| Some(Response::error(400, "bad_request", "bad Content-Length")))?;
+                    } else if h.name.eq_ignore_ascii_case("authorization") {
+                        authorization = Some(value.to_string());
+                    } else if h.name.eq_ignore_ascii_case("connection") {
+                        close |= value.eq_ignore_ascii_case("close");
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        return Err(Some(Response::error(
+                            400,
+                            "bad_request",
+                            "chunked bodies are not supported",
+                        )));
+                    }
+                }
+                if content_length > MAX_BODY {
+                    return Err(Some(Response::error(413, "too_large", "request body too large")));
+                }
+                let method = req.method.unwrap_or("").to_string();
+                let path = req.path.unwrap_or("/").to_string();
+                while buf.len() < head_len + content_length {
+                    let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+                    if n == 0 {
+                        return Err(None);
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = buf[head_len..head_len + content_length].to_vec();
+                buf.drain(..head_len + content_length);
+                return Ok((Request { method, path, authorization, body }, !close));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(Some(Response::error(400, "bad_request", "request head too large")))
+            }
+            Err(_) => return Err(Some(Response::error(400, "bad_request", "malformed HTTP request"))),
+        }
+        let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+        if n == 0 {
+            return Err(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn route(admin: &Admin, req: &Request) -> Response {
+    let path = req.path.split('?').next().unwrap_or("");
+    match (req.method.as_str(), path) {
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/readyz") if admin.node.is_ready() => Response::text(200, "ready\n"),
+        ("GET", "/readyz") => Response::text(503, "not ready\n"),
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: metrics::render(&admin.metrics).into_bytes(),
+        },
+        (_, p) if p.starts_with("/api/") => {
+            if !authorized(admin, req) {
+                return Response::error(401, "unauthorized", "missing or wrong API key");
+            }
+            let _ = &req.body;
+            Response::error(404, "not_found", "no such API call")
+        }
+        _ => Response::error(404, "not_found", "no such path"),
+    }
+}
+
+/// `Authorization: Bearer <api_key>`, compared in constant time.
+fn authorized(admin: &Admin, req: &Request) -> bool {
+    let Some(given) = req.authorization.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let expected = admin.node.config.api_key.as_bytes();
+    let given = given.trim().as_bytes();
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}

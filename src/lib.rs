@@ -1,0 +1,38 @@
+//! ringpush: a thread-per-core WebSocket push server for instant messaging.
+//!
+//! # Layout
+//!
+//! - `config`: the TOML configuration of PROTOCOL.md, its defaults, env overrides, checks.
+//! - `auth`: HS256 client tokens (verify on upgrade, mint for `ringpush token`).
+//! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
+//! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
+//! - `session`: one connection: handshake, read loop, dispatch, outbound queue, close.
+//! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
+//! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
+//! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
+//! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
+//! - `metrics`: per-shard counters, summed when read.
+//! - `limits`: the host's limits, reported at start.
+//! - `error`: the crate's error type.
+//!
+//! # Thread model
+//!
+//! One shard per CPU of the process's affinity mask, each a glommio `LocalExecutor`
+//! pinned to its CPU with its own `SO_REUSEPORT` listener: a connection lives its whole
+//! life on the shard that accepted it, and a shard's state is `!Send` and never locked.
+//! The `control` thread (an unpinned executor) serves the admin listener and drives the
+//! drain; it talks to shards through glommio shared channels. Signals are turned into a
+//! drain on their own thread.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod wheel;
+pub mod ws;

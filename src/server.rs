@@ -1,0 +1,248 @@
+//! Starting and stopping the node: bind the listeners, start one shard per CPU of the
+//! process's affinity mask and the control thread, and stop them in order.
+//!
+//! Threads: `shard-N` (one glommio executor pinned per CPU: all client traffic),
+//! `control` (an unpinned glommio executor: the admin listener and the drain), and
+//! `signals` (blocked in `sigwait`-style reads, turns SIGTERM/SIGINT into a drain).
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::api;
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::ShardMetrics;
+use crate::shard::{self, ShardCommand, ShardSetup};
+
+/// Pending connections the kernel may hold per listener (capped by `net.core.somaxconn`).
+/// glommio's own `bind` uses 1024, too few for a reconnect storm of a large fleet.
+const LISTEN_BACKLOG: i32 = 65535;
+
+/// glommio's registered-buffer pool per executor. Only file I/O uses it; TCP does not,
+/// so it is kept small instead of glommio's 10 MiB default (which also needs memlock).
+const IO_MEMORY: usize = 512 * 1024;
+
+/// What every thread of the node shares. Read-mostly; the counters are touched once per
+/// connection, never per message.
+pub struct Node {
+    pub config: Arc<Config>,
+    /// Changes at every start (seconds since the epoch, base 36): in connection ids.
+    pub epoch_tag: String,
+    /// Open connections across all shards, for `limits.max_connections`.
+    pub connections: AtomicUsize,
+    /// Shards whose accept loop has started; the node is ready when all have.
+    pub ready_shards: AtomicUsize,
+    pub shard_count: usize,
+    /// Shards that have finished draining.
+    pub stopped_shards: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+impl Node {
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+            && self.ready_shards.load(Ordering::Acquire) == self.shard_count
+    }
+}
+
+/// Tells `run` to drain and return. Built from signals in `main`, from a channel in tests.
+pub struct Shutdown {
+    rx: Receiver<()>,
+}
+
+/// The sending side of [`Shutdown::channel`].
+#[derive(Clone)]
+pub struct ShutdownTrigger(Sender<()>);
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Shutdown {
+    pub fn channel() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (ShutdownTrigger(tx), Shutdown { rx })
+    }
+
+    /// SIGTERM or SIGINT drains; a second one exits at once.
+    pub fn from_signals() -> std::io::Result<Shutdown> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+        let (trigger, shutdown) = Shutdown::channel();
+        std::thread::Builder::new().name("signals".into()).spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    info!(signal, "draining");
+                    trigger.trigger();
+                } else {
+                    warn!(signal, "second signal: exiting without finishing the drain");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+        Ok(shutdown)
+    }
+
+    fn wait(self) {
+        let _ = self.rx.recv();
+    }
+}
+
+/// Runs the node until `shutdown` fires and every shard has drained.
+pub fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+    config.validate()?;
+    let cpus = affinity_cpus();
+    let shard_count = if config.shards == 0 { cpus.len() } else { config.shards };
+    let listeners = bind_client(config.listen, shard_count)?;
+    let client_addr = local_addr(&listeners[0])?;
+    let admin = std::net::TcpListener::bind(config.admin_listen)
+        .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
+    let admin_addr = admin.local_addr()?;
+    crate::limits::report(&config, shard_count);
+
+    let node = Arc::new(Node {
+        epoch_tag: epoch_tag(),
+        connections: AtomicUsize::new(0),
+        ready_shards: AtomicUsize::new(0),
+        shard_count,
+        stopped_shards: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        config: Arc::new(config),
+    });
+    let metrics: Vec<Arc<ShardMetrics>> = (0..shard_count).map(|_| Arc::default()).collect();
+
+    let mut commands: Vec<SharedSender<ShardCommand>> = Vec::with_capacity(shard_count);
+    let mut shards = Vec::with_capacity(shard_count);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = shared_channel::new_bounded(64);
+        commands.push(tx);
+        let setup =
+            ShardSetup { id, listener, commands: rx, node: node.clone(), metrics: metrics[id].clone() };
+        let cpu = cpus[id % cpus.len()];
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .io_memory(IO_MEMORY)
+            .spawn(move || shard::run(setup))
+            .map_err(|e| Error::Start { what: format!("shard {id} on cpu {cpu}"), reason: e.to_string() })?;
+        shards.push(handle);
+    }
+    info!(
+        "listening client={client_addr} admin={admin_addr} shards={shard_count} node={}",
+        node.config.node_id
+    );
+
+    let control_node = node.clone();
+    let control = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("control")
+        .io_memory(IO_MEMORY)
+        .spawn(move || control(admin, control_node, metrics, commands, shutdown))
+        .map_err(|e| Error::Start { what: "control thread".into(), reason: e.to_string() })?;
+
+    let mut failed = false;
+    for handle in shards {
+        failed |= handle.join().is_err();
+    }
+    node.draining.store(true, Ordering::Relaxed);
+    failed |= control.join().is_err();
+    if failed {
+        return Err(Error::Start { what: "shards".into(), reason: "a shard thread failed".into() });
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The control thread: serves the admin listener until shutdown, then drains the shards.
+async fn control(
+    admin: std::net::TcpListener,
+    node: Arc<Node>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    commands: Vec<SharedSender<ShardCommand>>,
+    shutdown: Shutdown,
+) {
+    let mut senders: Vec<ConnectedSender<ShardCommand>> = Vec::with_capacity(commands.len());
+    for tx in commands {
+        senders.push(tx.connect().await);
+    }
+    let api = api::Admin::new(node.clone(), metrics);
+    let serving = glommio::spawn_local(api::serve(admin, api));
+    glommio::executor().spawn_blocking(move || shutdown.wait()).await;
+    node.draining.store(true, Ordering::Relaxed);
+    for tx in &senders {
+        let _ = tx.send(ShardCommand::Drain).await;
+    }
+    // The admin listener keeps answering (readyz 503) until the shards have drained.
+    while !all_stopped(&node) {
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(serving);
+}
+
+fn all_stopped(node: &Node) -> bool {
+    node.stopped_shards.load(Ordering::Acquire) == node.shard_count
+}
+
+/// One listener per shard on the same address, with `SO_REUSEPORT` so the kernel spreads
+/// connections over them. Port 0 is resolved by the first and reused by the rest.
+fn bind_client(addr: SocketAddr, count: usize) -> Result<Vec<OwnedFd>, Error> {
+    let mut addr = addr;
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let bind = || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            Ok(socket)
+        };
+        let socket = bind().map_err(|source| Error::Bind { addr, source })?;
+        if addr.port() == 0 {
+            if let Some(bound) = socket.local_addr()?.as_socket() {
+                addr = bound;
+            }
+        }
+        fds.push(OwnedFd::from(socket));
+    }
+    Ok(fds)
+}
+
+fn local_addr(fd: &OwnedFd) -> std::io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(fd);
+    socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("listener has no inet address"))
+}
+
+/// The CPUs this process may run on (taskset, numactl, systemd `CPUAffinity=`).
+fn affinity_cpus() -> Vec<usize> {
+    let cpus: Vec<usize> =
+        core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+fn epoch_tag() -> String {
+    let mut secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    while secs > 0 {
+        out.push(digits[(secs % 36) as usize]);
+        secs /= 36;
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
