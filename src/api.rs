@@ -14,8 +14,17 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::auth::{valid_id, MAX_USER_LEN};
+use crate::mesh::{shard_for, Key, Mesh, Origin, Reply, ShardMsg};
 use crate::metrics::{self, ShardMetrics};
+use crate::protocol::{self, MAX_CONV_CHARS};
 use crate::server::Node;
+use crate::store::{MemberOp, NewMessage};
+use crate::ws::codec;
 
 /// Largest request head (request line + headers).
 const MAX_HEAD: usize = 16 * 1024;
@@ -23,16 +32,34 @@ const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 1 << 20;
 /// An admin connection silent this long between requests is closed.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long an API call waits for the shards before answering 503.
+const SHARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin handlers need.
 pub struct Admin {
     node: Arc<Node>,
     metrics: Vec<Arc<ShardMetrics>>,
+    /// The control thread's end of the mesh: API calls are messages to the shards.
+    mesh: Rc<Mesh>,
 }
 
 impl Admin {
-    pub fn new(node: Arc<Node>, metrics: Vec<Arc<ShardMetrics>>) -> Admin {
-        Admin { node, metrics }
+    pub fn new(node: Arc<Node>, metrics: Vec<Arc<ShardMetrics>>, mesh: Rc<Mesh>) -> Admin {
+        Admin { node, metrics, mesh }
+    }
+
+    fn shards(&self) -> usize {
+        self.node.shard_count
+    }
+
+    /// Asks shard `to` and waits (bounded) for the answer; `None` means 503.
+    async fn ask(&self, to: usize, make: impl FnOnce(crate::mesh::ReplyTo) -> ShardMsg) -> Option<Reply> {
+        let asked =
+            glommio::timer::timeout(SHARD_TIMEOUT, async { Ok(self.mesh.request(to, make).await) }).await;
+        match asked {
+            Ok(Some(Reply::Unavailable)) | Ok(None) | Err(_) => None,
+            Ok(Some(reply)) => Some(reply),
+        }
     }
 }
 
@@ -120,7 +147,7 @@ async fn connection(admin: Rc<Admin>, mut stream: TcpStream) {
             }
             Ok(Err(None)) | Err(_) => return,
         };
-        let response = route(&admin, &request);
+        let response = route(&admin, &request).await;
         if stream.write_all(&response.encode(keep_alive)).await.is_err() || !keep_alive {
             return;
         }
@@ -189,7 +216,7 @@ async fn read_request(
     }
 }
 
-fn route(admin: &Admin, req: &Request) -> Response {
+async fn route(admin: &Admin, req: &Request) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
         ("GET", "/healthz") => Response::text(200, "ok\n"),
@@ -204,10 +231,195 @@ fn route(admin: &Admin, req: &Request) -> Response {
             if !authorized(admin, req) {
                 return Response::error(401, "unauthorized", "missing or wrong API key");
             }
-            let _ = &req.body;
-            Response::error(404, "not_found", "no such API call")
+            let segments: Vec<&str> = p.trim_start_matches("/api/v1/").split('/').collect();
+            if !p.starts_with("/api/v1/") {
+                return not_found();
+            }
+            match api(admin, &req.method, &segments, &req.body).await {
+                Ok(response) => response,
+                Err(response) => response,
+            }
         }
         _ => Response::error(404, "not_found", "no such path"),
+    }
+}
+
+fn not_found() -> Response {
+    Response::error(404, "not_found", "no such API call")
+}
+
+fn unavailable() -> Response {
+    Response::error(503, "unavailable", "the store or a shard did not answer; retry")
+}
+
+fn json(status: u16, value: serde_json::Value) -> Response {
+    Response { status, content_type: "application/json", body: value.to_string().into_bytes() }
+}
+
+fn bad(message: &str) -> Response {
+    Response::error(400, "bad_request", message)
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| bad(&format!("invalid JSON body: {e}")))
+}
+
+fn conv_id(s: &str) -> Result<Key, Response> {
+    if valid_id(s, MAX_CONV_CHARS) {
+        Ok(Key::from(s))
+    } else {
+        Err(bad("conversation ids are 1-128 characters of [A-Za-z0-9._:@-]"))
+    }
+}
+
+fn user_ids(users: &[String]) -> Result<Vec<Key>, Response> {
+    users
+        .iter()
+        .map(|u| {
+            if valid_id(u, MAX_USER_LEN) {
+                Ok(Key::from(u.as_str()))
+            } else {
+                Err(bad(&format!("invalid user id {u:?}: 1-128 characters of [A-Za-z0-9._:@-]")))
+            }
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct UsersBody {
+    users: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageBody<'a> {
+    from: String,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct PushBody<'a> {
+    users: Vec<String>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody<'a> {
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+/// The `/api/v1` calls of PROTOCOL.md. `Err` carries an error response.
+async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<Response, Response> {
+    match (method, path) {
+        ("PUT" | "POST", ["conversations", conv, "members"]) => {
+            let conv = conv_id(conv)?;
+            let users = user_ids(&parse::<UsersBody>(body)?.users)?;
+            let op = if method == "PUT" { MemberOp::Replace } else { MemberOp::Add };
+            members(admin, conv, op, users).await
+        }
+        ("DELETE", ["conversations", conv, "members", user]) => {
+            let conv = conv_id(conv)?;
+            let users = user_ids(&[user.to_string()])?;
+            members(admin, conv, MemberOp::Remove, users).await
+        }
+        ("GET", ["conversations", conv]) => {
+            let conv = conv_id(conv)?;
+            let owner = shard_for(&conv, admin.shards());
+            let ask = |reply| ShardMsg::Conversation { reply, conv: conv.clone() };
+            match admin.ask(owner, ask).await {
+                Some(Reply::Conversation { mut members, last_seq }) => {
+                    members.sort();
+                    let members: Vec<&str> = members.iter().map(|m| &**m).collect();
+                    Ok(json(
+                        200,
+                        serde_json::json!({ "conv": &*conv, "members": members, "last_seq": last_seq }),
+                    ))
+                }
+                _ => Err(unavailable()),
+            }
+        }
+        ("POST", ["conversations", conv, "messages"]) => {
+            let conv = conv_id(conv)?;
+            let posted: MessageBody = parse(body)?;
+            let from = user_ids(&[posted.from])?.remove(0);
+            let msg = NewMessage {
+                from,
+                dev: None,
+                cid: None,
+                ts: 0,
+                body: Bytes::copy_from_slice(posted.body.get().as_bytes()),
+            };
+            let owner = shard_for(&conv, admin.shards());
+            let ask = |reply| ShardMsg::Send { origin: Origin::Api(reply), conv: conv.clone(), msg };
+            match admin.ask(owner, ask).await {
+                Some(Reply::Sent { seq }) => Ok(json(200, serde_json::json!({ "conv": &*conv, "seq": seq }))),
+                _ => Err(unavailable()),
+            }
+        }
+        ("POST", ["push"]) => {
+            let push: PushBody = parse(body)?;
+            let users: Arc<[Key]> = user_ids(&push.users)?.into();
+            let frame = codec::text_frame(&protocol::push_json(push.body.get().as_bytes()));
+            for shard in 0..admin.shards() {
+                admin.mesh.send(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
+            }
+            Ok(json(202, serde_json::json!({ "ok": true })))
+        }
+        ("POST", ["broadcast"]) => {
+            let b: BroadcastBody = parse(body)?;
+            let frame = codec::text_frame(&protocol::push_json(b.body.get().as_bytes()));
+            for shard in 0..admin.shards() {
+                admin.mesh.send(shard, ShardMsg::Broadcast { frame: frame.clone() });
+            }
+            Ok(json(202, serde_json::json!({ "ok": true })))
+        }
+        ("GET", ["presence", user]) => {
+            let user = user_ids(&[user.to_string()])?.remove(0);
+            let owner = shard_for(&user, admin.shards());
+            match admin.ask(owner, |reply| ShardMsg::Presence { reply, user: user.clone() }).await {
+                Some(Reply::Presence(mut list)) => {
+                    list.sort_by_key(|p| p.since);
+                    let devices: Vec<serde_json::Value> = list
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "device": &*p.device, "conn": &*p.conn, "node": &*p.node,
+                                "ip": p.ip.to_string(), "since": p.since,
+                            })
+                        })
+                        .collect();
+                    Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
+                }
+                _ => Err(unavailable()),
+            }
+        }
+        ("POST", ["users", user, "disconnect"]) => {
+            let user = user_ids(&[user.to_string()])?.remove(0);
+            for shard in 0..admin.shards() {
+                if admin
+                    .ask(shard, |reply| ShardMsg::Disconnect { reply, user: user.clone() })
+                    .await
+                    .is_none()
+                {
+                    return Err(unavailable());
+                }
+            }
+            Ok(json(200, serde_json::json!({ "ok": true })))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+async fn members(admin: &Admin, conv: Key, op: MemberOp, users: Vec<Key>) -> Result<Response, Response> {
+    let owner = shard_for(&conv, admin.shards());
+    let ask = |reply| ShardMsg::Members { reply, conv: conv.clone(), op, users };
+    match admin.ask(owner, ask).await {
+        Some(Reply::Members { count }) => {
+            Ok(json(200, serde_json::json!({ "conv": &*conv, "members": count })))
+        }
+        _ => Err(unavailable()),
     }
 }
 

@@ -41,6 +41,11 @@ pub struct Config {
     /// presence refer to it. 1-64 chars of `[A-Za-z0-9._:-]`.
     #[serde(default)]
     pub node_id: String,
+    /// True when `node_id` was not set and was derived from the host name and port (the
+    /// server then re-derives it from the port actually bound when `listen` uses port 0).
+    /// Not a TOML key.
+    #[serde(skip)]
+    pub node_id_generated: bool,
     /// Client listener (`/ws`, `/echo`). Default `0.0.0.0:8080`: every IPv4 interface; use
     /// `[::]:8080` for dual-stack, port 0 in tests.
     #[serde(default = "default_listen", deserialize_with = "socket_addr")]
@@ -430,6 +435,7 @@ impl Config {
             Err(e) => return Err(locate(&table, &e)),
         };
         if !has_node_id {
+            config.node_id_generated = true;
             config.node_id = default_node_id(config.listen.port());
         }
         if !has_api_key {
@@ -462,7 +468,7 @@ fn node_id_byte(b: u8) -> bool {
 
 /// `<hostname>-<port>`, with characters outside the node_id set replaced and the host name
 /// shortened so the result always passes [`Config::validate`].
-fn default_node_id(port: u16) -> String {
+pub fn default_node_id(port: u16) -> String {
     let suffix = format!("-{port}");
     let host: String = hostname()
         .bytes()

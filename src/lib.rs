@@ -9,6 +9,10 @@
 //! - `session`: one connection: handshake, read loop, dispatch, outbound queue, close.
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
+//! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
+//! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`.
+//! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
+//! - `store`: membership, seq, history, dedupe, presence behind one trait (`memory` now).
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
@@ -27,12 +31,16 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod conv;
 pub mod error;
+pub mod hub;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod store;
 pub mod wheel;
 pub mod ws;

@@ -70,12 +70,62 @@ pub struct ShardMetrics {
     pub closes_sent: [Counter; CLOSE_CODES.len()],
     /// Codec contexts released from idle connections (memory given back).
     pub codec_releases: Counter,
+    /// Messages sequenced and stored (on the owner shard).
+    pub accepted: Counter,
+    /// Sends answered from the dedupe window (same user, conv and cid).
+    pub deduplicated: Counter,
+    /// Requests refused, indexed like [`REFUSED_CODES`].
+    pub refused: [Counter; REFUSED_CODES.len()],
+    /// `msg` frames handed to sessions (live fan-out and replays).
+    pub delivered: Counter,
+    /// Messages sent by `sync` replays.
+    pub replayed: Counter,
+    /// `sync` requests answered (on the owner shard).
+    pub sync_replays: Counter,
+    /// `gap` frames queued in place of messages a slow connection could not take.
+    pub slow_consumer_gaps: Counter,
+    /// Connections closed with 4002.
+    pub slow_consumer_closes: Counter,
+    /// `push` and broadcast frames handed to sessions.
+    pub pushes: Counter,
+    /// Owner-side time from taking a message to handing its frame to every shard.
+    pub fanout_latency: Histogram,
+}
+
+/// Error codes counted in `ringpush_requests_refused_total`.
+pub const REFUSED_CODES: [&str; 5] =
+    ["bad_request", "unknown_op", "not_member", "rate_limited", "unavailable"];
+
+/// Upper bounds (microseconds) of the latency histogram buckets; the last is +Inf.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000];
+
+/// A latency histogram with fixed buckets, one writer.
+#[derive(Default, Debug)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: Counter,
+}
+
+impl Histogram {
+    pub fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros() as u64;
+        let i = LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].inc();
+        self.sum_us.add(us);
+    }
 }
 
 impl ShardMetrics {
     pub fn refused(&self, reason: &str) {
         if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
             self.handshakes_refused[i].inc();
+        }
+    }
+
+    pub fn refused_send(&self, code: crate::protocol::ErrorCode) {
+        let label = code.label();
+        if let Some(i) = REFUSED_CODES.iter().position(|c| *c == label) {
+            self.refused[i].inc();
         }
     }
 
@@ -147,6 +197,55 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         let sum: u64 = shards.iter().map(|m| m.closes_sent[c].get()).sum();
         let _ = writeln!(out, "ringpush_closes_sent_total{{code=\"{code}\"}} {sum}");
     }
+    let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
+        let sum: u64 = shards.iter().map(|m| get(m)).sum();
+        let _ = writeln!(
+            out,
+            "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}"
+        );
+    };
+    total(&mut out, "messages_accepted_total", "Messages sequenced and stored.", &|m| m.accepted.get());
+    total(&mut out, "messages_deduplicated_total", "Sends answered from the dedupe window.", &|m| {
+        m.deduplicated.get()
+    });
+    total(&mut out, "messages_delivered_total", "msg frames handed to connections.", &|m| m.delivered.get());
+    total(&mut out, "messages_replayed_total", "msg frames sent by sync replays.", &|m| m.replayed.get());
+    total(&mut out, "sync_replays_total", "sync requests answered.", &|m| m.sync_replays.get());
+    total(&mut out, "pushes_delivered_total", "push and broadcast frames handed to connections.", &|m| {
+        m.pushes.get()
+    });
+    total(&mut out, "slow_consumer_gaps_total", "gap frames queued for slow connections.", &|m| {
+        m.slow_consumer_gaps.get()
+    });
+    total(&mut out, "slow_consumer_closes_total", "Connections closed with 4002.", &|m| {
+        m.slow_consumer_closes.get()
+    });
+    let _ = writeln!(
+        out,
+        "# HELP ringpush_requests_refused_total Client requests answered with an error, by code.\n\
+         # TYPE ringpush_requests_refused_total counter"
+    );
+    for (i, code) in REFUSED_CODES.iter().enumerate() {
+        let sum: u64 = shards.iter().map(|m| m.refused[i].get()).sum();
+        let _ = writeln!(out, "ringpush_requests_refused_total{{code=\"{code}\"}} {sum}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringpush_fanout_seconds Owner-side time from taking a message to handing it to every shard.\n\
+         # TYPE ringpush_fanout_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += shards.iter().map(|m| m.fanout_latency.buckets[i].get()).sum::<u64>();
+        let _ =
+            writeln!(out, "ringpush_fanout_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+    }
+    cumulative +=
+        shards.iter().map(|m| m.fanout_latency.buckets[LATENCY_BUCKETS_US.len()].get()).sum::<u64>();
+    let sum_us: u64 = shards.iter().map(|m| m.fanout_latency.sum_us.get()).sum();
+    let _ = writeln!(out, "ringpush_fanout_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "ringpush_fanout_seconds_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "ringpush_fanout_seconds_count {cumulative}");
     out
 }
 

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use glommio::channels::shared_channel::{self, ConnectedSender, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
@@ -19,8 +18,9 @@ use tracing::{info, warn};
 use crate::api;
 use crate::config::Config;
 use crate::error::Error;
+use crate::mesh::{self, Key, Mesh, MeshEnds, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::shard::{self, ShardCommand, ShardSetup};
+use crate::shard::{self, ShardSetup};
 
 /// Pending connections the kernel may hold per listener (capped by `net.core.somaxconn`).
 /// glommio's own `bind` uses 1024, too few for a reconnect storm of a large fleet.
@@ -34,6 +34,8 @@ const IO_MEMORY: usize = 512 * 1024;
 /// connection, never per message.
 pub struct Node {
     pub config: Arc<Config>,
+    /// `config.node_id` as a shared key (presence entries carry it).
+    pub node_key: Key,
     /// Changes at every start (seconds since the epoch, base 36): in connection ids.
     pub epoch_tag: String,
     /// Open connections across all shards, for `limits.max_connections`.
@@ -101,12 +103,16 @@ impl Shutdown {
 }
 
 /// Runs the node until `shutdown` fires and every shard has drained.
-pub fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
+pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     config.validate()?;
     let cpus = affinity_cpus();
     let shard_count = if config.shards == 0 { cpus.len() } else { config.shards };
     let listeners = bind_client(config.listen, shard_count)?;
     let client_addr = local_addr(&listeners[0])?;
+    if config.node_id_generated {
+        // "host name + client port": the port bound, when the config asked for any.
+        config.node_id = crate::config::default_node_id(client_addr.port());
+    }
     let admin = std::net::TcpListener::bind(config.admin_listen)
         .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
     let admin_addr = admin.local_addr()?;
@@ -119,17 +125,18 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
         shard_count,
         stopped_shards: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        node_key: Key::from(config.node_id.as_str()),
         config: Arc::new(config),
     });
     let metrics: Vec<Arc<ShardMetrics>> = (0..shard_count).map(|_| Arc::default()).collect();
 
-    let mut commands: Vec<SharedSender<ShardCommand>> = Vec::with_capacity(shard_count);
+    // Shards are mesh peers 0..n; the control thread is peer n.
+    let mut ends = mesh::build(shard_count + 1);
+    let control_ends =
+        ends.pop().ok_or_else(|| Error::Start { what: "mesh".into(), reason: "empty".into() })?;
     let mut shards = Vec::with_capacity(shard_count);
-    for (id, listener) in listeners.into_iter().enumerate() {
-        let (tx, rx) = shared_channel::new_bounded(64);
-        commands.push(tx);
-        let setup =
-            ShardSetup { id, listener, commands: rx, node: node.clone(), metrics: metrics[id].clone() };
+    for ((id, listener), mesh) in listeners.into_iter().enumerate().zip(ends) {
+        let setup = ShardSetup { id, listener, mesh, node: node.clone(), metrics: metrics[id].clone() };
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -147,7 +154,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let control = LocalExecutorBuilder::new(Placement::Unbound)
         .name("control")
         .io_memory(IO_MEMORY)
-        .spawn(move || control(admin, control_node, metrics, commands, shutdown))
+        .spawn(move || control(admin, control_node, metrics, control_ends, shutdown))
         .map_err(|e| Error::Start { what: "control thread".into(), reason: e.to_string() })?;
 
     let mut failed = false;
@@ -168,19 +175,28 @@ async fn control(
     admin: std::net::TcpListener,
     node: Arc<Node>,
     metrics: Vec<Arc<ShardMetrics>>,
-    commands: Vec<SharedSender<ShardCommand>>,
+    ends: MeshEnds,
     shutdown: Shutdown,
 ) {
-    let mut senders: Vec<ConnectedSender<ShardCommand>> = Vec::with_capacity(commands.len());
-    for tx in commands {
-        senders.push(tx.connect().await);
+    let (mesh, receivers) = Mesh::connect(ends).await;
+    // The control thread only ever receives answers to its requests.
+    for (_, rx) in receivers {
+        let mesh = mesh.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                if let ShardMsg::Reply { id, reply } = msg {
+                    mesh.complete(id, reply);
+                }
+            }
+        })
+        .detach();
     }
-    let api = api::Admin::new(node.clone(), metrics);
+    let api = api::Admin::new(node.clone(), metrics, mesh.clone());
     let serving = glommio::spawn_local(api::serve(admin, api));
     glommio::executor().spawn_blocking(move || shutdown.wait()).await;
     node.draining.store(true, Ordering::Relaxed);
-    for tx in &senders {
-        let _ = tx.send(ShardCommand::Drain).await;
+    for shard in 0..node.shard_count {
+        mesh.send(shard, ShardMsg::Drain);
     }
     // The admin listener keeps answering (readyz 503) until the shards have drained.
     while !all_stopped(&node) {

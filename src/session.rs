@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -28,9 +29,11 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::debug;
 
+use crate::mesh::{Key, Origin, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::protocol::{Envelope, ErrorCode, ServerFrame};
+use crate::protocol::{self, ClientFrame, ErrorCode, ServerFrame};
 use crate::shard::Shard;
+use crate::store::{History, NewMessage};
 use crate::wheel::TimerId;
 use crate::ws::codec::{self, close, Codec, Message, Next};
 use crate::ws::handshake::{self, Refusal};
@@ -59,7 +62,7 @@ thread_local! {
 /// What the connection is for: a client of the IM protocol, or the diagnostics echo.
 #[derive(Debug)]
 pub enum Kind {
-    Client { user: Box<str>, device: Box<str> },
+    Client { user: Key, device: Key },
     Echo,
 }
 
@@ -89,6 +92,11 @@ pub struct Session {
     /// looks at it only when the session's deadline comes.
     last_seen: Cell<u64>,
     next_ping: Cell<u64>,
+    /// Shard-clock ms since which queued frames have made no progress to the socket.
+    stalled_since: Cell<u64>,
+    /// The `send` token bucket: tokens left and when it was last refilled.
+    tokens: Cell<f32>,
+    tokens_at: Cell<u64>,
     /// The task to wake when frames are queued or a close is requested.
     waker: Cell<Option<Waker>>,
     inner: RefCell<Inner>,
@@ -96,12 +104,30 @@ pub struct Session {
 
 struct Inner {
     /// Frames not yet written, oldest first; `head_sent` bytes of the first are out.
-    out: VecDeque<Bytes>,
+    out: VecDeque<Out>,
     head_sent: usize,
     /// Bytes in `out` not yet written.
     out_bytes: usize,
     codec: Codec,
     close: CloseState,
+    /// Conversations with a `sync` in flight: their live messages are covered by the
+    /// replay (the owner sequenced them before it read the history) and are not sent.
+    syncing: Vec<Key>,
+}
+
+/// A queued frame and what it carries, so a slow consumer's backlog can be thinned.
+struct Out {
+    bytes: Bytes,
+    tag: Tag,
+}
+
+enum Tag {
+    /// Never dropped: hello, ack, error, synced, push, ping, close.
+    Control,
+    /// A conversation message: may give way to a `gap`.
+    Msg { conv: Key, seq: u64 },
+    /// Seqs `from..=to` of `conv` were dropped from this queue.
+    Gap { conv: Key, from: u64, to: u64 },
 }
 
 /// Why the open phase of a session ended.
@@ -134,6 +160,9 @@ impl Session {
             expires_ms: accepted.expires_ms,
             last_seen: Cell::new(now),
             next_ping: Cell::new(now + ping_interval_ms),
+            stalled_since: Cell::new(now),
+            tokens: Cell::new(f32::MAX),
+            tokens_at: Cell::new(now),
             waker: Cell::new(None),
             inner: RefCell::new(Inner {
                 out: VecDeque::new(),
@@ -141,6 +170,7 @@ impl Session {
                 out_bytes: 0,
                 codec: Codec::default(),
                 close: CloseState::Open,
+                syncing: Vec::new(),
             }),
         }
     }
@@ -163,9 +193,14 @@ impl Session {
         self.next_ping.get().min(self.last_seen.get() + idle_timeout_ms).min(self.expires_ms)
     }
 
-    /// Queues a frame for the client. When nothing is queued the frame is sent right away
-    /// with a non-blocking `send`; only what the socket does not take is queued.
+    /// Queues a control frame for the client (never dropped for a slow consumer).
     pub fn push(&self, frame: Bytes, metrics: &ShardMetrics) {
+        self.enqueue(frame, Tag::Control, metrics);
+    }
+
+    /// Sends `frame` right away with a non-blocking `send` when nothing is queued, and
+    /// queues whatever the socket does not take.
+    fn enqueue(&self, frame: Bytes, tag: Tag, metrics: &ShardMetrics) {
         let fd = self.fd.get();
         if fd < 0 {
             return;
@@ -174,25 +209,86 @@ impl Session {
         let mut inner = self.inner.borrow_mut();
         let mut sent = 0;
         if inner.out.is_empty() {
-            match send_now(fd, &frame) {
-                Ok(n) => {
-                    metrics.bytes_out.add(n as u64);
-                    if n == frame.len() {
-                        return;
-                    }
-                    sent = n;
+            // An error just queues the frame; a broken socket shows up on the task's
+            // next read or write.
+            if let Ok(n) = send_now(fd, &frame) {
+                metrics.bytes_out.add(n as u64);
+                if n == frame.len() {
+                    return;
                 }
-                // Queue it; a broken socket shows up on the task's next read or write.
-                Err(_) => {}
+                sent = n;
             }
+            inner.head_sent = sent;
+            self.stalled_since.set(self.last_seen.get().max(self.stalled_since.get()));
         }
         inner.out_bytes += frame.len() - sent;
-        if inner.out.is_empty() {
-            inner.head_sent = sent;
-        }
-        inner.out.push_back(frame);
+        inner.out.push_back(Out { bytes: frame, tag });
         drop(inner);
         self.wake();
+    }
+
+    /// A message of `conv` for this session: sent, held back by a running `sync`, or,
+    /// when the outbound budget is exceeded, folded into a `gap`.
+    pub fn deliver(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
+        let mut inner = self.inner.borrow_mut();
+        if self.fd.get() < 0 || inner.syncing.iter().any(|c| c == conv) {
+            return;
+        }
+        let budget = shard.config.limits.outbound_queue_bytes;
+        if inner.out.is_empty() || inner.out_bytes + frame.len() <= budget {
+            drop(inner);
+            shard.metrics.delivered.inc();
+            return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, &shard.metrics);
+        }
+        let gaps = inner.thin_out(conv, seq);
+        shard.metrics.slow_consumer_gaps.add(gaps as u64);
+        drop(inner);
+        self.wake();
+    }
+
+    /// The owner's answer to a `sync`: the replay, `synced`, and a `gap` for what a
+    /// `limit` left out (live messages from then on follow in order).
+    pub fn finish_sync(
+        &self,
+        shard: &Shard,
+        conv: &Key,
+        after: u64,
+        limit: usize,
+        result: Result<History, ErrorCode>,
+    ) {
+        {
+            let mut inner = self.inner.borrow_mut();
+            if let Some(i) = inner.syncing.iter().position(|c| c == conv) {
+                inner.syncing.swap_remove(i);
+            }
+        }
+        let history = match result {
+            Ok(history) => history,
+            Err(code) => {
+                let message = match code {
+                    ErrorCode::NotMember => "not a member",
+                    _ => "the store is unavailable; retry",
+                };
+                let frame = protocol::error_json(None, code, message);
+                return self.push(codec::text_frame(&frame), &shard.metrics);
+            }
+        };
+        let mut last = history.last_seq.min(after);
+        for m in &history.messages {
+            last = m.seq;
+            shard.metrics.replayed.inc();
+            self.deliver(shard, conv, m.seq, &m.frame);
+        }
+        if history.messages.is_empty() {
+            last = history.last_seq.max(last);
+        }
+        let truncated = history.messages.len() >= limit && last < history.last_seq;
+        let synced = protocol::synced_json(conv, last, history.complete);
+        self.push(codec::text_frame(&synced), &shard.metrics);
+        if truncated {
+            let gap = protocol::gap_json(conv, last + 1, history.last_seq);
+            self.push(codec::text_frame(&gap), &shard.metrics);
+        }
     }
 
     /// Asks the session to close with `code` (drain, expiry, API disconnect).
@@ -234,6 +330,13 @@ impl Session {
             self.request_close(close::POLICY, "token expired");
             return None;
         }
+        let stalled = !self.inner.borrow().out.is_empty();
+        if stalled && now >= self.stalled_since.get() + hb.idle_timeout_ms {
+            // Even control frames have not drained for the idle bound: give up on it.
+            shard.metrics.slow_consumer_closes.inc();
+            self.request_close(close::SLOW_CONSUMER, "slow consumer");
+            return None;
+        }
         if now >= self.next_ping.get() {
             self.push(Bytes::from_static(codec::PING_FRAME), &shard.metrics);
             shard.metrics.pings_sent.inc();
@@ -244,7 +347,11 @@ impl Session {
             inner.out = VecDeque::new();
         }
         drop(inner);
-        Some(self.next_deadline(hb.idle_timeout_ms))
+        let mut next = self.next_deadline(hb.idle_timeout_ms);
+        if stalled {
+            next = next.min(self.stalled_since.get() + hb.idle_timeout_ms);
+        }
+        Some(next)
     }
 
     /// Drives the socket: writes what is queued, reads and handles what arrived, until the
@@ -306,14 +413,14 @@ impl Session {
         while !inner.out.is_empty() {
             let head = inner.head_sent;
             let written = if inner.out.len() == 1 {
-                let front = &inner.out[0][head..];
+                let front = &inner.out[0].bytes[head..];
                 Pin::new(&mut *stream).poll_write(cx, front)
             } else {
                 WRITE_BUF.with(|w| {
                     let mut w = w.borrow_mut();
                     w.clear();
-                    for (i, frame) in inner.out.iter().enumerate() {
-                        let part = if i == 0 { &frame[head..] } else { &frame[..] };
+                    for (i, out) in inner.out.iter().enumerate() {
+                        let part = if i == 0 { &out.bytes[head..] } else { &out.bytes[..] };
                         if !w.is_empty() && w.len() + part.len() > WRITE_BATCH_BYTES {
                             break;
                         }
@@ -333,6 +440,7 @@ impl Session {
                 Poll::Ready(Ok(n)) => n,
             };
             shard.metrics.bytes_out.add(n as u64);
+            self.stalled_since.set(shard.now_ms());
             inner.consume(n);
         }
         Poll::Ready(Ok(()))
@@ -387,7 +495,7 @@ impl Session {
                 None
             }
             (Kind::Client { .. }, Message::Text(text)) => {
-                self.on_client_text(text.as_bytes(), replies);
+                self.on_client_text(shard, text.as_bytes(), replies);
                 None
             }
             (Kind::Client { .. }, Message::Binary(_)) => {
@@ -398,26 +506,126 @@ impl Session {
         }
     }
 
-    /// A client frame of PROTOCOL.md. The IM operations come with the conversation layer;
-    /// until then every well-formed frame is an `unknown_op`.
-    fn on_client_text(&self, text: &[u8], replies: &mut Vec<u8>) {
-        let (code, cid, message) = match serde_json::from_slice::<Envelope>(text) {
-            Err(_) => (ErrorCode::BadRequest, None, "not a JSON object"),
-            Ok(Envelope { op: None, cid }) => (ErrorCode::BadRequest, cid, "missing op"),
-            Ok(Envelope { op: Some(_), cid }) => (ErrorCode::UnknownOp, cid, "unknown op"),
+    /// A client frame of PROTOCOL.md: `send` and `sync` go to the conversation's owner
+    /// shard; answers that need no owner (errors) go straight into `replies`.
+    fn on_client_text(&self, shard: &Shard, text: &[u8], replies: &mut Vec<u8>) {
+        let Kind::Client { user, device } = &self.kind else { return };
+        // One JSON object: serde would also read an array positionally into the fields.
+        let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let frame = match serde_json::from_slice::<ClientFrame>(text) {
+            Ok(frame) if is_object => frame,
+            _ => return refuse(shard, replies, None, ErrorCode::BadRequest, "not a valid JSON frame"),
         };
-        let frame = ServerFrame::Error { cid: cid.as_deref(), code, message };
-        replies.extend_from_slice(&codec::text_frame(&frame.to_json()));
+        let cid = frame.cid.as_deref();
+        let op = match frame.op.as_deref() {
+            Some(op) => op,
+            None => return refuse(shard, replies, cid, ErrorCode::BadRequest, "missing op"),
+        };
+        if !matches!(op, "send" | "sync") {
+            return refuse(shard, replies, cid, ErrorCode::UnknownOp, "unknown op");
+        }
+        let conv = match frame.conv.as_deref() {
+            Some(c) if crate::auth::valid_id(c, protocol::MAX_CONV_CHARS) => c,
+            _ => {
+                let why = "conv must be 1-128 characters of [A-Za-z0-9._:@-]";
+                return refuse(shard, replies, cid, ErrorCode::BadRequest, why);
+            }
+        };
+        let me = SessionRef { shard: shard.id, id: self.id };
+        let owner = shard.owner_of(conv);
+        if op == "sync" {
+            let cap = shard.config.history.max_per_conv;
+            let limit = frame.limit.unwrap_or(cap).clamp(1, cap);
+            let after = frame.after.unwrap_or(0);
+            let conv: Key = Arc::from(conv);
+            self.inner.borrow_mut().syncing.push(conv.clone());
+            shard.loading_started();
+            let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, after, limit };
+            return shard.route(owner, sync);
+        }
+        let cid = match cid {
+            Some(c) if !c.is_empty() && c.chars().count() <= protocol::MAX_CID_CHARS => c,
+            _ => return refuse(shard, replies, None, ErrorCode::BadRequest, "cid must be 1-64 characters"),
+        };
+        let Some(body) = frame.body else {
+            return refuse(shard, replies, Some(cid), ErrorCode::BadRequest, "missing body");
+        };
+        if !self.take_token(shard) {
+            return refuse(shard, replies, Some(cid), ErrorCode::RateLimited, "too many sends; slow down");
+        }
+        let msg = NewMessage {
+            from: user.clone(),
+            dev: Some(device.clone()),
+            cid: Some(Arc::from(cid)),
+            ts: 0,
+            body: Bytes::copy_from_slice(body.get().as_bytes()),
+        };
+        shard.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(conv), msg });
+    }
+
+    /// The per-connection token bucket of `limits.send_rate_per_sec` (bursts of twice that).
+    fn take_token(&self, shard: &Shard) -> bool {
+        let rate = shard.config.limits.send_rate_per_sec as f32;
+        let now = shard.now_ms();
+        let elapsed = now.saturating_sub(self.tokens_at.get()) as f32 / 1000.0;
+        let tokens = (self.tokens.get() + elapsed * rate).min(2.0 * rate);
+        self.tokens_at.set(now);
+        if tokens >= 1.0 {
+            self.tokens.set(tokens - 1.0);
+            true
+        } else {
+            self.tokens.set(tokens);
+            false
+        }
     }
 }
 
+/// Answers a client request with an `error` frame.
+fn refuse(shard: &Shard, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCode, message: &str) {
+    shard.metrics.refused_send(code);
+    replies.extend_from_slice(&codec::text_frame(&protocol::error_json(cid, code, message)));
+}
+
 impl Inner {
+    /// The queue is over budget and a message of `conv`/`seq` is due: drop every queued
+    /// message (and gap) not yet started and queue one `gap` per conversation in their
+    /// place. A session's queued items of one conversation always cover consecutive seqs,
+    /// so each gap is one range. Returns the number of gap frames queued.
+    fn thin_out(&mut self, conv: &Key, seq: u64) -> usize {
+        let mut ranges: Vec<(Key, u64, u64)> = vec![(conv.clone(), seq, seq)];
+        let mut merge = |conv: &Key, from: u64, to: u64| match ranges.iter_mut().find(|(c, _, _)| c == conv) {
+            Some(r) => {
+                r.1 = r.1.min(from);
+                r.2 = r.2.max(to);
+            }
+            None => ranges.push((conv.clone(), from, to)),
+        };
+        let started = self.head_sent > 0;
+        let mut kept = VecDeque::with_capacity(self.out.len());
+        for (i, out) in self.out.drain(..).enumerate() {
+            match &out.tag {
+                _ if i == 0 && started => kept.push_back(out),
+                Tag::Control => kept.push_back(out),
+                Tag::Msg { conv, seq } => merge(conv, *seq, *seq),
+                Tag::Gap { conv, from, to } => merge(conv, *from, *to),
+            }
+        }
+        self.out = kept;
+        let gaps = ranges.len();
+        for (conv, from, to) in ranges {
+            let bytes = codec::text_frame(&protocol::gap_json(&conv, from, to));
+            self.out.push_back(Out { bytes, tag: Tag::Gap { conv, from, to } });
+        }
+        self.out_bytes = self.out.iter().map(|o| o.bytes.len()).sum::<usize>() - self.head_sent;
+        gaps
+    }
+
     /// Marks `n` written bytes of the queue as sent.
     fn consume(&mut self, mut n: usize) {
         self.out_bytes -= n;
         while n > 0 {
             let Some(front) = self.out.front() else { break };
-            let left = front.len() - self.head_sent;
+            let left = front.bytes.len() - self.head_sent;
             if n >= left {
                 n -= left;
                 self.out.pop_front();
@@ -443,7 +651,8 @@ fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock time in unix milliseconds (message `ts`, presence `since`).
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -453,7 +662,7 @@ fn unix_ms() -> u64 {
 /// A handshake that passed every check.
 struct Accepted {
     /// `(user, device)` for `/ws`; `None` for `/echo`.
-    claims: Option<(Box<str>, Box<str>)>,
+    claims: Option<(Key, Key)>,
     conn: Box<str>,
     ip: IpAddr,
     fd: RawFd,
@@ -552,12 +761,12 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> O
         let (request, head_len) = match handshake::parse(&head) {
             Ok(None) => continue,
             Ok(Some(parsed)) => parsed,
-            Err(refusal) => return refuse(shard, stream, refusal).await,
+            Err(refusal) => return refuse_upgrade(shard, stream, refusal).await,
         };
         let checked = check(shard, &request, peer);
         let mut accepted = match checked {
             Ok(accepted) => accepted,
-            Err(refusal) => return refuse(shard, stream, refusal).await,
+            Err(refusal) => return refuse_upgrade(shard, stream, refusal).await,
         };
         let response = handshake::accept_response(request.key);
         accepted.fd = stream.as_raw_fd();
@@ -607,7 +816,7 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
         None => u64::MAX,
     };
     Ok(Accepted {
-        claims: claims.map(|c| (c.sub.into_boxed_str(), c.dev.into_boxed_str())),
+        claims: claims.map(|c| (Arc::from(c.sub), Arc::from(c.dev))),
         conn: shard.next_conn_id().into_boxed_str(),
         ip: request.client_ip(peer.ip(), &config.trusted_proxies),
         fd: -1,
@@ -616,7 +825,7 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
     })
 }
 
-async fn refuse(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
+async fn refuse_upgrade(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
     shard.metrics.refused(refusal.label());
     let _ = stream.write_all(&refusal.response()).await;
     let _ = stream.close().await;

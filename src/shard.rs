@@ -1,47 +1,50 @@
-//! One core: its listener, its sessions, its timer wheel.
+//! One core: its listener, its sessions, its timer wheel, its part of the store, and the
+//! conversations and users it owns.
 //!
 //! A shard is a glommio `LocalExecutor` pinned to one CPU. It accepts on its own
 //! `SO_REUSEPORT` listener, so a connection lives its whole life here. Everything in
-//! [`Shard`] is `!Send` and touched only from this thread; other threads reach a shard
-//! by message ([`ShardCommand`]). Nothing here blocks: sockets are io_uring-driven and
-//! the heartbeat work per tick is bounded by what is due.
+//! [`Shard`] is `!Send` and touched only from this thread; other executors reach a shard
+//! through the mesh ([`ShardMsg`]). Nothing here blocks: sockets are io_uring-driven, the
+//! heartbeat work per tick is bounded by what is due, and long fan-outs yield.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use glommio::channels::shared_channel::SharedReceiver;
+use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::net::TcpListener;
 use glommio::sync::Gate;
 use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::conv::{self, Interest};
+use crate::hub::Hub;
+use crate::mesh::{self, Key, Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::server::Node;
-use crate::session::{self, Session};
+use crate::session::{self, Kind, Session};
+use crate::store::{MemoryStore, Presence, Store};
 use crate::wheel::{TimerId, Wheel};
 use crate::ws::codec;
 
-/// What other threads ask of a shard.
-#[derive(Debug)]
-pub enum ShardCommand {
-    /// Stop accepting, close every client with 1001, finish within the drain bound.
-    Drain,
-}
-
 /// How long a draining shard waits for its clients' close replies before it stops.
 const DRAIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Recipients served in one go before a fan-out yields to the rest of the shard.
+const FANOUT_BATCH: usize = 256;
 
 /// Everything a shard thread is started with.
 pub struct ShardSetup {
     pub id: usize,
     pub listener: OwnedFd,
-    pub commands: SharedReceiver<ShardCommand>,
+    pub mesh: MeshEnds,
     pub node: Arc<Node>,
     pub metrics: Arc<ShardMetrics>,
 }
@@ -49,6 +52,7 @@ pub struct ShardSetup {
 /// The state of one shard, shared (`Rc`) by its tasks.
 pub struct Shard {
     pub id: usize,
+    pub shard_count: usize,
     pub config: Arc<Config>,
     /// tungstenite settings derived once from the config.
     pub ws_config: tungstenite::protocol::WebSocketConfig,
@@ -56,6 +60,19 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     /// What the whole process shares: connection count, readiness, node id.
     pub node: Arc<Node>,
+    pub mesh: Rc<Mesh>,
+    /// This shard's part of the store: the conversations and users it owns.
+    pub store: MemoryStore,
+    /// Which shards want the messages of the conversations this shard owns.
+    pub interest: RefCell<Interest>,
+    /// This shard's sessions by user and by conversation.
+    pub hub: RefCell<Hub<TimerId>>,
+    /// Requests this shard has out that may add conversations to its index (user loads,
+    /// joins, syncs). While any is out, it does not tell owners it lost interest.
+    loading: Cell<usize>,
+    /// Messages this shard sends itself, handled in order by a task like any peer's.
+    local: RefCell<VecDeque<ShardMsg>>,
+    local_waker: Cell<Option<Waker>>,
     sessions: RefCell<Slab>,
     wheel: RefCell<Wheel>,
     /// Every session task runs through the gate, so a drain can wait for them.
@@ -64,6 +81,7 @@ pub struct Shard {
     started: Instant,
     next_conn: Cell<u64>,
     pub draining: Cell<bool>,
+    drain_waker: Cell<Option<Waker>>,
 }
 
 impl Shard {
@@ -79,11 +97,46 @@ impl Shard {
         format!("{}-{}-{}", self.node.epoch_tag, self.id, n)
     }
 
-    /// Adds a session to the shard's table and schedules its first heartbeat.
+    /// The shard that owns a conversation or a user.
+    pub fn owner_of(&self, key: &str) -> usize {
+        mesh::shard_for(key, self.shard_count)
+    }
+
+    /// Sends `msg` to shard `to`; to itself it goes through the local queue, so messages
+    /// a shard sends itself keep their order like any other pair's.
+    pub fn route(&self, to: usize, msg: ShardMsg) {
+        if to == self.id {
+            self.local.borrow_mut().push_back(msg);
+            if let Some(w) = self.local_waker.take() {
+                w.wake();
+            }
+        } else {
+            self.mesh.send(to, msg);
+        }
+    }
+
+    /// Adds a session to the shard's table and schedules its first heartbeat. A client
+    /// session also joins the hub and registers its presence with its user's owner.
     pub fn register(&self, make: impl FnOnce(TimerId) -> Session) -> Rc<Session> {
         let session = self.sessions.borrow_mut().insert(make);
         self.schedule(session.id, session.next_deadline(self.config.heartbeat.idle_timeout_ms));
         self.metrics.connections.inc();
+        if let Kind::Client { user, device } = &session.kind {
+            let first = self.hub.borrow_mut().attach(user, session.id);
+            let owner = self.owner_of(user);
+            if first {
+                self.loading.set(self.loading.get() + 1);
+                self.route(owner, ShardMsg::LoadUser { shard: self.id, user: user.clone() });
+            }
+            let entry = Presence {
+                device: device.clone(),
+                conn: Arc::from(&*session.conn),
+                node: self.node.node_key.clone(),
+                ip: session.ip,
+                since: session.since_unix_ms,
+            };
+            self.route(owner, ShardMsg::PresenceAdd { user: user.clone(), entry });
+        }
         session
     }
 
@@ -91,6 +144,37 @@ impl Shard {
         self.sessions.borrow_mut().remove(session.id);
         self.metrics.connections.dec();
         self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Kind::Client { user, .. } = &session.kind {
+            let emptied = self.hub.borrow_mut().detach(user, session.id);
+            for conv in emptied {
+                self.lost_interest(conv);
+            }
+            let conn: Key = Arc::from(&*session.conn);
+            self.route(self.owner_of(user), ShardMsg::PresenceRemove { user: user.clone(), conn });
+        }
+    }
+
+    /// This shard has no session left in `conv`: tell its owner, unless a request that
+    /// may bring one back is out (its answer would race the notice).
+    fn lost_interest(&self, conv: Key) {
+        if self.loading.get() == 0 {
+            let owner = self.owner_of(&conv);
+            self.route(owner, ShardMsg::InterestOff { shard: self.id, conv });
+        }
+    }
+
+    /// A request that may add to the index was answered.
+    fn loaded(&self) {
+        self.loading.set(self.loading.get().saturating_sub(1));
+    }
+
+    /// A sync request left this shard (its answer is counted by `loaded`).
+    pub fn loading_started(&self) {
+        self.loading.set(self.loading.get() + 1);
+    }
+
+    pub fn session(&self, id: TimerId) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(id)
     }
 
     fn schedule(&self, id: TimerId, at_ms: u64) {
@@ -111,13 +195,12 @@ impl Shard {
             let to = now / self.wheel.borrow().tick_ms();
             self.wheel.borrow_mut().advance(to, &mut due);
             for (i, id) in due.drain(..).enumerate() {
-                let session = self.sessions.borrow().get(id);
-                if let Some(session) = session {
+                if let Some(session) = self.session(id) {
                     if let Some(next) = session.on_timer(&self, now) {
                         self.schedule(id, next);
                     }
                 }
-                if i % 256 == 255 {
+                if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
                     glommio::yield_if_needed().await;
                 }
             }
@@ -131,45 +214,220 @@ impl Shard {
             s.request_close(code, reason);
         }
     }
+
+    /// Handles one message from another executor (or from itself).
+    async fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            // As a conversation's owner.
+            ShardMsg::Send { origin, conv, msg } => conv::on_send(self, origin, conv, msg).await,
+            ShardMsg::Sync { session, user, conv, after, limit } => {
+                conv::on_sync(self, session, user, conv, after, limit).await
+            }
+            ShardMsg::Join { shard, user, convs } => conv::on_join(self, shard, user, convs).await,
+            ShardMsg::InterestOff { shard, conv } => self.interest.borrow_mut().remove(&conv, shard),
+            ShardMsg::Members { reply, conv, op, users } => {
+                // It waits on the users' owners: run it beside the receive loop.
+                let me = self.clone();
+                glommio::spawn_local(async move { conv::on_members(&me, reply, conv, op, users).await })
+                    .detach();
+            }
+            ShardMsg::Conversation { reply, conv } => conv::on_conversation(self, reply, conv).await,
+
+            // As a user's owner.
+            ShardMsg::LoadUser { shard, user } => {
+                // A store error leaves the list empty; the client's syncs join what it needs.
+                let convs = self.store.user_convs(&user).await.unwrap_or_default();
+                self.route(shard, ShardMsg::UserConvs { user, convs });
+            }
+            ShardMsg::LinkUser { reply, user, conv, member } => {
+                let done = self.store.link_user(&user, &conv, member).await;
+                self.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
+            }
+            ShardMsg::PresenceAdd { user, entry } => {
+                let _ = self.store.presence_add(&user, entry).await;
+            }
+            ShardMsg::PresenceRemove { user, conn } => {
+                let _ = self.store.presence_remove(&user, &conn).await;
+            }
+            ShardMsg::Presence { reply, user } => {
+                let answer = match self.store.presence(&user).await {
+                    Ok(list) => Reply::Presence(list),
+                    Err(_) => Reply::Unavailable,
+                };
+                self.mesh.reply(reply, answer);
+            }
+
+            // As a shard with sessions.
+            ShardMsg::Deliver { conv, seq, frame, exclude } => self.deliver(conv, seq, frame, exclude).await,
+            ShardMsg::MembersChanged { conv, added, removed } => {
+                let mut hub = self.hub.borrow_mut();
+                for user in &added {
+                    hub.join(user, &conv);
+                }
+                let mut emptied = false;
+                for user in &removed {
+                    emptied |= hub.leave(user, &conv);
+                }
+                drop(hub);
+                if emptied {
+                    self.lost_interest(conv);
+                }
+            }
+            ShardMsg::Push { users, frame } => {
+                for user in users.iter() {
+                    let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
+                    for id in ids {
+                        if let Some(s) = self.session(id) {
+                            s.push(frame.clone(), &self.metrics);
+                            self.metrics.pushes.inc();
+                        }
+                    }
+                }
+            }
+            ShardMsg::Broadcast { frame } => {
+                let sessions = self.sessions.borrow().all();
+                for (i, s) in sessions.iter().enumerate() {
+                    if matches!(s.kind, Kind::Client { .. }) {
+                        s.push(frame.clone(), &self.metrics);
+                        self.metrics.pushes.inc();
+                    }
+                    if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
+                        glommio::yield_if_needed().await;
+                    }
+                }
+            }
+            ShardMsg::Disconnect { reply, user } => {
+                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
+                let mut closed = 0;
+                for id in ids {
+                    if let Some(s) = self.session(id) {
+                        s.request_close(codec::close::KICKED, "disconnected by the server");
+                        closed += 1;
+                    }
+                }
+                self.mesh.reply(reply, Reply::Closed(closed));
+            }
+            ShardMsg::Drain => {
+                self.draining.set(true);
+                if let Some(w) = self.drain_waker.take() {
+                    w.wake();
+                }
+            }
+            ShardMsg::ToSession { session, frame } => {
+                if let Some(s) = self.session(session) {
+                    s.push(frame, &self.metrics);
+                }
+            }
+            ShardMsg::Synced { session, conv, after, limit, result } => {
+                self.loaded();
+                if let Some(s) = self.session(session) {
+                    if let (Ok(_), Kind::Client { user, .. }) = (&result, &s.kind) {
+                        // The owner confirmed membership and now sends this shard the
+                        // conversation: make sure the user's sessions are indexed in it.
+                        self.hub.borrow_mut().join(user, &conv);
+                    }
+                    s.finish_sync(self, &conv, after, limit, result);
+                }
+            }
+            ShardMsg::Joined { user, convs } => {
+                self.loaded();
+                let mut hub = self.hub.borrow_mut();
+                for conv in &convs {
+                    hub.join(&user, conv);
+                }
+            }
+            ShardMsg::UserConvs { user, convs } => {
+                self.loaded();
+                if !self.hub.borrow().has_user(&user) {
+                    return;
+                }
+                let mut by_owner: Vec<(usize, Vec<Key>)> = Vec::new();
+                for conv in convs {
+                    let owner = self.owner_of(&conv);
+                    match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+                        Some((_, list)) => list.push(conv),
+                        None => by_owner.push((owner, vec![conv])),
+                    }
+                }
+                for (owner, convs) in by_owner {
+                    self.loading.set(self.loading.get() + 1);
+                    self.route(owner, ShardMsg::Join { shard: self.id, user: user.clone(), convs });
+                }
+            }
+            ShardMsg::Reply { id, reply } => self.mesh.complete(id, reply),
+        }
+    }
+
+    /// Writes a conversation message to this shard's sessions in it.
+    async fn deliver(&self, conv: Key, seq: u64, frame: bytes::Bytes, exclude: Option<SessionRef>) {
+        let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
+        if ids.is_empty() {
+            self.lost_interest(conv);
+            return;
+        }
+        let skip = exclude.filter(|e| e.shard == self.id).map(|e| e.id);
+        for (i, id) in ids.into_iter().enumerate() {
+            if Some(id) != skip {
+                if let Some(s) = self.session(id) {
+                    s.deliver(self, &conv, seq, &frame);
+                }
+            }
+            if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
 }
 
 /// Runs a shard until it is drained. Called on the shard's own executor thread.
 pub async fn run(setup: ShardSetup) {
     let config = setup.node.config.clone();
     let tick_ms = (config.heartbeat.ping_interval_ms / 4).clamp(10, 100);
+    let (mesh, receivers) = Mesh::connect(setup.mesh).await;
     let shard = Rc::new(Shard {
         id: setup.id,
+        shard_count: setup.node.shard_count,
         ws_config: codec::server_config(config.limits.max_message_bytes),
         verifier: Verifier::new(&config.auth.secret, config.auth.leeway_secs),
+        store: MemoryStore::new(config.history.max_per_conv, config.limits.dedupe_window_ms),
         config,
         metrics: setup.metrics,
         node: setup.node,
+        mesh,
+        interest: RefCell::default(),
+        hub: RefCell::default(),
+        loading: Cell::new(0),
+        local: RefCell::default(),
+        local_waker: Cell::new(None),
         sessions: RefCell::new(Slab::default()),
         wheel: RefCell::new(Wheel::new(tick_ms, 4096)),
         gate: Gate::new(),
         started: Instant::now(),
         next_conn: Cell::new(0),
         draining: Cell::new(false),
+        drain_waker: Cell::new(None),
     });
     // SAFETY: the fd is a bound, listening TCP socket handed over by the server.
     let listener = unsafe { TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
     glommio::spawn_local(shard.clone().run_wheel()).detach();
-
-    let commands = setup.commands.connect().await;
+    for (_, rx) in receivers {
+        glommio::spawn_local(receive(shard.clone(), rx)).detach();
+    }
+    glommio::spawn_local(receive_local(shard.clone())).detach();
     shard.node.ready_shards.fetch_add(1, Ordering::Release);
     debug!(shard = shard.id, "accepting");
 
     let accept = accept_loop(shard.clone(), listener);
-    let drain = async {
-        while let Some(cmd) = commands.recv().await {
-            match cmd {
-                ShardCommand::Drain => return,
-            }
+    let drain = futures_lite::future::poll_fn(|cx| {
+        if shard.draining.get() {
+            Poll::Ready(())
+        } else {
+            shard.drain_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
         }
-    };
+    });
     futures_lite::future::or(accept, drain).await;
 
-    shard.draining.set(true);
     shard.close_all(codec::close::GOING_AWAY, "server shutting down");
     let closed = glommio::timer::timeout(DRAIN_WAIT, async {
         let _ = shard.gate.close().await;
@@ -181,6 +439,28 @@ pub async fn run(setup: ShardSetup) {
     }
     info!(shard = shard.id, "drained");
     shard.node.stopped_shards.fetch_add(1, Ordering::Release);
+}
+
+/// Handles the messages of one peer, in the order sent.
+async fn receive(shard: Rc<Shard>, rx: ConnectedReceiver<ShardMsg>) {
+    while let Some(msg) = rx.recv().await {
+        shard.handle(msg).await;
+    }
+}
+
+/// Handles the messages the shard sent itself, in the order sent.
+async fn receive_local(shard: Rc<Shard>) {
+    loop {
+        let msg = futures_lite::future::poll_fn(|cx| match shard.local.borrow_mut().pop_front() {
+            Some(msg) => Poll::Ready(msg),
+            None => {
+                shard.local_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        shard.handle(msg).await;
+    }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {

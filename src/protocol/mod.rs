@@ -1,7 +1,10 @@
 //! The client and server frames of PROTOCOL.md as plain types, serialised with serde.
 //! No sockets here: sessions encode a [`ServerFrame`] once and queue the bytes.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// A frame the server sends, tagged by `op`.
 #[derive(Serialize, Debug)]
@@ -42,14 +45,150 @@ pub enum ErrorCode {
     Unavailable,
 }
 
-/// The envelope every client frame shares: what is needed to route it and to answer an
-/// error with the request's `cid`. The rest of the object is read by the op's handler.
+impl ErrorCode {
+    /// The code as it appears on the wire and in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A client frame (PROTOCOL.md, "Client to server"). Borrowed from the message text;
+/// unknown fields are ignored, a wrong type for a known one is a `bad_request`.
 #[derive(Deserialize, Debug)]
-pub struct Envelope<'a> {
-    #[serde(borrow)]
-    pub op: Option<std::borrow::Cow<'a, str>>,
+pub struct ClientFrame<'a> {
     #[serde(borrow, default)]
-    pub cid: Option<std::borrow::Cow<'a, str>>,
+    pub op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub cid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub conv: Option<Cow<'a, str>>,
+    /// Any JSON, `null` included; `None` only when the field is absent.
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub body: Option<&'a RawValue>,
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// The longest `cid` accepted (PROTOCOL.md: 1-64 characters).
+pub const MAX_CID_CHARS: usize = 64;
+/// The longest conversation id accepted.
+pub const MAX_CONV_CHARS: usize = 128;
+
+/// Appends `s` as a JSON string.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => put_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, n: u64) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{n}");
+}
+
+/// What a `msg` frame says about its message.
+pub struct MsgFields<'a> {
+    pub conv: &'a str,
+    pub seq: u64,
+    pub from: &'a str,
+    pub dev: Option<&'a str>,
+    pub cid: Option<&'a str>,
+    pub ts: u64,
+    /// JSON text, validated when it arrived; written as is.
+    pub body: &'a [u8],
+}
+
+/// `{"op":"msg",...}`: written field by field so the body is copied once, never re-parsed.
+pub fn msg_json(m: &MsgFields<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(100 + m.conv.len() + m.from.len() + m.body.len());
+    out.extend_from_slice(b"{\"op\":\"msg\",\"conv\":");
+    put_str(&mut out, m.conv);
+    out.extend_from_slice(b",\"seq\":");
+    put_u64(&mut out, m.seq);
+    out.extend_from_slice(b",\"from\":");
+    put_str(&mut out, m.from);
+    out.extend_from_slice(b",\"dev\":");
+    put_opt_str(&mut out, m.dev);
+    out.extend_from_slice(b",\"cid\":");
+    put_opt_str(&mut out, m.cid);
+    out.extend_from_slice(b",\"ts\":");
+    put_u64(&mut out, m.ts);
+    out.extend_from_slice(b",\"body\":");
+    out.extend_from_slice(m.body);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"ack","conv":...,"cid":...,"seq":...,"ts":...}`
+pub fn ack_json(conv: &str, cid: &str, seq: u64, ts: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + conv.len() + cid.len());
+    out.extend_from_slice(b"{\"op\":\"ack\",\"conv\":");
+    put_str(&mut out, conv);
+    out.extend_from_slice(b",\"cid\":");
+    put_str(&mut out, cid);
+    out.extend_from_slice(b",\"seq\":");
+    put_u64(&mut out, seq);
+    out.extend_from_slice(b",\"ts\":");
+    put_u64(&mut out, ts);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"synced","conv":...,"last":...,"complete":...}`
+pub fn synced_json(conv: &str, last: u64, complete: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + conv.len());
+    out.extend_from_slice(b"{\"op\":\"synced\",\"conv\":");
+    put_str(&mut out, conv);
+    out.extend_from_slice(b",\"last\":");
+    put_u64(&mut out, last);
+    out.extend_from_slice(if complete { b",\"complete\":true}" } else { b",\"complete\":false}" });
+    out
+}
+
+/// `{"op":"gap","conv":...,"from":...,"to":...}`
+pub fn gap_json(conv: &str, from: u64, to: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + conv.len());
+    out.extend_from_slice(b"{\"op\":\"gap\",\"conv\":");
+    put_str(&mut out, conv);
+    out.extend_from_slice(b",\"from\":");
+    put_u64(&mut out, from);
+    out.extend_from_slice(b",\"to\":");
+    put_u64(&mut out, to);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"push","body":...}`
+pub fn push_json(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + body.len());
+    out.extend_from_slice(b"{\"op\":\"push\",\"body\":");
+    out.extend_from_slice(body);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"error",...}` for a request with the given `cid`.
+pub fn error_json(cid: Option<&str>, code: ErrorCode, message: &str) -> Vec<u8> {
+    ServerFrame::Error { cid, code, message }.to_json()
 }
 
 #[cfg(test)]
@@ -70,6 +209,39 @@ mod tests {
             String::from_utf8(f.to_json()).unwrap(),
             r#"{"op":"hello","user":"u1","device":"phone","conn":"c1","node":"n1","ping_interval_ms":25000,"idle_timeout_ms":60000}"#
         );
+    }
+
+    #[test]
+    fn msg_and_friends_are_valid_json() {
+        let m = MsgFields {
+            conv: "c\"1",
+            seq: 42,
+            from: "u1",
+            dev: None,
+            cid: Some("a1"),
+            ts: 7,
+            body: br#"{"text":"hi"}"#,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&msg_json(&m)).unwrap();
+        assert_eq!(v["conv"], "c\"1");
+        assert_eq!(v["seq"], 42);
+        assert!(v["dev"].is_null());
+        assert_eq!(v["body"]["text"], "hi");
+        let v: serde_json::Value = serde_json::from_slice(&ack_json("c", "x", 3, 4)).unwrap();
+        assert_eq!((v["op"].as_str(), v["seq"].as_u64()), (Some("ack"), Some(3)));
+        let v: serde_json::Value = serde_json::from_slice(&synced_json("c", 9, false)).unwrap();
+        assert_eq!(v["complete"], false);
+        let v: serde_json::Value = serde_json::from_slice(&gap_json("c", 2, 5)).unwrap();
+        assert_eq!((v["from"].as_u64(), v["to"].as_u64()), (Some(2), Some(5)));
+    }
+
+    #[test]
+    fn client_frame_body_null_is_present() {
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"op":"send","conv":"c","cid":"1","body":null}"#).unwrap();
+        assert_eq!(f.body.map(|b| b.get()), Some("null"));
+        let f: ClientFrame = serde_json::from_str(r#"{"op":"send"}"#).unwrap();
+        assert!(f.body.is_none());
     }
 
     #[test]

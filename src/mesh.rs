@@ -1,0 +1,427 @@
+//! Messages between the executors of one process: the shards and the control thread.
+//!
+//! Every pair of executors has a bounded single-producer channel (glommio's shared
+//! channels) in each direction, built once at start-up ([`build`]). Sending never waits:
+//! [`Mesh::send`] tries the channel and, when it is full, parks the message in a
+//! per-peer outbox drained by a task of its own. So a shard handling a message can always
+//! send more without stalling its receive loop, and two shards sending to each other can
+//! never deadlock. Each channel is FIFO: what one executor sends to another arrives in
+//! the order sent, which the conversation layer relies on (a membership change sent
+//! before a message is applied before it).
+//!
+//! Requests that need an answer carry a [`ReplyTo`]; the answer comes back as
+//! [`ShardMsg::Reply`] and completes the waiting [`Mesh::request`].
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
+use glommio::GlommioError;
+
+use crate::protocol::ErrorCode;
+use crate::store::{History, MemberOp, NewMessage, Presence};
+use crate::wheel::TimerId;
+
+/// Conversation and user ids travel as shared strings.
+pub type Key = Arc<str>;
+
+/// Slots per channel before messages wait in the sender's outbox.
+const CHANNEL_SLOTS: usize = 1024;
+
+/// The shard that owns `key` (a conversation or a user): FNV-1a of the key modulo the
+/// shard count. Stable across processes and versions, so every node agrees on it.
+pub fn shard_for(key: &str, shards: usize) -> usize {
+    (fnv1a(key.as_bytes()) % shards.max(1) as u64) as usize
+}
+
+/// 64-bit FNV-1a.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A session somewhere in the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub shard: usize,
+    pub id: TimerId,
+}
+
+/// Where the answer to a request goes.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplyTo {
+    pub peer: usize,
+    pub id: u64,
+}
+
+/// Who sent a message into a conversation.
+#[derive(Clone, Copy, Debug)]
+pub enum Origin {
+    /// A client's `send`: the owner answers with an `ack` or `error` frame to the session.
+    Session(SessionRef),
+    /// An API post: the owner answers with [`Reply::Sent`].
+    Api(ReplyTo),
+}
+
+/// Answers to requests.
+#[derive(Debug)]
+pub enum Reply {
+    Done,
+    /// The store could not be reached; nothing changed.
+    Unavailable,
+    Sent {
+        seq: u64,
+    },
+    Members {
+        count: usize,
+    },
+    Conversation {
+        members: Vec<Key>,
+        last_seq: u64,
+    },
+    Presence(Vec<Presence>),
+    /// How many connections were asked to close.
+    Closed(usize),
+}
+
+/// Everything executors say to each other.
+#[derive(Debug)]
+pub enum ShardMsg {
+    // To a conversation's owner shard.
+    /// Sequence, store and fan out a message.
+    Send {
+        origin: Origin,
+        conv: Key,
+        msg: NewMessage,
+    },
+    /// Replay history to a session (answered with `Synced`).
+    Sync {
+        session: SessionRef,
+        user: Key,
+        conv: Key,
+        after: u64,
+        limit: usize,
+    },
+    /// A shard has sessions of `user`: confirm which of `convs` they belong to (answered
+    /// with `Joined`) and send those conversations' messages to it from now on.
+    Join {
+        shard: usize,
+        user: Key,
+        convs: Vec<Key>,
+    },
+    /// The shard has no session in `conv` any more: stop sending it its messages.
+    InterestOff {
+        shard: usize,
+        conv: Key,
+    },
+    Members {
+        reply: ReplyTo,
+        conv: Key,
+        op: MemberOp,
+        users: Vec<Key>,
+    },
+    Conversation {
+        reply: ReplyTo,
+        conv: Key,
+    },
+
+    // To a user's owner shard.
+    /// The conversations of `user` (answered with `UserConvs`).
+    LoadUser {
+        shard: usize,
+        user: Key,
+    },
+    LinkUser {
+        reply: ReplyTo,
+        user: Key,
+        conv: Key,
+        member: bool,
+    },
+    PresenceAdd {
+        user: Key,
+        entry: Presence,
+    },
+    PresenceRemove {
+        user: Key,
+        conn: Key,
+    },
+    Presence {
+        reply: ReplyTo,
+        user: Key,
+    },
+
+    // To every shard.
+    /// A sequenced message for the shard's sessions in `conv` (but `exclude`).
+    Deliver {
+        conv: Key,
+        seq: u64,
+        frame: Bytes,
+        exclude: Option<SessionRef>,
+    },
+    MembersChanged {
+        conv: Key,
+        added: Vec<Key>,
+        removed: Vec<Key>,
+    },
+    Push {
+        users: Arc<[Key]>,
+        frame: Bytes,
+    },
+    Broadcast {
+        frame: Bytes,
+    },
+    Disconnect {
+        reply: ReplyTo,
+        user: Key,
+    },
+    Drain,
+
+    // Answers to a session's shard.
+    /// A frame for one session (`ack`, `error`).
+    ToSession {
+        session: TimerId,
+        frame: Bytes,
+    },
+    Synced {
+        session: TimerId,
+        conv: Key,
+        after: u64,
+        limit: usize,
+        result: Result<History, ErrorCode>,
+    },
+    Joined {
+        user: Key,
+        convs: Vec<Key>,
+    },
+    UserConvs {
+        user: Key,
+        convs: Vec<Key>,
+    },
+
+    /// The answer to a request.
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
+}
+
+/// One executor's ends of the mesh, handed to it at start-up.
+pub struct MeshEnds {
+    pub me: usize,
+    senders: Vec<Option<SharedSender<ShardMsg>>>,
+    receivers: Vec<Option<SharedReceiver<ShardMsg>>>,
+}
+
+/// Builds the channels between `peers` executors; element `i` goes to executor `i`.
+pub fn build(peers: usize) -> Vec<MeshEnds> {
+    let mut ends: Vec<MeshEnds> = (0..peers)
+        .map(|me| MeshEnds {
+            me,
+            senders: (0..peers).map(|_| None).collect(),
+            receivers: (0..peers).map(|_| None).collect(),
+        })
+        .collect();
+    for from in 0..peers {
+        for to in 0..peers {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(CHANNEL_SLOTS);
+                ends[from].senders[to] = Some(tx);
+                ends[to].receivers[from] = Some(rx);
+            }
+        }
+    }
+    ends
+}
+
+struct Outbox {
+    sender: ConnectedSender<ShardMsg>,
+    /// Messages the channel had no room for, oldest first.
+    waiting: RefCell<VecDeque<ShardMsg>>,
+    /// The outbox task, parked while `waiting` is empty.
+    waker: Cell<Option<Waker>>,
+    /// The task holds a message it is waiting to send: later ones must queue behind it.
+    busy: Cell<bool>,
+}
+
+/// One executor's side of the mesh.
+pub struct Mesh {
+    pub me: usize,
+    outboxes: Vec<Option<Rc<Outbox>>>,
+    pending: RefCell<HashMap<u64, PendingSlot>>,
+    next_id: Cell<u64>,
+}
+
+enum PendingSlot {
+    Waiting(Option<Waker>),
+    Done(Reply),
+}
+
+impl Mesh {
+    /// Connects this executor's ends. Returns the mesh and the receivers, one per peer,
+    /// for the caller to drain (each in its own task, in order).
+    pub async fn connect(ends: MeshEnds) -> (Rc<Mesh>, Vec<(usize, ConnectedReceiver<ShardMsg>)>) {
+        // Each side's `connect` waits for the other side's, so every end is connected at
+        // once (in tasks) and only then awaited: connecting one after another deadlocks.
+        let senders: Vec<_> =
+            ends.senders.into_iter().map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect()))).collect();
+        let receivers: Vec<_> = ends
+            .receivers
+            .into_iter()
+            .enumerate()
+            .filter_map(|(peer, rx)| rx.map(|rx| (peer, glommio::spawn_local(rx.connect()))))
+            .collect();
+        let mut outboxes = Vec::with_capacity(senders.len());
+        for tx in senders {
+            match tx {
+                Some(tx) => {
+                    let outbox = Rc::new(Outbox {
+                        sender: tx.await,
+                        waiting: RefCell::new(VecDeque::new()),
+                        waker: Cell::new(None),
+                        busy: Cell::new(false),
+                    });
+                    glommio::spawn_local(drain_outbox(outbox.clone())).detach();
+                    outboxes.push(Some(outbox));
+                }
+                None => outboxes.push(None),
+            }
+        }
+        let mut connected = Vec::with_capacity(receivers.len());
+        for (peer, rx) in receivers {
+            connected.push((peer, rx.await));
+        }
+        let mesh =
+            Rc::new(Mesh { me: ends.me, outboxes, pending: RefCell::default(), next_id: Cell::new(1) });
+        (mesh, connected)
+    }
+
+    /// Sends `msg` to executor `to` without waiting. Sending to oneself is a bug of the
+    /// caller (local work is done in place) and the message is dropped.
+    pub fn send(&self, to: usize, msg: ShardMsg) {
+        let Some(Some(outbox)) = self.outboxes.get(to) else {
+            debug_assert!(false, "mesh send to self or to an unknown peer {to}");
+            return;
+        };
+        let mut waiting = outbox.waiting.borrow_mut();
+        if waiting.is_empty() && !outbox.busy.get() {
+            match outbox.sender.try_send(msg) {
+                Ok(()) => return,
+                Err(GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => waiting.push_back(msg),
+                // The peer has stopped (drain): nothing more to tell it.
+                Err(_) => return,
+            }
+        } else {
+            waiting.push_back(msg);
+        }
+        drop(waiting);
+        if let Some(w) = outbox.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Sends a request built by `make` to `to` and waits for its reply. `None` if the
+    /// peer went away before answering.
+    pub async fn request(&self, to: usize, make: impl FnOnce(ReplyTo) -> ShardMsg) -> Option<Reply> {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        self.pending.borrow_mut().insert(id, PendingSlot::Waiting(None));
+        self.send(to, make(ReplyTo { peer: self.me, id }));
+        let guard = PendingGuard { mesh: self, id };
+        let reply = futures_lite::future::poll_fn(|cx| {
+            let mut pending = self.pending.borrow_mut();
+            match pending.remove(&id) {
+                Some(PendingSlot::Done(reply)) => Poll::Ready(Some(reply)),
+                Some(PendingSlot::Waiting(_)) => {
+                    pending.insert(id, PendingSlot::Waiting(Some(cx.waker().clone())));
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        })
+        .await;
+        drop(guard);
+        reply
+    }
+
+    /// Answers a request (on the requester's side: completes its `request`).
+    pub fn reply(&self, to: ReplyTo, reply: Reply) {
+        if to.peer == self.me {
+            self.complete(to.id, reply);
+        } else {
+            self.send(to.peer, ShardMsg::Reply { id: to.id, reply });
+        }
+    }
+
+    /// Completes a pending request with its answer. Called by the receive loops.
+    pub fn complete(&self, id: u64, reply: Reply) {
+        let mut pending = self.pending.borrow_mut();
+        if let Some(PendingSlot::Waiting(waker)) = pending.remove(&id) {
+            pending.insert(id, PendingSlot::Done(reply));
+            drop(pending);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Forgets a request whose waiter gave up (timeout, task dropped).
+struct PendingGuard<'a> {
+    mesh: &'a Mesh,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.mesh.pending.borrow_mut().remove(&self.id);
+    }
+}
+
+/// Moves parked messages into the channel as it gets room.
+async fn drain_outbox(outbox: Rc<Outbox>) {
+    loop {
+        let msg = futures_lite::future::poll_fn(|cx| match outbox.waiting.borrow_mut().pop_front() {
+            Some(msg) => {
+                outbox.busy.set(true);
+                Poll::Ready(msg)
+            }
+            None => {
+                outbox.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        let sent = outbox.sender.send(msg).await;
+        outbox.busy.set(false);
+        if sent.is_err() {
+            outbox.waiting.borrow_mut().clear();
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_for_is_stable_and_spread() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let mut hits = [0usize; 4];
+        for i in 0..4000 {
+            hits[shard_for(&format!("conv-{i}"), 4)] += 1;
+        }
+        assert!(hits.iter().all(|&h| h > 800), "{hits:?}");
+    }
+}

@@ -1,0 +1,138 @@
+//! Durable state behind one narrow trait: membership, per-conversation sequence numbers,
+//! history, de-duplication, and the user side (a user's conversations, presence).
+//!
+//! Calls are made on the shard that owns the key: conversation calls on
+//! `shard_for(conv)`, user calls on `shard_for(user)`. The in-memory store keeps each
+//! shard's part of the data on that shard (no locks); a networked store (Redis, with the
+//! cluster) answers asynchronously from its own threads. Every call may fail with
+//! [`StoreError::Unavailable`]: the caller then refuses the operation (`error
+//! unavailable`, HTTP 503) and nothing is half-applied.
+//!
+//! # Promises every implementation keeps
+//! - `append` assigns `last_seq + 1` (1 for a new conversation) with no gaps, unless the
+//!   `(from, cid)` pair was seen within the dedupe window: then it answers the first seq
+//!   again and stores nothing.
+//! - History keeps at least the last `history.max_per_conv` messages of a conversation.
+//! - Presence entries live until removed (the node removes them when connections end).
+
+pub mod memory;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+pub use memory::MemoryStore;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The store cannot be reached right now; nothing was changed. Retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A message to sequence and store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub from: Arc<str>,
+    /// `None` for messages posted through the API.
+    pub dev: Option<Arc<str>>,
+    /// The client's idempotency key; `None` for API posts (never de-duplicated).
+    pub cid: Option<Arc<str>>,
+    /// Server time, unix milliseconds.
+    pub ts: u64,
+    /// The message body: JSON text, validated by the caller.
+    pub body: Bytes,
+}
+
+/// The outcome of [`Store::append`].
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub seq: u64,
+    pub ts: u64,
+    /// The `msg` frame as ready-to-write WebSocket bytes (encoded once, shared).
+    pub frame: Bytes,
+    /// The `(from, cid)` pair was seen before: nothing new was stored or must be delivered.
+    pub duplicate: bool,
+}
+
+/// A stored message, as replayed by `sync`.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    pub frame: Bytes,
+}
+
+/// The answer to [`Store::history`].
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// Messages with `seq > after`, oldest first, at most `limit`.
+    pub messages: Vec<Stored>,
+    /// The conversation's last assigned seq at the time of the read.
+    pub last_seq: u64,
+    /// False when history no longer reaches back to `after + 1`.
+    pub complete: bool,
+}
+
+/// How a membership call changes the set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberOp {
+    Replace,
+    Add,
+    Remove,
+}
+
+/// What a membership call changed.
+#[derive(Debug, Clone, Default)]
+pub struct MemberChange {
+    pub added: Vec<Arc<str>>,
+    pub removed: Vec<Arc<str>>,
+    /// Members after the change.
+    pub count: usize,
+}
+
+/// One connection of a user, as the presence API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub device: Arc<str>,
+    pub conn: Arc<str>,
+    pub node: Arc<str>,
+    pub ip: IpAddr,
+    /// Unix milliseconds when the connection was made.
+    pub since: u64,
+}
+
+/// The store a shard uses. Futures are not `Send`: they run on the calling shard.
+#[allow(async_fn_in_trait)]
+pub trait Store {
+    /// Whether `user` is a member of `conv`.
+    async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError>;
+    /// Members of `conv` (any order) and its last seq.
+    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError>;
+    /// Changes the member set of `conv`.
+    async fn set_members(
+        &self,
+        conv: &str,
+        op: MemberOp,
+        users: &[Arc<str>],
+    ) -> Result<MemberChange, StoreError>;
+    /// De-duplicates, sequences and stores a message of `conv` (see the module promises).
+    /// `encode` builds the `msg` frame once the seq is known.
+    async fn append(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Appended, StoreError>;
+    /// Stored messages of `conv` after `after`, at most `limit`.
+    async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError>;
+
+    /// Records that `user` is (or is no longer) a member of `conv`, on the user's side.
+    async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError>;
+    /// The conversations `user` is a member of.
+    async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError>;
+    async fn presence_add(&self, user: &str, entry: Presence) -> Result<(), StoreError>;
+    async fn presence_remove(&self, user: &str, conn: &str) -> Result<(), StoreError>;
+    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StoreError>;
+}
