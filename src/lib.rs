@@ -4,6 +4,7 @@
 //!
 //! - `config`: the TOML configuration of PROTOCOL.md, its defaults, env overrides, checks.
 //! - `auth`: HS256 client tokens (verify on upgrade, mint for `ringpush token`).
+//! - `client`: `ringpush connect`, a line client for trying a server by hand.
 //! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
 //! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
 //! - `session`: one connection: handshake, read loop, dispatch, outbound queue, close.
@@ -30,6 +31,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod conv;
 pub mod error;

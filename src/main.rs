@@ -42,6 +42,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Connect to a ringpush (or any WebSocket) URL: print every text frame received, send
+    /// every line typed as a text frame. For trying a server by hand.
+    Connect {
+        /// e.g. ws://127.0.0.1:8080/ws?token=...
+        url: String,
+    },
     /// Validate a configuration file (with RINGPUSH_* overrides applied, as `serve` would):
     /// print `ok`, or one line naming the wrong key and exit 2.
     CheckConfig {
@@ -55,6 +61,10 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config } => serve(config),
         Command::Token { user, device, ttl, config } => token(config, &user, &device, ttl),
+        Command::Connect { url } => match ringpush::client::talk(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e, 1),
+        },
         Command::CheckConfig { config } => match Config::load(Some(&config)) {
             Ok(_) => {
                 println!("ok");
