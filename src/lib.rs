@@ -18,6 +18,7 @@
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
 //! - `limits`: the host's limits, reported at start.
+//! - `notify`: the systemd notify protocol (READY, WATCHDOG, STOPPING).
 //! - `error`: the crate's error type.
 //!
 //! # Thread model
@@ -39,6 +40,7 @@ pub mod hub;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod session;

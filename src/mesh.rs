@@ -184,6 +184,10 @@ pub enum ShardMsg {
         reply: ReplyTo,
         user: Key,
     },
+    /// Answered with `Done` by the shard's receive loop: proves the shard is alive.
+    Ping {
+        reply: ReplyTo,
+    },
     Drain,
 
     // Answers to a session's shard.

@@ -7,8 +7,10 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -20,6 +22,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::mesh::{self, Key, Mesh, MeshEnds, ShardMsg};
 use crate::metrics::ShardMetrics;
+use crate::notify::Notifier;
 use crate::shard::{self, ShardSetup};
 
 /// Pending connections the kernel may hold per listener (capped by `net.core.somaxconn`).
@@ -193,16 +196,46 @@ async fn control(
     }
     let api = api::Admin::new(node.clone(), metrics, mesh.clone());
     let serving = glommio::spawn_local(api::serve(admin, api));
+    let notifier = Rc::new(Notifier::from_env());
+    let supervised = glommio::spawn_local(supervise(node.clone(), mesh.clone(), notifier.clone()));
     glommio::executor().spawn_blocking(move || shutdown.wait()).await;
+    drop(supervised);
+    notifier.notify("STOPPING=1");
     node.draining.store(true, Ordering::Relaxed);
     for shard in 0..node.shard_count {
         mesh.send(shard, ShardMsg::Drain);
     }
     // The admin listener keeps answering (readyz 503) until the shards have drained.
     while !all_stopped(&node) {
-        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     drop(serving);
+}
+
+/// Tells systemd `READY=1` once every shard accepts (and the store answers), then pets
+/// the watchdog at half its interval, but only while every shard answers a ping through
+/// the mesh: a wedged shard stops the pets and systemd restarts the service.
+async fn supervise(node: Arc<Node>, mesh: Rc<Mesh>, notifier: Rc<Notifier>) {
+    while !node.is_ready() {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    notifier.notify(&format!("READY=1\nSTATUS=serving {} shards", node.shard_count));
+    let Some(interval) = Notifier::watchdog_interval() else { return };
+    loop {
+        glommio::timer::sleep(interval / 2).await;
+        let mut alive = true;
+        for shard in 0..node.shard_count {
+            let ping = glommio::timer::timeout(interval / 4, async {
+                Ok(mesh.request(shard, |reply| ShardMsg::Ping { reply }).await)
+            });
+            alive &= matches!(ping.await, Ok(Some(_)));
+        }
+        if alive {
+            notifier.notify("WATCHDOG=1");
+        } else {
+            warn!("a shard did not answer its watchdog ping; not petting the watchdog");
+        }
+    }
 }
 
 fn all_stopped(node: &Node) -> bool {

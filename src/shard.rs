@@ -307,6 +307,7 @@ impl Shard {
                 }
                 self.mesh.reply(reply, Reply::Closed(closed));
             }
+            ShardMsg::Ping { reply } => self.mesh.reply(reply, Reply::Done),
             ShardMsg::Drain => {
                 self.draining.set(true);
                 if let Some(w) = self.drain_waker.take() {
