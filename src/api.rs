@@ -225,7 +225,11 @@ async fn route(admin: &Admin, req: &Request) -> Response {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: metrics::render(&admin.metrics).into_bytes(),
+            body: {
+                let mut text = metrics::render(&admin.metrics);
+                metrics::render_process(&mut text);
+                text.into_bytes()
+            },
         },
         (_, p) if p.starts_with("/api/") => {
             if !authorized(admin, req) {
@@ -377,23 +381,25 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
         }
         ("GET", ["presence", user]) => {
             let user = user_ids(&[user.to_string()])?.remove(0);
-            let owner = shard_for(&user, admin.shards());
-            match admin.ask(owner, |reply| ShardMsg::Presence { reply, user: user.clone() }).await {
-                Some(Reply::Presence(mut list)) => {
-                    list.sort_by_key(|p| p.since);
-                    let devices: Vec<serde_json::Value> = list
-                        .iter()
-                        .map(|p| {
-                            serde_json::json!({
-                                "device": &*p.device, "conn": &*p.conn, "node": &*p.node,
-                                "ip": p.ip.to_string(), "since": p.since,
-                            })
-                        })
-                        .collect();
-                    Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
+            // Every shard answers from its live sessions of the user.
+            let mut list = Vec::new();
+            for shard in 0..admin.shards() {
+                match admin.ask(shard, |reply| ShardMsg::Presence { reply, user: user.clone() }).await {
+                    Some(Reply::Presence(part)) => list.extend(part),
+                    _ => return Err(unavailable()),
                 }
-                _ => Err(unavailable()),
             }
+            list.sort_by(|a, b| (a.since, &a.conn).cmp(&(b.since, &b.conn)));
+            let devices: Vec<serde_json::Value> = list
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "device": &*p.device, "conn": &*p.conn, "node": &*p.node,
+                        "ip": p.ip.to_string(), "since": p.since,
+                    })
+                })
+                .collect();
+            Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
         }
         ("POST", ["users", user, "disconnect"]) => {
             let user = user_ids(&[user.to_string()])?.remove(0);

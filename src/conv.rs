@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::mesh::{Key, Origin, Reply, ReplyTo, SessionRef, ShardMsg};
 use crate::protocol::{self, ErrorCode, MsgFields};
+use crate::session::SyncReply;
 use crate::shard::Shard;
 use crate::store::{MemberOp, NewMessage, Store};
 use crate::ws::codec;
@@ -173,9 +174,9 @@ fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
 /// `sync`: replay history after `after` to a session of a member. From this point the
 /// session's shard also receives the conversation's live messages, in order after the
 /// replay (the reply and later `Deliver`s travel the same FIFO channel).
-pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, after: u64, limit: usize) {
+pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, reply: SyncReply) {
     let result = match shard.store.is_member(&conv, &user).await {
-        Ok(true) => match shard.store.history(&conv, after, limit).await {
+        Ok(true) => match shard.store.history(&conv, reply.after, reply.limit).await {
             Ok(history) => {
                 shard.interest.borrow_mut().add(&conv, session.shard);
                 Ok(history)
@@ -186,7 +187,7 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, a
         Err(_) => Err(ErrorCode::Unavailable),
     };
     shard.metrics.sync_replays.inc();
-    shard.route(session.shard, ShardMsg::Synced { session: session.id, conv, after, limit, result });
+    shard.route(session.shard, ShardMsg::Synced { session: session.id, conv, reply, result });
 }
 
 /// A shard has sessions of `user`: answer which of `convs` it is a member of, and send

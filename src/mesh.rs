@@ -25,6 +25,7 @@ use glommio::channels::shared_channel::{
 use glommio::GlommioError;
 
 use crate::protocol::ErrorCode;
+use crate::session::SyncReply;
 use crate::store::{History, MemberOp, NewMessage, Presence};
 use crate::wheel::TimerId;
 
@@ -109,8 +110,7 @@ pub enum ShardMsg {
         session: SessionRef,
         user: Key,
         conv: Key,
-        after: u64,
-        limit: usize,
+        reply: SyncReply,
     },
     /// A shard has sessions of `user`: confirm which of `convs` they belong to (answered
     /// with `Joined`) and send those conversations' messages to it from now on.
@@ -147,14 +147,7 @@ pub enum ShardMsg {
         conv: Key,
         member: bool,
     },
-    PresenceAdd {
-        user: Key,
-        entry: Presence,
-    },
-    PresenceRemove {
-        user: Key,
-        conn: Key,
-    },
+    /// The shard's connections of `user` (answered with `Reply::Presence`).
     Presence {
         reply: ReplyTo,
         user: Key,
@@ -199,8 +192,7 @@ pub enum ShardMsg {
     Synced {
         session: TimerId,
         conv: Key,
-        after: u64,
-        limit: usize,
+        reply: SyncReply,
         result: Result<History, ErrorCode>,
     },
     Joined {

@@ -249,6 +249,30 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     out
 }
 
+/// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
+/// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
+pub fn render_process(out: &mut String) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        let in_use = info.uordblks + info.hblkhd;
+        let _ = writeln!(
+            out,
+            "# HELP ringpush_heap_in_use_bytes Heap bytes allocated and not freed (glibc mallinfo2).\n\
+             # TYPE ringpush_heap_in_use_bytes gauge\nringpush_heap_in_use_bytes {in_use}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringpush_heap_free_bytes Heap bytes freed but kept by the allocator.\n\
+             # TYPE ringpush_heap_free_bytes gauge\nringpush_heap_free_bytes {}",
+            info.fordblks
+        );
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = out;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

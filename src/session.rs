@@ -48,6 +48,11 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// before it drops the socket.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a new client connection's live messages wait for its first `sync` of their
+/// conversation (PROTOCOL.md: clients sync after `hello`). Within it, replay and live
+/// messages cannot cross; a client that does not sync gets the held messages after it.
+const SYNC_GRACE_MS: u64 = 1000;
+
 /// Reads handled in one poll before the session yields to the rest of the shard.
 const READS_PER_POLL: usize = 16;
 
@@ -80,7 +85,8 @@ enum CloseState {
 pub struct Session {
     pub id: TimerId,
     pub kind: Kind,
-    pub conn: Box<str>,
+    /// The connection's number on its shard (`Shard::conn_id` makes the id text).
+    pub conn: u64,
     pub ip: IpAddr,
     /// Unix milliseconds at connect (presence `since`).
     pub since_unix_ms: u64,
@@ -110,9 +116,32 @@ struct Inner {
     out_bytes: usize,
     codec: Codec,
     close: CloseState,
-    /// Conversations with a `sync` in flight: their live messages are covered by the
-    /// replay (the owner sequenced them before it read the history) and are not sent.
-    syncing: Vec<Key>,
+    /// Conversations whose live messages are not sent for now (see [`Mode`]). Usually empty.
+    modes: Vec<(Key, Mode)>,
+    /// A new client connection holds its live messages until this shard-clock ms, or
+    /// until it syncs their conversation, whichever comes first; 0 once over.
+    hold_until: u64,
+    /// Messages held meanwhile, in arrival order.
+    held: Vec<(Key, u64, Bytes)>,
+}
+
+/// Why live messages of a conversation are not sent to a connection right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// This many `sync`s are in flight; their replay carries these messages.
+    Syncing(u8),
+    /// A `gap` was sent; the client's `sync` from its start will carry these messages.
+    Gapped,
+    /// Synced while the connection's grace still holds its other conversations: sent.
+    Live,
+}
+
+/// What a `sync` asked for, carried to its answer.
+#[derive(Debug, Clone)]
+pub struct SyncReply {
+    pub after: u64,
+    pub limit: usize,
+    pub cid: Option<Key>,
 }
 
 /// A queued frame and what it carries, so a slow consumer's backlog can be thinned.
@@ -153,7 +182,7 @@ impl Session {
                 Some((user, device)) => Kind::Client { user: user.clone(), device: device.clone() },
                 None => Kind::Echo,
             },
-            conn: accepted.conn.clone(),
+            conn: accepted.conn,
             ip: accepted.ip,
             since_unix_ms: unix_ms(),
             fd: Cell::new(accepted.fd),
@@ -170,7 +199,9 @@ impl Session {
                 out_bytes: 0,
                 codec: Codec::default(),
                 close: CloseState::Open,
-                syncing: Vec::new(),
+                modes: Vec::new(),
+                hold_until: if accepted.claims.is_some() { now + SYNC_GRACE_MS } else { 0 },
+                held: Vec::new(),
             }),
         }
     }
@@ -179,7 +210,7 @@ impl Session {
     pub fn for_test(id: TimerId) -> Session {
         let accepted = Accepted {
             claims: None,
-            conn: "t".into(),
+            conn: 0,
             ip: IpAddr::from([127, 0, 0, 1]),
             fd: -1,
             expires_ms: u64::MAX,
@@ -227,13 +258,32 @@ impl Session {
         self.wake();
     }
 
-    /// A message of `conv` for this session: sent, held back by a running `sync`, or,
-    /// when the outbound budget is exceeded, folded into a `gap`.
+    /// A message of `conv` for this session: sent; or not sent because a `sync` the
+    /// client asked for (or must ask for, after a `gap`) will carry it; or held while a new
+    /// connection has not synced yet; or, past the outbound budget, folded into a `gap`.
+    /// Whatever the path, the connection sees each conversation's seqs in increasing
+    /// order, and every seq it does not get as `msg` falls in a `gap` or a requested replay.
     pub fn deliver(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
         let mut inner = self.inner.borrow_mut();
-        if self.fd.get() < 0 || inner.syncing.iter().any(|c| c == conv) {
+        if self.fd.get() < 0 {
             return;
         }
+        match inner.mode(conv) {
+            Some(Mode::Syncing(_) | Mode::Gapped) => return,
+            Some(Mode::Live) => {}
+            None if inner.hold_until > 0 => {
+                inner.held.push((conv.clone(), seq, frame.clone()));
+                return;
+            }
+            None => {}
+        }
+        drop(inner);
+        self.send_msg(shard, conv, seq, frame);
+    }
+
+    /// Queues a `msg` frame within the outbound budget, or thins the queue out into gaps.
+    fn send_msg(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
+        let mut inner = self.inner.borrow_mut();
         let budget = shard.config.limits.outbound_queue_bytes;
         if inner.out.is_empty() || inner.out_bytes + frame.len() <= budget {
             drop(inner);
@@ -246,22 +296,46 @@ impl Session {
         self.wake();
     }
 
+    /// The client asked to `sync` `conv`: until the answer, its live messages are not
+    /// sent (the owner sequenced them before it reads the history, so the replay has
+    /// them), and any held for it are dropped for the same reason.
+    fn start_sync(&self, conv: &Key) {
+        let mut inner = self.inner.borrow_mut();
+        inner.held.retain(|(c, _, _)| c != conv);
+        match inner.modes.iter_mut().find(|(c, _)| c == conv) {
+            Some((_, mode)) => {
+                *mode = match *mode {
+                    Mode::Syncing(n) => Mode::Syncing(n.saturating_add(1)),
+                    Mode::Gapped | Mode::Live => Mode::Syncing(1),
+                }
+            }
+            None => inner.modes.push((conv.clone(), Mode::Syncing(1))),
+        }
+    }
+
+    /// A new connection's grace is over: send what was held, in order.
+    fn release_held(&self, shard: &Shard) {
+        let held = {
+            let mut inner = self.inner.borrow_mut();
+            inner.hold_until = 0;
+            inner.modes.retain(|(_, m)| *m != Mode::Live);
+            std::mem::take(&mut inner.held)
+        };
+        for (conv, seq, frame) in held {
+            self.deliver(shard, &conv, seq, &frame);
+        }
+    }
+
     /// The owner's answer to a `sync`: the replay, `synced`, and a `gap` for what a
-    /// `limit` left out (live messages from then on follow in order).
+    /// `limit` left out (live messages of the conversation then wait for the next sync).
     pub fn finish_sync(
         &self,
         shard: &Shard,
         conv: &Key,
-        after: u64,
-        limit: usize,
+        reply: SyncReply,
         result: Result<History, ErrorCode>,
     ) {
-        {
-            let mut inner = self.inner.borrow_mut();
-            if let Some(i) = inner.syncing.iter().position(|c| c == conv) {
-                inner.syncing.swap_remove(i);
-            }
-        }
+        self.inner.borrow_mut().end_sync(conv);
         let history = match result {
             Ok(history) => history,
             Err(code) => {
@@ -269,25 +343,36 @@ impl Session {
                     ErrorCode::NotMember => "not a member",
                     _ => "the store is unavailable; retry",
                 };
-                let frame = protocol::error_json(None, code, message);
+                shard.metrics.refused_send(code);
+                let frame = protocol::error_json(reply.cid.as_deref(), code, message);
                 return self.push(codec::text_frame(&frame), &shard.metrics);
             }
         };
-        let mut last = history.last_seq.min(after);
+        let mut last = history.last_seq.min(reply.after);
+        let mut cut_from = None;
         for m in &history.messages {
+            if self.inner.borrow().mode(conv) == Some(Mode::Gapped) {
+                // The replay overflowed the outbound budget: what is left goes in a gap.
+                cut_from = Some(m.seq);
+                break;
+            }
             last = m.seq;
             shard.metrics.replayed.inc();
-            self.deliver(shard, conv, m.seq, &m.frame);
+            self.send_msg(shard, conv, m.seq, &m.frame);
         }
         if history.messages.is_empty() {
             last = history.last_seq.max(last);
         }
-        let truncated = history.messages.len() >= limit && last < history.last_seq;
+        let truncated = history.messages.len() >= reply.limit && last < history.last_seq;
         let synced = protocol::synced_json(conv, last, history.complete);
         self.push(codec::text_frame(&synced), &shard.metrics);
-        if truncated {
+        if let Some(from) = cut_from {
+            let gap = protocol::gap_json(conv, from, history.last_seq);
+            self.push(codec::text_frame(&gap), &shard.metrics);
+        } else if truncated {
             let gap = protocol::gap_json(conv, last + 1, history.last_seq);
             self.push(codec::text_frame(&gap), &shard.metrics);
+            self.inner.borrow_mut().set_gapped(conv);
         }
     }
 
@@ -330,6 +415,10 @@ impl Session {
             self.request_close(close::POLICY, "token expired");
             return None;
         }
+        let hold_until = self.inner.borrow().hold_until;
+        if hold_until > 0 && now >= hold_until {
+            self.release_held(shard);
+        }
         let stalled = !self.inner.borrow().out.is_empty();
         if stalled && now >= self.stalled_since.get() + hb.idle_timeout_ms {
             // Even control frames have not drained for the idle bound: give up on it.
@@ -348,6 +437,10 @@ impl Session {
         }
         drop(inner);
         let mut next = self.next_deadline(hb.idle_timeout_ms);
+        let hold_until = self.inner.borrow().hold_until;
+        if hold_until > 0 {
+            next = next.min(hold_until);
+        }
         if stalled {
             next = next.min(self.stalled_since.get() + hb.idle_timeout_ms);
         }
@@ -514,7 +607,12 @@ impl Session {
         let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let frame = match serde_json::from_slice::<ClientFrame>(text) {
             Ok(frame) if is_object => frame,
-            _ => return refuse(shard, replies, None, ErrorCode::BadRequest, "not a valid JSON frame"),
+            _ => {
+                // Still answer with the request's cid when one can be read.
+                let cid = serde_json::from_slice::<protocol::CidOnly>(text).ok().filter(|_| is_object);
+                let cid = cid.as_ref().and_then(|c| c.cid.as_deref());
+                return refuse(shard, replies, cid, ErrorCode::BadRequest, "not a valid request frame");
+            }
         };
         let cid = frame.cid.as_deref();
         let op = match frame.op.as_deref() {
@@ -538,14 +636,15 @@ impl Session {
             let limit = frame.limit.unwrap_or(cap).clamp(1, cap);
             let after = frame.after.unwrap_or(0);
             let conv: Key = Arc::from(conv);
-            self.inner.borrow_mut().syncing.push(conv.clone());
+            self.start_sync(&conv);
             shard.loading_started();
-            let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, after, limit };
+            let reply = SyncReply { after, limit, cid: cid.map(Key::from) };
+            let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
             return shard.route(owner, sync);
         }
         let cid = match cid {
             Some(c) if !c.is_empty() && c.chars().count() <= protocol::MAX_CID_CHARS => c,
-            _ => return refuse(shard, replies, None, ErrorCode::BadRequest, "cid must be 1-64 characters"),
+            _ => return refuse(shard, replies, cid, ErrorCode::BadRequest, "cid must be 1-64 characters"),
         };
         let Some(body) = frame.body else {
             return refuse(shard, replies, Some(cid), ErrorCode::BadRequest, "missing body");
@@ -583,10 +682,37 @@ impl Session {
 /// Answers a client request with an `error` frame.
 fn refuse(shard: &Shard, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCode, message: &str) {
     shard.metrics.refused_send(code);
+    let cid = cid.filter(|c| !c.is_empty());
     replies.extend_from_slice(&codec::text_frame(&protocol::error_json(cid, code, message)));
 }
 
 impl Inner {
+    fn mode(&self, conv: &str) -> Option<Mode> {
+        self.modes.iter().find(|(c, _)| &**c == conv).map(|(_, m)| *m)
+    }
+
+    fn end_sync(&mut self, conv: &Key) {
+        if let Some(i) = self.modes.iter().position(|(c, _)| c == conv) {
+            match self.modes[i].1 {
+                Mode::Syncing(n) if n > 1 => self.modes[i].1 = Mode::Syncing(n - 1),
+                _ if self.hold_until > 0 => self.modes[i].1 = Mode::Live,
+                _ => {
+                    self.modes.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// After a `gap` of `conv`, its live messages wait for the client's `sync` (which
+    /// replays from the gap on), so the connection never sees them out of order.
+    fn set_gapped(&mut self, conv: &Key) {
+        match self.modes.iter_mut().find(|(c, _)| c == conv) {
+            Some((_, mode @ Mode::Live)) => *mode = Mode::Gapped,
+            Some(_) => {}
+            None => self.modes.push((conv.clone(), Mode::Gapped)),
+        }
+    }
+
     /// The queue is over budget and a message of `conv`/`seq` is due: drop every queued
     /// message (and gap) not yet started and queue one `gap` per conversation in their
     /// place. A session's queued items of one conversation always cover consecutive seqs,
@@ -612,11 +738,15 @@ impl Inner {
         }
         self.out = kept;
         let gaps = ranges.len();
+        let ranges_convs = ranges.clone();
         for (conv, from, to) in ranges {
             let bytes = codec::text_frame(&protocol::gap_json(&conv, from, to));
             self.out.push_back(Out { bytes, tag: Tag::Gap { conv, from, to } });
         }
         self.out_bytes = self.out.iter().map(|o| o.bytes.len()).sum::<usize>() - self.head_sent;
+        for (conv, _, _) in &ranges_convs {
+            self.set_gapped(conv);
+        }
         gaps
     }
 
@@ -663,7 +793,7 @@ pub fn unix_ms() -> u64 {
 struct Accepted {
     /// `(user, device)` for `/ws`; `None` for `/echo`.
     claims: Option<(Key, Key)>,
-    conn: Box<str>,
+    conn: u64,
     ip: IpAddr,
     fd: RawFd,
     expires_ms: u64,
@@ -673,28 +803,47 @@ struct Accepted {
 
 /// Serves one accepted TCP connection from handshake to close.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
-    let limit = Duration::from_millis(shard.config.handshake_timeout_ms);
-    // Boxed so the session task keeps none of the handshake's state once it is done.
-    let handshake =
-        Box::pin(glommio::timer::timeout(limit, async { Ok(handshake(&shard, &mut stream, peer).await) }));
-    let accepted = match handshake.await {
-        Ok(Some(accepted)) => accepted,
-        Ok(None) => return,
-        Err(_) => {
-            shard.metrics.refused("timeout");
-            return;
-        }
+    // The handshake and the close are boxed: the task then keeps, while the connection
+    // is open, only the stream, the session handle and the shard handle.
+    let Some((session, early_end)) = Box::pin(open(&shard, &mut stream, peer)).await else { return };
+    let end = match early_end {
+        Some(end) => end,
+        None => futures_lite::future::poll_fn(|cx| session.poll_pump(&shard, &mut stream, cx, false)).await,
     };
+    Box::pin(finish(&shard, &session, &mut stream, end)).await;
+    session.fd.set(-1);
+    shard.unregister(&session);
+}
+
+/// Handshake, registration, `hello`, and whatever frames came with the request.
+async fn open(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<(Rc<Session>, Option<End>)> {
+    let limit = Duration::from_millis(shard.config.handshake_timeout_ms);
+    let accepted =
+        match glommio::timer::timeout(limit, async { Ok(handshake(shard, stream, peer).await) }).await {
+            Ok(Some(accepted)) => accepted,
+            Ok(None) => return None,
+            Err(_) => {
+                shard.metrics.refused("timeout");
+                return None;
+            }
+        };
     shard.metrics.handshakes_ok.inc();
     let hb = &shard.config.heartbeat;
     let now = shard.now_ms();
     let session = shard.register(|id| Session::new(id, &accepted, now, hb.ping_interval_ms));
-
+    if shard.draining.get() {
+        // The drain's close-all ran while this handshake was finishing.
+        session.request_close(close::GOING_AWAY, "server shutting down");
+    }
     if let Kind::Client { user, device } = &session.kind {
         let hello = ServerFrame::Hello {
             user,
             device,
-            conn: &session.conn,
+            conn: &shard.conn_id(session.conn),
             node: &shard.config.node_id,
             ping_interval_ms: hb.ping_interval_ms,
             idle_timeout_ms: hb.idle_timeout_ms,
@@ -703,16 +852,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     }
     let mut end = None;
     if !accepted.leftover.is_empty() {
-        end = session.on_bytes(&shard, &accepted.leftover, false);
+        end = session.on_bytes(shard, &accepted.leftover, false);
     }
-    drop(accepted);
-    let end = match end {
-        Some(end) => end,
-        None => futures_lite::future::poll_fn(|cx| session.poll_pump(&shard, &mut stream, cx, false)).await,
-    };
-    finish(&shard, &session, &mut stream, end).await;
-    session.fd.set(-1);
-    shard.unregister(&session);
+    Some((session, end))
 }
 
 /// Ends a session the way `end` says: answer, close politely, or just drop.
@@ -817,7 +959,7 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
     };
     Ok(Accepted {
         claims: claims.map(|c| (Arc::from(c.sub), Arc::from(c.dev))),
-        conn: shard.next_conn_id().into_boxed_str(),
+        conn: shard.next_conn(),
         ip: request.client_ip(peer.ip(), &config.trusted_proxies),
         fd: -1,
         expires_ms,

@@ -90,11 +90,32 @@ impl Shard {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// A connection id unique in this node's lifetime: epoch, shard, counter.
-    pub fn next_conn_id(&self) -> String {
+    /// The next connection number of this shard (see [`Shard::conn_id`]).
+    pub fn next_conn(&self) -> u64 {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);
-        format!("{}-{}-{}", self.node.epoch_tag, self.id, n)
+        n
+    }
+
+    /// A connection id unique in this node's lifetime: start epoch, shard, number.
+    /// Sessions keep only the number; the text is made when it is shown.
+    pub fn conn_id(&self, conn: u64) -> String {
+        format!("{}-{}-{}", self.node.epoch_tag, self.id, conn)
+    }
+
+    /// How the presence API shows a client session.
+    fn presence(&self, session: &Session) -> Presence {
+        let device = match &session.kind {
+            Kind::Client { device, .. } => device.clone(),
+            Kind::Echo => Key::from(""),
+        };
+        Presence {
+            device,
+            conn: Key::from(self.conn_id(session.conn)),
+            node: self.node.node_key.clone(),
+            ip: session.ip,
+            since: session.since_unix_ms,
+        }
     }
 
     /// The shard that owns a conversation or a user.
@@ -116,26 +137,17 @@ impl Shard {
     }
 
     /// Adds a session to the shard's table and schedules its first heartbeat. A client
-    /// session also joins the hub and registers its presence with its user's owner.
+    /// session also joins the hub (its user's conversations are loaded on first arrival).
     pub fn register(&self, make: impl FnOnce(TimerId) -> Session) -> Rc<Session> {
         let session = self.sessions.borrow_mut().insert(make);
         self.schedule(session.id, session.next_deadline(self.config.heartbeat.idle_timeout_ms));
         self.metrics.connections.inc();
-        if let Kind::Client { user, device } = &session.kind {
+        if let Kind::Client { user, .. } = &session.kind {
             let first = self.hub.borrow_mut().attach(user, session.id);
-            let owner = self.owner_of(user);
             if first {
                 self.loading.set(self.loading.get() + 1);
-                self.route(owner, ShardMsg::LoadUser { shard: self.id, user: user.clone() });
+                self.route(self.owner_of(user), ShardMsg::LoadUser { shard: self.id, user: user.clone() });
             }
-            let entry = Presence {
-                device: device.clone(),
-                conn: Arc::from(&*session.conn),
-                node: self.node.node_key.clone(),
-                ip: session.ip,
-                since: session.since_unix_ms,
-            };
-            self.route(owner, ShardMsg::PresenceAdd { user: user.clone(), entry });
         }
         session
     }
@@ -149,8 +161,6 @@ impl Shard {
             for conv in emptied {
                 self.lost_interest(conv);
             }
-            let conn: Key = Arc::from(&*session.conn);
-            self.route(self.owner_of(user), ShardMsg::PresenceRemove { user: user.clone(), conn });
         }
     }
 
@@ -220,8 +230,8 @@ impl Shard {
         match msg {
             // As a conversation's owner.
             ShardMsg::Send { origin, conv, msg } => conv::on_send(self, origin, conv, msg).await,
-            ShardMsg::Sync { session, user, conv, after, limit } => {
-                conv::on_sync(self, session, user, conv, after, limit).await
+            ShardMsg::Sync { session, user, conv, reply } => {
+                conv::on_sync(self, session, user, conv, reply).await
             }
             ShardMsg::Join { shard, user, convs } => conv::on_join(self, shard, user, convs).await,
             ShardMsg::InterestOff { shard, conv } => self.interest.borrow_mut().remove(&conv, shard),
@@ -243,18 +253,11 @@ impl Shard {
                 let done = self.store.link_user(&user, &conv, member).await;
                 self.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
             }
-            ShardMsg::PresenceAdd { user, entry } => {
-                let _ = self.store.presence_add(&user, entry).await;
-            }
-            ShardMsg::PresenceRemove { user, conn } => {
-                let _ = self.store.presence_remove(&user, &conn).await;
-            }
             ShardMsg::Presence { reply, user } => {
-                let answer = match self.store.presence(&user).await {
-                    Ok(list) => Reply::Presence(list),
-                    Err(_) => Reply::Unavailable,
-                };
-                self.mesh.reply(reply, answer);
+                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
+                let list =
+                    ids.into_iter().filter_map(|id| self.session(id)).map(|s| self.presence(&s)).collect();
+                self.mesh.reply(reply, Reply::Presence(list));
             }
 
             // As a shard with sessions.
@@ -319,7 +322,7 @@ impl Shard {
                     s.push(frame, &self.metrics);
                 }
             }
-            ShardMsg::Synced { session, conv, after, limit, result } => {
+            ShardMsg::Synced { session, conv, reply, result } => {
                 self.loaded();
                 if let Some(s) = self.session(session) {
                     if let (Ok(_), Kind::Client { user, .. }) = (&result, &s.kind) {
@@ -327,7 +330,7 @@ impl Shard {
                         // conversation: make sure the user's sessions are indexed in it.
                         self.hub.borrow_mut().join(user, &conv);
                     }
-                    s.finish_sync(self, &conv, after, limit, result);
+                    s.finish_sync(self, &conv, reply, result);
                 }
             }
             ShardMsg::Joined { user, convs } => {

@@ -77,6 +77,13 @@ pub struct ClientFrame<'a> {
     pub limit: Option<usize>,
 }
 
+/// Just the `cid` of a frame that failed to parse as a whole, to answer with it.
+#[derive(Deserialize, Debug)]
+pub struct CidOnly<'a> {
+    #[serde(borrow, default)]
+    pub cid: Option<Cow<'a, str>>,
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }

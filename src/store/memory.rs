@@ -4,7 +4,7 @@
 //!
 //! Memory: per conversation its member set, a history ring of at most
 //! `history.max_per_conv` encoded frames, and the dedupe entries of the last
-//! `dedupe_window_ms`; per user its conversation set and presence entries.
+//! `dedupe_window_ms`; per user with conversations, the set of them.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Appended, History, MemberChange, MemberOp, NewMessage, Presence, Store, StoreError, Stored};
+use super::{Appended, History, MemberChange, MemberOp, NewMessage, Store, StoreError, Stored};
 
 /// A dedupe key: (sender, cid).
 type SeenKey = (Arc<str>, Arc<str>);
@@ -32,7 +32,6 @@ struct Conv {
 #[derive(Default)]
 struct User {
     convs: HashSet<Arc<str>>,
-    presence: Vec<Presence>,
 }
 
 /// One shard's part of the embedded store.
@@ -174,7 +173,7 @@ impl Store for MemoryStore {
             }
         } else if let Some(u) = users.get_mut(user) {
             u.convs.remove(conv);
-            if u.convs.is_empty() && u.presence.is_empty() {
+            if u.convs.is_empty() {
                 users.remove(user);
             }
         }
@@ -183,32 +182,6 @@ impl Store for MemoryStore {
 
     async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError> {
         Ok(self.users.borrow().get(user).map(|u| u.convs.iter().cloned().collect()).unwrap_or_default())
-    }
-
-    async fn presence_add(&self, user: &str, entry: Presence) -> Result<(), StoreError> {
-        let mut users = self.users.borrow_mut();
-        if !users.contains_key(user) {
-            users.insert(Arc::from(user), User::default());
-        }
-        if let Some(u) = users.get_mut(user) {
-            u.presence.push(entry);
-        }
-        Ok(())
-    }
-
-    async fn presence_remove(&self, user: &str, conn: &str) -> Result<(), StoreError> {
-        let mut users = self.users.borrow_mut();
-        if let Some(u) = users.get_mut(user) {
-            u.presence.retain(|p| &*p.conn != conn);
-            if u.convs.is_empty() && u.presence.is_empty() {
-                users.remove(user);
-            }
-        }
-        Ok(())
-    }
-
-    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StoreError> {
-        Ok(self.users.borrow().get(user).map(|u| u.presence.clone()).unwrap_or_default())
     }
 }
 

@@ -1,5 +1,5 @@
 //! Durable state behind one narrow trait: membership, per-conversation sequence numbers,
-//! history, de-duplication, and the user side (a user's conversations, presence).
+//! history, de-duplication, and the user side (a user's conversations).
 //!
 //! Calls are made on the shard that owns the key: conversation calls on
 //! `shard_for(conv)`, user calls on `shard_for(user)`. The in-memory store keeps each
@@ -13,7 +13,10 @@
 //!   `(from, cid)` pair was seen within the dedupe window: then it answers the first seq
 //!   again and stores nothing.
 //! - History keeps at least the last `history.max_per_conv` messages of a conversation.
-//! - Presence entries live until removed (the node removes them when connections end).
+//!
+//! Presence is not stored for this node's own connections: the shards answer it from
+//! their live sessions, so it can never outlive them. (A cluster store adds the
+//! presence of other nodes.)
 
 pub mod memory;
 
@@ -132,7 +135,4 @@ pub trait Store {
     async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError>;
     /// The conversations `user` is a member of.
     async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError>;
-    async fn presence_add(&self, user: &str, entry: Presence) -> Result<(), StoreError>;
-    async fn presence_remove(&self, user: &str, conn: &str) -> Result<(), StoreError>;
-    async fn presence(&self, user: &str) -> Result<Vec<Presence>, StoreError>;
 }

@@ -824,9 +824,14 @@ pub fn connect_client(server: &Server, user: &str, device: &str) -> (Ws, serde_j
 /// The next message that is not a ping or pong (tungstenite answers pings itself while
 /// reading).
 pub fn read_message(ws: &mut Ws) -> Message {
+    // The socket's read timeout bounds each read; this bounds a run of heartbeats too.
+    let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match ws.read() {
-            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {
+                assert!(Instant::now() < deadline, "no message within 5 s, only heartbeats");
+                continue;
+            }
             Ok(msg) => return msg,
             Err(e) => panic!("reading a message: {e}"),
         }
@@ -881,4 +886,264 @@ pub fn finish_close(ws: &mut Ws, timeout: Duration) {
 /// The close code of a tungstenite close frame.
 pub fn code_of(frame: &Option<CloseFrame>) -> u16 {
     frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1005)
+}
+
+// ---------------------------------------------------------------------------------------
+// The IM layer: conversations through the admin API, `send` and `sync` over /ws
+// ---------------------------------------------------------------------------------------
+
+/// The shard that owns a conversation or a user, as the server routes it: 64-bit FNV-1a
+/// of the key modulo the shard count. Tests use it to pick ids with the owners they need.
+pub fn owner_shard(key: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// The first id `prefix0`, `prefix1`, ... whose owner among `shards` is `shard`.
+pub fn id_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..1000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|id| owner_shard(id, shards) == shard)
+        .expect("some id hashes to every shard")
+}
+
+impl Server {
+    /// An admin call that must answer `status`; returns its JSON body.
+    pub fn api_expect(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> serde_json::Value {
+        let resp = self.api(method, path, body);
+        assert_eq!(resp.status, status, "{method} {path} {body:?}: {resp:?}");
+        assert!(
+            resp.header("content-type").is_some_and(|c| c.starts_with("application/json")),
+            "{method} {path}: not JSON: {resp:?}"
+        );
+        resp.json()
+    }
+
+    /// `PUT /api/v1/conversations/{conv}/members`: `users` become the members of `conv`.
+    pub fn set_members(&self, conv: &str, users: &[&str]) {
+        let body = serde_json::json!({ "users": users }).to_string();
+        let answer =
+            self.api_expect("PUT", &format!("/api/v1/conversations/{conv}/members"), Some(&body), 200);
+        assert_eq!(answer, serde_json::json!({ "conv": conv, "members": users.len() }));
+    }
+
+    /// `POST /api/v1/conversations/{conv}/messages`; returns the seq assigned.
+    pub fn post_message(&self, conv: &str, from: &str, body: &serde_json::Value) -> u64 {
+        let req = serde_json::json!({ "from": from, "body": body }).to_string();
+        let answer =
+            self.api_expect("POST", &format!("/api/v1/conversations/{conv}/messages"), Some(&req), 200);
+        assert_eq!(answer["conv"], conv, "{answer}");
+        answer["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {answer}"))
+    }
+
+    /// `GET /api/v1/conversations/{conv}`.
+    pub fn conversation(&self, conv: &str) -> serde_json::Value {
+        self.api_expect("GET", &format!("/api/v1/conversations/{conv}"), None, 200)
+    }
+
+    /// `GET /api/v1/presence/{user}`: the `devices` list.
+    pub fn presence(&self, user: &str) -> Vec<serde_json::Value> {
+        let answer = self.api_expect("GET", &format!("/api/v1/presence/{user}"), None, 200);
+        assert_eq!(answer["user"], user, "{answer}");
+        answer["devices"].as_array().unwrap_or_else(|| panic!("no devices list in {answer}")).clone()
+    }
+
+    /// Polls presence (presence is registered and removed asynchronously) until `ok`
+    /// holds for the device list; returns that list. Panics after `timeout`.
+    pub fn wait_presence(
+        &self,
+        user: &str,
+        timeout: Duration,
+        ok: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let devices = self.presence(user);
+            if ok(&devices) {
+                return devices;
+            }
+            assert!(Instant::now() < deadline, "presence of {user} still {devices:?} after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Sends one JSON frame.
+pub fn send_json(ws: &mut Ws, frame: &serde_json::Value) {
+    send_text(ws, &frame.to_string());
+}
+
+/// `{"op":"send","conv":conv,"cid":cid,"body":body}`.
+pub fn send_msg(ws: &mut Ws, conv: &str, cid: &str, body: &serde_json::Value) {
+    send_json(ws, &serde_json::json!({ "op": "send", "conv": conv, "cid": cid, "body": body }));
+}
+
+/// Sends into `conv` and reads the answer, which must be the `ack` for `cid`; returns it.
+/// Only for a connection that gets no other traffic meanwhile.
+pub fn send_acked(ws: &mut Ws, conv: &str, cid: &str, body: &serde_json::Value) -> serde_json::Value {
+    send_msg(ws, conv, cid, body);
+    let ack = read_json(ws);
+    assert_eq!(
+        (ack["op"].as_str(), ack["conv"].as_str(), ack["cid"].as_str()),
+        (Some("ack"), Some(conv), Some(cid)),
+        "{ack}"
+    );
+    ack
+}
+
+/// Reads the next JSON frame and asserts its `op`.
+pub fn read_op(ws: &mut Ws, op: &str) -> serde_json::Value {
+    let frame = read_json(ws);
+    assert_eq!(frame["op"], op, "expected {op}, got {frame}");
+    frame
+}
+
+/// Reads JSON frames until one satisfies `last` and returns them all, that one included.
+pub fn read_until(ws: &mut Ws, last: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = read_json(ws);
+        let done = last(&frame);
+        frames.push(frame);
+        if done {
+            return frames;
+        }
+    }
+}
+
+/// What a `sync` brought: the replayed `msg` frames of the conversation, any other frame
+/// that arrived meanwhile, and the `synced` frame.
+#[derive(Debug)]
+pub struct SyncResult {
+    pub msgs: Vec<serde_json::Value>,
+    pub other: Vec<serde_json::Value>,
+    pub synced: serde_json::Value,
+}
+
+impl SyncResult {
+    pub fn seqs(&self) -> Vec<u64> {
+        seqs(&self.msgs)
+    }
+}
+
+/// Sends `sync` for `conv` after `after` (and `limit` when given) and reads until its
+/// `synced`. An `error` frame instead is a panic: use `send_json` for syncs that must fail.
+pub fn sync(ws: &mut Ws, conv: &str, after: u64, limit: Option<u64>) -> SyncResult {
+    let mut req = serde_json::json!({ "op": "sync", "conv": conv, "after": after });
+    if let Some(limit) = limit {
+        req["limit"] = limit.into();
+    }
+    send_json(ws, &req);
+    let mut msgs = Vec::new();
+    let mut other = Vec::new();
+    loop {
+        let frame = read_json(ws);
+        match frame["op"].as_str() {
+            Some("synced") if frame["conv"] == conv => return SyncResult { msgs, other, synced: frame },
+            Some("msg") if frame["conv"] == conv => msgs.push(frame),
+            Some("error") => panic!("sync {conv} after {after} answered {frame}"),
+            _ => other.push(frame),
+        }
+    }
+}
+
+/// Connects as `user`/`device`, reads the `hello` and syncs each of `convs` after 0, so
+/// the connection's live path is in place for all of them (PROTOCOL.md: clients `sync`
+/// after `hello`). Every sync must be complete and replay nothing: for fresh conversations.
+pub fn connect_synced(server: &Server, user: &str, device: &str, convs: &[&str]) -> (Ws, serde_json::Value) {
+    let (mut ws, hello) = connect_client(server, user, device);
+    for conv in convs {
+        let result = sync(&mut ws, conv, 0, None);
+        let replayed = result.seqs();
+        assert!(replayed.is_empty(), "{user}/{device}: sync {conv} replayed {replayed:?}");
+        assert!(result.other.is_empty(), "{user}/{device}: sync {conv} brought {:?}", result.other);
+        assert_eq!(result.synced["complete"], true, "{user}/{device}: {}", result.synced);
+    }
+    (ws, hello)
+}
+
+/// The `seq` of each frame (panics on a frame without one).
+pub fn seqs(frames: &[serde_json::Value]) -> Vec<u64> {
+    frames.iter().map(|f| f["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {f}"))).collect()
+}
+
+/// A TCP connection whose receive buffer is set to `rcvbuf` bytes before it connects, so
+/// the kernel cannot hide a client that stops reading (the window stays that small).
+pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: usize) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    socket.connect_timeout(&addr.into(), IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("set timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("set timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+}
+
+/// Like `connect_client`, over a socket with a small receive buffer (`connect_small_rcvbuf`).
+pub fn connect_client_small_rcvbuf(
+    server: &Server,
+    user: &str,
+    device: &str,
+    rcvbuf: usize,
+) -> (Ws, serde_json::Value) {
+    let stream = connect_small_rcvbuf(server.client_addr(), rcvbuf);
+    let url = server.ws_url_for(user, device);
+    let (mut ws, _) =
+        tungstenite::client(url.as_str(), stream).unwrap_or_else(|e| panic!("upgrade {url}: {e}"));
+    let hello = read_json(&mut ws);
+    assert_eq!(hello["op"], "hello", "first frame is not hello: {hello}");
+    (ws, hello)
+}
+
+/// TOML `layers` merged in order (a later layer's keys replace an earlier one's; sections
+/// are merged key by key), as one TOML text for `Server::start`.
+pub fn merge_toml(layers: &[&str]) -> String {
+    let mut table = toml::Table::new();
+    for layer in layers {
+        merge(&mut table, layer.parse().unwrap_or_else(|e| panic!("TOML layer {layer:?}: {e}")));
+    }
+    table.to_string()
+}
+
+/// Wall-clock unix milliseconds (to bound the server's `ts` and `since`).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Connects devices `{device}-0`, `{device}-1`, ... of `user` (reading each `hello`) until
+/// the user has at least `min` connections and one on every shard, going by the
+/// `ringpush_connections` gauges. No other client may connect meanwhile.
+pub fn connect_spread(
+    server: &Server,
+    user: &str,
+    device: &str,
+    shards: usize,
+    min: usize,
+) -> Vec<(Ws, serde_json::Value)> {
+    let gauges = || -> Vec<u64> {
+        let text = server.metrics();
+        (0..shards).map(|s| metric_value(&text, &format!("ringpush_connections{{shard=\"{s}\"}}"))).collect()
+    };
+    let before = gauges();
+    let mut clients = Vec::new();
+    loop {
+        clients.push(connect_client(server, user, &format!("{device}-{}", clients.len())));
+        let now = gauges();
+        if clients.len() >= min && now.iter().zip(&before).all(|(n, b)| n > b) {
+            return clients;
+        }
+        assert!(
+            clients.len() < 32,
+            "{} connections of {user} did not reach every shard: {now:?}",
+            clients.len()
+        );
+    }
 }
