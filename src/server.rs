@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api;
 use crate::config::Config;
@@ -81,12 +81,17 @@ impl Shutdown {
 
     /// SIGTERM or SIGINT drains; a second one exits at once.
     pub fn from_signals() -> std::io::Result<Shutdown> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        // SIGHUP is caught only so that it does not kill the server: there is no reload.
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let (trigger, shutdown) = Shutdown::channel();
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             let mut seen = 0;
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    info!("SIGHUP ignored: ringpush has no reload; restart it to apply a new config");
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     info!(signal, "draining");
@@ -108,6 +113,7 @@ impl Shutdown {
 /// Runs the node until `shutdown` fires and every shard has drained.
 pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     config.validate()?;
+    tame_allocator();
     let cpus = affinity_cpus();
     let shard_count = if config.shards == 0 { cpus.len() } else { config.shards };
     let listeners = bind_client(config.listen, shard_count)?;
@@ -160,14 +166,26 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         .spawn(move || control(admin, control_node, metrics, control_ends, shutdown))
         .map_err(|e| Error::Start { what: "control thread".into(), reason: e.to_string() })?;
 
-    let mut failed = false;
-    for handle in shards {
-        failed |= handle.join().is_err();
+    // A shard that fails (cannot create its io_uring at start, or panics later) takes the
+    // node down: its connections and the conversations it owns are gone, and the other
+    // shards would wait on it. Exit, say why, and let the supervisor restart the process.
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    for (id, handle) in shards.into_iter().enumerate() {
+        let done = done_tx.clone();
+        std::thread::Builder::new().name(format!("join-{id}")).spawn(move || {
+            let result = handle.join().map(|_| ()).map_err(|e| e.to_string());
+            let _ = done.send((id, result));
+        })?;
+    }
+    for _ in 0..shard_count {
+        if let Ok((id, Err(reason))) = done_rx.recv() {
+            error!(shard = id, %reason, "shard failed; exiting");
+            return Err(Error::Start { what: format!("shard {id}"), reason });
+        }
     }
     node.draining.store(true, Ordering::Relaxed);
-    failed |= control.join().is_err();
-    if failed {
-        return Err(Error::Start { what: "shards".into(), reason: "a shard thread failed".into() });
+    if let Err(e) = control.join() {
+        return Err(Error::Start { what: "control thread".into(), reason: e.to_string() });
     }
     info!("stopped");
     Ok(())
@@ -240,6 +258,18 @@ async fn supervise(node: Arc<Node>, mesh: Rc<Mesh>, notifier: Rc<Notifier>) {
 
 fn all_stopped(node: &Node) -> bool {
     node.stopped_shards.load(Ordering::Acquire) == node.shard_count
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, so after a burst of
+/// large messages their buffers come from (and stay in) the heap arenas: RSS then never
+/// comes back down. A fixed threshold keeps blocks of 128 KiB and more in their own
+/// mappings, returned to the system when freed.
+fn tame_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any shard starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// One listener per shard on the same address, with `SO_REUSEPORT` so the kernel spreads
