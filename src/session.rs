@@ -53,6 +53,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// messages cannot cross; a client that does not sync gets the held messages after it.
 const SYNC_GRACE_MS: u64 = 1000;
 
+/// `Session::stalled_since` while the socket is not full.
+const NOT_STALLED: u64 = u64::MAX;
+
 /// Reads handled in one poll before the session yields to the rest of the shard.
 const READS_PER_POLL: usize = 16;
 
@@ -98,7 +101,8 @@ pub struct Session {
     /// looks at it only when the session's deadline comes.
     last_seen: Cell<u64>,
     next_ping: Cell<u64>,
-    /// Shard-clock ms since which queued frames have made no progress to the socket.
+    /// Shard-clock ms since which queued frames have made no progress to the socket
+    /// ([`NOT_STALLED`] while the socket takes what is written).
     stalled_since: Cell<u64>,
     /// The `send` token bucket: tokens left and when it was last refilled.
     tokens: Cell<f32>,
@@ -189,7 +193,7 @@ impl Session {
             expires_ms: accepted.expires_ms,
             last_seen: Cell::new(now),
             next_ping: Cell::new(now + ping_interval_ms),
-            stalled_since: Cell::new(now),
+            stalled_since: Cell::new(NOT_STALLED),
             tokens: Cell::new(f32::MAX),
             tokens_at: Cell::new(now),
             waker: Cell::new(None),
@@ -250,7 +254,6 @@ impl Session {
                 sent = n;
             }
             inner.head_sent = sent;
-            self.stalled_since.set(self.last_seen.get().max(self.stalled_since.get()));
         }
         inner.out_bytes += frame.len() - sent;
         inner.out.push_back(Out { bytes: frame, tag });
@@ -423,7 +426,7 @@ impl Session {
         if hold_until > 0 && now >= hold_until {
             self.release_held(shard);
         }
-        let stalled = !self.inner.borrow().out.is_empty();
+        let stalled = !self.inner.borrow().out.is_empty() && self.stalled_since.get() != NOT_STALLED;
         if stalled && now >= self.stalled_since.get() + hb.idle_timeout_ms {
             // Even control frames have not drained for the idle bound: give up on it.
             shard.metrics.slow_consumer_closes.inc();
@@ -531,15 +534,24 @@ impl Session {
                 })
             };
             let n = match written {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // The socket is full: from now, no progress for the idle bound is 4002.
+                    if self.stalled_since.get() == NOT_STALLED {
+                        self.stalled_since.set(shard.now_ms());
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
             };
             shard.metrics.bytes_out.add(n as u64);
-            self.stalled_since.set(shard.now_ms());
+            if self.stalled_since.get() != NOT_STALLED {
+                self.stalled_since.set(shard.now_ms());
+            }
             inner.consume(n);
         }
+        self.stalled_since.set(NOT_STALLED);
         Poll::Ready(Ok(()))
     }
 

@@ -682,7 +682,8 @@ fn a_slow_reader_gets_a_gap_and_catches_up_with_sync_while_others_get_everything
 #[test]
 fn a_client_that_never_reads_is_closed_with_4002_and_others_keep_receiving() {
     let server = start(
-        "[limits]\noutbound_queue_bytes = 4096\n[heartbeat]\nping_interval_ms = 100\nidle_timeout_ms = 1000",
+        "[limits]\noutbound_queue_bytes = 4096\nsend_rate_per_sec = 1000000\n\
+         [heartbeat]\nping_interval_ms = 100\nidle_timeout_ms = 1000",
     );
     server.set_members("c1", &["alice", "bob", "carol"]);
     let (mut alice, _) = connect_synced(&server, "alice", "phone", &["c1"]);
