@@ -12,6 +12,15 @@
 //! | `burst BYTES` | `burst ok K failed F ms T`: each open connection sent one binary message of BYTES and read its echo back whole and intact |
 //! | `exit` or EOF | exits; the kernel closes the sockets |
 //!
+//! With `--chat` (the IM scenarios; [`crate::chat`]) a connection counts as connected
+//! once it has synced its conversations, and these come on top:
+//!
+//! | parent sends  | fleet answers |
+//! | ---           | ---           |
+//! | `go RATE WINDOW MS` | after the phase and its drain: `done sent S acks A acks_win AW msgs M msgs_win MW gaps G errors E seq_errors Q strays X drain_ms D`, then `hist deliver ...`, `hist arrival ...` and `hist ack ...` ([`crate::latency`]). For MS milliseconds the local senders send RATE messages a second in all (open loop), or, with RATE 0, keep WINDOW sends each unacked (closed loop) |
+//! | `fan SEQ MS`  | the local sender (if any) sends one message; once every local receiver has read seq SEQ, or after MS: `fan seq SEQ got C want R first_read .. last_read .. first_arrival .. last_arrival ..` (latencies in ns) |
+//! | `flood FIRST COUNT MS` | the local sender sends COUNT messages back to back; once seqs FIRST.. are all read, or after MS: `flood got C want R t0 T last_read_at L last_arrival_at A` and `seqlat` with six numbers per seq (seq, receipts, first and last read latency, first and last arrival latency) |
+//!
 //! A connection costs this process a few hundred bytes: payloads stream through one
 //! shared read buffer, and the burst's message is generated and masked piece by piece
 //! from its offset instead of being held per connection.
@@ -22,6 +31,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::chat::{self, Chat, ChatArgs, Peer, Stamp};
 use crate::error::Error;
 use crate::ws::{self, opcode, Decoder, Event, Rng};
 
@@ -54,10 +64,13 @@ pub struct FleetArgs {
     /// Connections this process opens.
     #[arg(long)]
     pub count: usize,
-    /// Index of this process's first connection in the whole run: user ids are `b<index>`,
-    /// and source addresses rotate by it.
+    /// Index of this process's first connection in the whole run: user ids are
+    /// `<user-prefix><index>`, and source addresses rotate by it.
     #[arg(long, default_value_t = 0)]
     pub first: usize,
+    /// User ids are this followed by the connection's index in the run.
+    #[arg(long, default_value = "b")]
+    pub user_prefix: String,
     /// Spread connections over 127.0.0.1..=127.0.0.K (K > 1 binds before connecting).
     #[arg(long, default_value_t = 1)]
     pub source_ips: u8,
@@ -79,6 +92,13 @@ pub struct FleetArgs {
     /// Bound on one burst (send and echo of every connection).
     #[arg(long, default_value_t = 120)]
     pub burst_timeout_secs: u64,
+    /// Never sleep in epoll: poll, and yield the CPU when nothing is ready. The server's
+    /// sends then do not pay for waking this process (on loopback the sender's CPU runs the
+    /// receiver's wake-up), at the price of this process's CPU.
+    #[arg(long)]
+    pub spin: bool,
+    #[command(flatten)]
+    pub chat: ChatArgs,
 }
 
 /// Lifetime of the tokens the fleet mints: longer than any bounded run.
@@ -163,6 +183,10 @@ struct Conn {
     ctl_len: u8,
     close_sent: bool,
     burst: Option<Box<Burst>>,
+    /// The IM state, with `--chat`.
+    peer: Option<Box<Peer>>,
+    /// The text message being read was handed over whole from its one piece.
+    handled: bool,
 }
 
 impl Conn {
@@ -187,6 +211,8 @@ impl Conn {
             ctl_len: 0,
             close_sent: false,
             burst: None,
+            peer: None,
+            handled: false,
         }
     }
 
@@ -242,8 +268,16 @@ impl Conn {
         }
     }
 
-    /// Handles frames from the server. `Err` ends the connection with the reason.
-    fn on_frames(&mut self, mut input: &[u8], stats: &mut Stats, rng: &mut Rng) -> Result<(), String> {
+    /// Handles frames from the server, read at `at`. `Err` ends the connection with the
+    /// reason.
+    fn on_frames(
+        &mut self,
+        mut input: &[u8],
+        stats: &mut Stats,
+        rng: &mut Rng,
+        chat: &mut Option<Chat>,
+        at: Stamp,
+    ) -> Result<(), String> {
         loop {
             let event = match self.decoder.next(&mut input) {
                 Ok(Some(event)) => event,
@@ -263,6 +297,7 @@ impl Conn {
                     if h.opcode == opcode::TEXT || h.opcode == opcode::BINARY {
                         self.msg_opcode = h.opcode;
                         self.msg_len = 0;
+                        self.handled = false;
                     }
                 }
                 Event::Payload(p) => {
@@ -270,6 +305,19 @@ impl Conn {
                         let at = self.ctl_len as usize;
                         self.ctl[at..at + p.len()].copy_from_slice(p);
                         self.ctl_len += p.len() as u8;
+                    } else if let (Some(chat), Some(peer)) = (chat.as_mut(), self.peer.as_deref_mut()) {
+                        if self.msg_opcode != opcode::TEXT {
+                            return Err("unexpected binary message".into());
+                        }
+                        let whole = self.msg_len == 0 && self.frame.fin && p.len() as u64 == self.frame.len;
+                        self.msg_len += p.len() as u64;
+                        if whole {
+                            // The usual case: the message is in the read buffer, use it there.
+                            self.handled = true;
+                            self.ready |= chat.on_text(peer, p, at, &mut self.out, rng);
+                        } else {
+                            peer.gather(p)?;
+                        }
                     } else {
                         self.on_payload(p)?;
                     }
@@ -297,7 +345,16 @@ impl Conn {
                         };
                         return Err(format!("closed by the server with {code}"));
                     }
-                    _ if self.frame.fin => self.on_message()?,
+                    _ if self.frame.fin => match (chat.as_mut(), self.peer.as_deref_mut()) {
+                        (Some(chat), Some(peer)) => {
+                            if !self.handled {
+                                let text = peer.take_text();
+                                self.ready |= chat.on_text(peer, &text, at, &mut self.out, rng);
+                                peer.return_text(text);
+                            }
+                        }
+                        _ => self.on_message()?,
+                    },
                     _ => {}
                 },
             }
@@ -384,13 +441,60 @@ struct Fleet {
     stdin_buf: Vec<u8>,
     burst: Option<BurstRun>,
     exit: bool,
+    /// The IM side, with `--chat`.
+    chat: Option<Chat>,
+    /// Indexes of the connections whose users send.
+    senders: Vec<usize>,
+    /// The sender the next paced send goes out on.
+    next_sender: usize,
+    /// The load phase in progress (`go`).
+    load: Option<Load>,
+    /// The fan-out receipts being waited for (`fan`, `flood`).
+    wait: Option<SeqWait>,
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, for kernel receive stamps.
+    realtime_offset: i64,
 }
+
+/// A load phase (`go RATE WINDOW MS`).
+#[derive(Debug)]
+struct Load {
+    started: u64,
+    /// Sends stop at this clock time; then the drain.
+    end: u64,
+    /// Sends a second from this process (0: closed loop).
+    rate: f64,
+    /// Paced sends made so far.
+    paced: u64,
+}
+
+/// What a `fan` or `flood` waits for: every local receiver has read seqs `first..=last`.
+#[derive(Debug)]
+struct SeqWait {
+    flood: bool,
+    first: u64,
+    last: u64,
+    /// Local connections that should read each seq (all but the sender).
+    receivers: u64,
+    deadline: Instant,
+}
+
+/// Longest a phase waits after its window for the last acks and messages.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The drain ends early once every send is acked and nothing has arrived for this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+
+/// Most paced sends made in one turn of the loop, so reads are not starved.
+const SENDS_PER_TURN: u64 = 2000;
 
 /// Runs one client process until the parent says exit (or closes stdin).
 pub fn run(args: FleetArgs) -> Result<(), Error> {
     if let Some(cpu) = args.cpu {
         crate::server::pin_current(cpu).map_err(|e| Error::io(format!("pin to cpu {cpu}"), e))?;
     }
+    // Paced sends wake on time to the microsecond, not within the default 50 µs of slack.
+    // SAFETY: PR_SET_TIMERSLACK takes a number of nanoseconds and changes only this thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     // SAFETY: epoll_create1 has no preconditions; the fd is owned right away.
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if epfd < 0 {
@@ -401,8 +505,21 @@ pub fn run(args: FleetArgs) -> Result<(), Error> {
     set_nonblocking(0).map_err(|e| Error::io("make stdin non-blocking", e))?;
     epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, 0, libc::EPOLLIN as u32, STDIN_TOKEN)
         .map_err(|e| Error::io("watch stdin", e))?;
+    let mut conns: Vec<Conn> = (0..args.count).map(|_| Conn::new()).collect();
+    let mut chat = None;
+    let mut senders = Vec::new();
+    if args.chat.chat {
+        let (state, peers) = Chat::new(&args.chat, args.first, args.count);
+        for (i, (conn, peer)) in conns.iter_mut().zip(peers).enumerate() {
+            if peer.sender {
+                senders.push(i);
+            }
+            conn.peer = Some(Box::new(peer));
+        }
+        chat = Some(state);
+    }
     let mut fleet = Fleet {
-        conns: (0..args.count).map(|_| Conn::new()).collect(),
+        conns,
         args,
         epoll,
         next: 0,
@@ -419,6 +536,12 @@ pub fn run(args: FleetArgs) -> Result<(), Error> {
         stdin_buf: Vec::new(),
         burst: None,
         exit: false,
+        chat,
+        senders,
+        next_sender: 0,
+        load: None,
+        wait: None,
+        realtime_offset: chat::realtime_offset(),
     };
     fleet.run_loop()
 }
@@ -429,9 +552,21 @@ impl Fleet {
         let mut last_sweep = Instant::now();
         while !self.exit {
             self.start_more();
-            // SAFETY: `events` is valid for its length; the epoll fd is ours.
+            // Wake for the next paced send (to the nanosecond: epoll_pwait2), else for the sweeps.
+            let wait = match self.args.spin {
+                true => Duration::ZERO,
+                false => self.until_next_send().unwrap_or(Duration::from_millis(50)),
+            };
+            let timeout = libc::timespec { tv_sec: 0, tv_nsec: wait.as_nanos() as libc::c_long };
+            // SAFETY: `events` is valid for its length; the epoll fd is ours; no signal mask.
             let n = unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 50)
+                libc::epoll_pwait2(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    &timeout,
+                    std::ptr::null(),
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -439,6 +574,11 @@ impl Fleet {
                     continue;
                 }
                 return Err(Error::io("epoll_wait", e));
+            }
+            if n == 0 && self.args.spin {
+                // Let the other client processes on this CPU run.
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
             }
             for ev in &events[..n as usize] {
                 let (token, flags) = (ev.u64, ev.events);
@@ -448,6 +588,7 @@ impl Fleet {
                     self.on_event(token as usize, flags);
                 }
             }
+            self.pace();
             if last_sweep.elapsed() >= Duration::from_millis(100) {
                 last_sweep = Instant::now();
                 self.sweep();
@@ -487,6 +628,11 @@ impl Fleet {
         // crowd the next run's ephemeral ports.
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         setsockopt(raw, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
+        // As browsers do: a small frame goes out at once, not after the previous one's ACK.
+        setsockopt(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1i32)?;
+        if self.args.chat.kernel_stamps {
+            chat::enable_stamps(raw)?;
+        }
         let k = self.args.source_ips.max(1) as usize;
         if k > 1 && ip == libc::AF_INET {
             // Port chosen at connect time, per destination: without this, every bound
@@ -550,7 +696,7 @@ impl Fleet {
         let target = match self.args.path {
             Endpoint::Echo => "/echo".to_string(),
             Endpoint::Ws => {
-                let user = format!("b{}", self.args.first + i);
+                let user = format!("{}{}", self.args.user_prefix, self.args.first + i);
                 match ringpush::auth::mint(&self.args.secret, &user, "d", TOKEN_TTL_SECS) {
                     Ok(token) => format!("/ws?token={token}"),
                     Err(e) => return self.fail(i, format!("mint a token: {e}")),
@@ -595,20 +741,39 @@ impl Fleet {
             if raw < 0 {
                 return;
             }
-            // SAFETY: `read_buf` is valid for its length; `raw` is this connection's socket.
-            let n = unsafe { libc::read(raw, self.read_buf.as_mut_ptr().cast(), self.read_buf.len()) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
+            let read = if self.args.chat.kernel_stamps {
+                chat::recv_stamped(raw, &mut self.read_buf)
+            } else {
+                // SAFETY: `read_buf` is valid for its length; `raw` is this connection's socket.
+                let n = unsafe { libc::read(raw, self.read_buf.as_mut_ptr().cast(), self.read_buf.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok((n as usize, None))
+                }
+            };
+            let (n, arrival) = match read {
+                Ok(read) => read,
+                Err(e) => match e.kind() {
                     io::ErrorKind::WouldBlock => break,
                     io::ErrorKind::Interrupted => continue,
                     kind => return self.fail(i, format!("read: {kind}")),
-                }
-            }
+                },
+            };
             if n == 0 {
                 return self.fail(i, "closed by the server (EOF)".into());
             }
-            let data = &self.read_buf[..n as usize];
+            let at = match &self.chat {
+                Some(_) => Stamp {
+                    read: chat::now_ns(),
+                    arrival: arrival.map(|real| (real as i64 - self.realtime_offset).max(0) as u64),
+                },
+                None => Stamp::default(),
+            };
+            // A short read emptied the socket: epoll (level-triggered) reports more when it
+            // comes, so the read that would only say EAGAIN is saved.
+            let drained = n < self.read_buf.len();
+            let data = &self.read_buf[..n];
             let conn = &mut self.conns[i];
             let result = if conn.state == State::Upgrading {
                 conn.head.extend_from_slice(data);
@@ -621,12 +786,12 @@ impl Fleet {
                         if self.args.path == Endpoint::Echo {
                             conn.ready = true;
                         }
-                        conn.on_frames(&head[head_len..], &mut self.stats, &mut self.rng)
+                        conn.on_frames(&head[head_len..], &mut self.stats, &mut self.rng, &mut self.chat, at)
                     }
                     Err(e) => Err(format!("handshake: {e}")),
                 }
             } else {
-                conn.on_frames(data, &mut self.stats, &mut self.rng)
+                conn.on_frames(data, &mut self.stats, &mut self.rng, &mut self.chat, at)
             };
             if let Err(why) = result {
                 // Best effort: the close (or pong) queued before the error goes out now.
@@ -634,6 +799,9 @@ impl Fleet {
                 return self.fail(i, why);
             }
             self.flush(i);
+            if drained {
+                break;
+            }
         }
     }
 
@@ -726,6 +894,7 @@ impl Fleet {
             let ms = self.started.elapsed().as_millis();
             say(&format!("connected {} failed {} ms {ms}", self.connect_ok, self.connect_failed))?;
         }
+        self.report_chat()?;
         if let Some(run) = &self.burst {
             let over = run.started.elapsed() > Duration::from_secs(self.args.burst_timeout_secs);
             if run.pending == 0 || over {
@@ -771,8 +940,17 @@ impl Fleet {
     }
 
     fn command(&mut self, line: &str) -> Result<(), Error> {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let bad = || Error::Worker(format!("bad command {line:?}"));
+        let numbers: Vec<u64> =
+            words.iter().skip(1).map(|w| w.parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+        match (words.first().copied(), numbers.as_slice()) {
+            (Some("go" | "fan" | "flood"), _) if self.chat.is_none() => {
+                return Err(Error::Worker(format!("{line:?} needs --chat")))
+            }
+            (Some("go"), &[rate, window, ms]) => self.start_load(rate, window, ms),
+            (Some("fan"), &[seq, ms]) => self.start_wait(false, seq, 1, ms),
+            (Some("flood"), &[first, count, ms]) if count > 0 => self.start_wait(true, first, count, ms),
             (Some("exit"), _) => self.exit = true,
             (Some("stats"), _) => {
                 let s = &self.stats;
@@ -781,10 +959,7 @@ impl Fleet {
                     s.open, s.hello, s.pings, s.pongs, s.closed
                 ))?;
             }
-            (Some("burst"), Some(size)) => {
-                let size: u64 = size.parse().map_err(|_| Error::Worker(format!("bad command {line:?}")))?;
-                self.start_burst(size);
-            }
+            (Some("burst"), &[size]) => self.start_burst(size),
             _ => return Err(Error::Worker(format!("unknown command {line:?}"))),
         }
         Ok(())
@@ -811,6 +986,172 @@ impl Fleet {
         for i in open {
             self.flush(i);
         }
+    }
+}
+
+/// The IM phases (`--chat`): load, fan-out waits.
+impl Fleet {
+    /// `go RATE WINDOW MS`: RATE sends a second over the whole run (this process makes
+    /// its senders' share), or with RATE 0 a closed loop of WINDOW sends per sender.
+    fn start_load(&mut self, rate: u64, window: u64, ms: u64) {
+        let Some(chat) = self.chat.as_mut() else { return };
+        let now = chat::now_ns();
+        let end = now + ms * 1_000_000;
+        chat.start_phase(end, rate == 0);
+        let share = self.senders.len() as f64 / chat.plan().senders.max(1) as f64;
+        self.load = Some(Load { started: now, end, rate: rate as f64 * share, paced: 0 });
+        if rate == 0 {
+            for k in 0..self.senders.len() {
+                let i = self.senders[k];
+                for _ in 0..window {
+                    self.send_on(i);
+                }
+                self.flush(i);
+            }
+        }
+    }
+
+    /// Writes the next message of connection `i` (a sender) into its output, if it is up.
+    fn send_on(&mut self, i: usize) -> bool {
+        let (Some(chat), conn) = (self.chat.as_mut(), &mut self.conns[i]) else { return false };
+        if conn.state != State::Open || !conn.up {
+            return false;
+        }
+        let Some(peer) = conn.peer.as_deref_mut() else { return false };
+        chat.write_send(peer, &mut conn.out, &mut self.rng, chat::now_ns());
+        true
+    }
+
+    /// Time until the next open-loop send is due, while a phase paces sends.
+    fn until_next_send(&self) -> Option<Duration> {
+        let load = self.load.as_ref().filter(|l| l.rate > 0.0)?;
+        let now = chat::now_ns();
+        if now >= load.end || self.senders.is_empty() {
+            return None;
+        }
+        let due_at = load.started + ((load.paced + 1) as f64 * 1e9 / load.rate) as u64;
+        Some(Duration::from_nanos(due_at.saturating_sub(now).min(50_000_000)))
+    }
+
+    /// Makes the open-loop sends that are due, round robin over the local senders.
+    fn pace(&mut self) {
+        let Some(load) = self.load.as_mut() else { return };
+        let now = chat::now_ns();
+        if load.rate <= 0.0 || now >= load.end || self.senders.is_empty() {
+            return;
+        }
+        let due = ((now - load.started) as f64 * load.rate / 1e9) as u64;
+        let mut n = due.saturating_sub(load.paced).min(SENDS_PER_TURN);
+        load.paced += n;
+        let mut misses = 0;
+        while n > 0 && misses < self.senders.len() {
+            let i = self.senders[self.next_sender % self.senders.len()];
+            self.next_sender = self.next_sender.wrapping_add(1);
+            if self.send_on(i) {
+                self.flush(i);
+                n -= 1;
+                misses = 0;
+            } else {
+                misses += 1;
+            }
+        }
+    }
+
+    /// `fan SEQ MS` and `flood FIRST COUNT MS`: the local sender sends, then the receipts
+    /// of `first..first + count` are awaited.
+    fn start_wait(&mut self, flood: bool, first: u64, count: u64, ms: u64) {
+        let receivers = self
+            .conns
+            .iter()
+            .filter(|c| c.state == State::Open && c.up && c.peer.as_ref().is_some_and(|p| !p.sender))
+            .count() as u64;
+        if let Some(&i) = self.senders.first() {
+            for _ in 0..count {
+                self.send_on(i);
+            }
+            self.flush(i);
+        }
+        let last = first + count - 1;
+        self.wait = Some(SeqWait {
+            flood,
+            first,
+            last,
+            receivers,
+            deadline: Instant::now() + Duration::from_millis(ms),
+        });
+    }
+
+    /// Tells the parent when a load phase has drained or a fan-out wait is over.
+    fn report_chat(&mut self) -> Result<(), Error> {
+        let Some(chat) = self.chat.as_mut() else { return Ok(()) };
+        if let Some(load) = &self.load {
+            let now = chat::now_ns();
+            if now >= load.end {
+                chat.end_sends(now);
+                let after = Duration::from_nanos(now - load.end);
+                let inflight: u64 = self
+                    .senders
+                    .iter()
+                    .filter_map(|&i| self.conns[i].peer.as_ref())
+                    .map(|p| u64::from(p.inflight()))
+                    .sum();
+                let quiet = Duration::from_nanos(now.saturating_sub(chat.last_rx)) >= DRAIN_QUIET;
+                if (inflight == 0 && quiet && after >= DRAIN_QUIET) || after >= DRAIN_LIMIT {
+                    let c = chat.counters;
+                    say(&format!(
+                        "done sent {} acks {} acks_win {} msgs {} msgs_win {} gaps {} errors {} seq_errors {} \
+                         strays {} inflight {inflight} drain_ms {}",
+                        c.sent,
+                        c.acks,
+                        c.acks_in_window,
+                        c.msgs,
+                        c.msgs_in_window,
+                        c.gaps,
+                        c.errors,
+                        c.seq_errors,
+                        c.strays,
+                        after.as_millis()
+                    ))?;
+                    say(&chat.deliver.line("deliver"))?;
+                    say(&chat.arrival.line("arrival"))?;
+                    say(&chat.ack.line("ack"))?;
+                    self.load = None;
+                }
+            }
+        }
+        if let Some(w) = &self.wait {
+            let complete = (w.first..=w.last).all(|s| chat.seq(s).count >= w.receivers);
+            if complete || Instant::now() > w.deadline {
+                let seqs: Vec<_> = (w.first..=w.last).map(|s| (s, chat.seq(s))).collect();
+                let got: u64 = seqs.iter().map(|(_, st)| st.count).sum();
+                let want = w.receivers * (w.last - w.first + 1);
+                if w.flood {
+                    let t0 =
+                        seqs.iter().filter(|(_, st)| st.count > 0).map(|(_, st)| st.sent).min().unwrap_or(0);
+                    let read_at = seqs.iter().map(|(_, st)| st.last_read_at).max().unwrap_or(0);
+                    let arrival_at = seqs.iter().map(|(_, st)| st.last_arrival_at).max().unwrap_or(0);
+                    say(&format!(
+                        "flood got {got} want {want} t0 {t0} last_read_at {read_at} last_arrival_at {arrival_at}"
+                    ))?;
+                    let mut line = String::from("seqlat");
+                    for (s, st) in &seqs {
+                        line += &format!(
+                            " {s} {} {} {} {} {}",
+                            st.count, st.first_read, st.last_read, st.first_arrival, st.last_arrival
+                        );
+                    }
+                    say(&line)?;
+                } else {
+                    let st = seqs[0].1;
+                    say(&format!(
+                        "fan seq {} got {got} want {want} first_read {} last_read {} first_arrival {} last_arrival {}",
+                        w.first, st.first_read, st.last_read, st.first_arrival, st.last_arrival
+                    ))?;
+                }
+                self.wait = None;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -352,6 +352,8 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
                 idle_timeout_ms: args.idle_timeout_ms,
                 echo: args.path == Endpoint::Echo,
                 max_message_bytes: args.burst.max(DEFAULT_MAX_MESSAGE),
+                send_rate_per_sec: None,
+                outbound_queue_bytes: None,
                 cpu: server_cpu,
                 log: args.server_log.clone(),
             };

@@ -45,10 +45,6 @@ impl Latency {
         self.0.reset();
     }
 
-    pub fn count(&self) -> u64 {
-        self.0.len()
-    }
-
     /// Adds another process's distribution.
     pub fn merge(&mut self, other: &Latency) {
         for v in other.0.iter_recorded() {

@@ -4,9 +4,18 @@
 //! # Layout
 //!
 //! - `idle`: the `idle` scenario: server memory per idle connection (and after a burst).
-//! - `server`: the server under test: start or attach, readiness, `/metrics`, `/proc`.
+//! - `im`: the `im` scenario: many conversations and senders; deliveries/s, latency, CPU.
+//! - `fanout`: the `fanout` scenario: one conversation to many members.
+//! - `target`: the IM scenarios' server options: start (tuned config) or attach, pinning.
+//! - `crowd`: the IM scenarios' client processes: command lines, connect phase, CPU time.
+//! - `plan`: who is in which conversation and who sends, the same in every process.
+//! - `server`: the server under test: start or attach, readiness, `/metrics`, `/proc`,
+//!   the admin API.
 //! - `workers`: the parent's side of the client processes: spawn, command lines, stop.
 //! - `fleet`: one client process: its connections on an epoll loop (`idle-worker`).
+//! - `chat`: the IM protocol inside a client process: sync, sends, receipts (`--chat`).
+//! - `scan`: cheap reads of the server's JSON frames.
+//! - `latency`: HdrHistogram latencies and how they cross process boundaries.
 //! - `ws`: a minimal RFC 6455 client: handshake, masked frames, a streaming decoder.
 //! - `error`: the bench's error type.
 //!
@@ -17,10 +26,18 @@
 //! (the open-file limit bounds one process), and they talk to the parent in lines over
 //! stdin/stdout.
 
+mod chat;
+mod crowd;
 mod error;
+mod fanout;
 mod fleet;
 mod idle;
+mod im;
+mod latency;
+mod plan;
+mod scan;
 mod server;
+mod target;
 mod workers;
 mod ws;
 
@@ -40,6 +57,11 @@ struct Cli {
 enum Command {
     /// Bytes of server memory per idle connection (RSS before and after N connections).
     Idle(idle::IdleArgs),
+    /// IM load: M conversations of K members over N connections; saturation deliveries/s,
+    /// send->deliver latency at a given rate, server CPU per delivery.
+    Im(im::ImArgs),
+    /// Fan-out of one conversation to many members: time to the first and last receiver.
+    Fanout(fanout::FanoutArgs),
     /// One client process of a scenario (started by the scenario itself).
     #[command(hide = true)]
     IdleWorker(fleet::FleetArgs),
@@ -48,6 +70,8 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Idle(args) => idle::run(args).map(|_| ()),
+        Command::Im(args) => im::run(args).map(|_| ()),
+        Command::Fanout(args) => fanout::run(args).map(|_| ()),
         Command::IdleWorker(args) => fleet::run(args),
     };
     match result {

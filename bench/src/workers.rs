@@ -48,6 +48,21 @@ impl Reply {
     }
 }
 
+/// Splits `total` connections over `procs` processes as evenly as possible: each
+/// process's `(first, count)`.
+pub fn shares(total: usize, procs: usize) -> Vec<(usize, usize)> {
+    let procs = procs.clamp(1, total.max(1));
+    let mut first = 0;
+    (0..procs)
+        .map(|i| {
+            let count = total / procs + usize::from(i < total % procs);
+            let share = (first, count);
+            first += count;
+            share
+        })
+        .collect()
+}
+
 /// Sums `name` over the answers of every process.
 pub fn total(replies: &[Reply], name: &str) -> u64 {
     replies.iter().map(|r| r.get(name)).sum()
@@ -109,8 +124,23 @@ impl Workers {
 
     /// Waits for one `kind` line from every process, all within `limit`.
     pub fn expect(&mut self, kind: &str, limit: Duration) -> Result<Vec<Reply>, Error> {
+        let lines = self.expect_lines(kind, limit)?;
+        let mut replies = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            match Reply::parse(line) {
+                Some(reply) if reply.kind == kind => replies.push(reply),
+                _ => return Err(Error::Worker(format!("process {i} said {line:?}, expected {kind:?}"))),
+            }
+        }
+        Ok(replies)
+    }
+
+    /// Waits for one line starting with the word `kind` from every process, all within
+    /// `limit`, and returns the lines as they are (for lines that are not `name value`
+    /// pairs, such as histograms).
+    pub fn expect_lines(&mut self, kind: &str, limit: Duration) -> Result<Vec<String>, Error> {
         let deadline = Instant::now() + limit;
-        let mut replies = Vec::with_capacity(self.procs.len());
+        let mut lines = Vec::with_capacity(self.procs.len());
         for (i, p) in self.procs.iter_mut().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match p.lines.recv_timeout(left) {
@@ -126,12 +156,17 @@ impl Workers {
                     return Err(Error::Worker(format!("process {i} exited ({status}) before {kind:?}")));
                 }
             };
-            match Reply::parse(&line) {
-                Some(reply) if reply.kind == kind => replies.push(reply),
-                _ => return Err(Error::Worker(format!("process {i} said {line:?}, expected {kind:?}"))),
+            if line.split_whitespace().next() != Some(kind) {
+                return Err(Error::Worker(format!("process {i} said {line:?}, expected {kind:?}")));
             }
+            lines.push(line);
         }
-        Ok(replies)
+        Ok(lines)
+    }
+
+    /// The process ids, in the order the processes were started.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.child.id()).collect()
     }
 
     /// `send` then `expect`.
@@ -184,5 +219,12 @@ mod tests {
         assert!(Reply::parse("stats open x").is_none());
         let both = [r.clone(), r];
         assert_eq!(total(&both, "connected"), 9000);
+    }
+
+    #[test]
+    fn shares_cover_everything_once() {
+        assert_eq!(shares(19_000, 3), vec![(0, 6334), (6334, 6333), (12_667, 6333)]);
+        assert_eq!(shares(2, 5), vec![(0, 1), (1, 1)]);
+        assert_eq!(shares(10, 1), vec![(0, 10)]);
     }
 }

@@ -1,0 +1,102 @@
+//! The server under test as the IM scenarios' command line names it: started by the bench
+//! (pinned, one shard, a generated config tuned for load) or attached to with
+//! `--url/--pid/--admin`; and which CPU the clients get.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::server::{self, Server, ServerSetup, API_KEY};
+
+/// `limits.send_rate_per_sec` of a started server: high enough never to limit a run.
+const SEND_RATE_PER_SEC: u32 = 1_000_000;
+
+/// `limits.outbound_queue_bytes` of a started server: room for a burst to one connection.
+const OUTBOUND_QUEUE_BYTES: usize = 4 << 20;
+
+/// Where the server comes from and where everything runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// The ringpush binary to start (with a generated config: one shard, port 0).
+    #[arg(long, value_name = "PATH", default_value = "target/release/ringpush")]
+    pub server_bin: PathBuf,
+    /// Measure a running server instead: its client listener, e.g. ws://127.0.0.1:8080.
+    /// Its limits.send_rate_per_sec must not limit the run.
+    #[arg(long, value_name = "URL", requires_all = ["pid", "admin"])]
+    pub url: Option<String>,
+    /// With --url: the server's process id (its CPU time is read from /proc).
+    #[arg(long, requires = "url")]
+    pub pid: Option<u32>,
+    /// With --url: the server's admin listener (memberships, /metrics).
+    #[arg(long, value_name = "HOST:PORT", requires = "url")]
+    pub admin: Option<SocketAddr>,
+    /// With --url: the server's api_key.
+    #[arg(long, default_value = API_KEY)]
+    pub api_key: String,
+    /// auth.secret the /ws tokens are signed with (must match a --url server's).
+    #[arg(long, default_value = "ringpush-bench-secret")]
+    pub secret: String,
+    /// Keep the started server's log (stderr) in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
+    /// Pin the started server to this CPU [default: the first allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_server: Option<usize>,
+    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_client: Option<usize>,
+    /// Pin nothing.
+    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
+    pub no_pin: bool,
+}
+
+/// The server and the CPUs of the run.
+pub struct Target {
+    pub server: Server,
+    /// `None` for an attached server or without pinning.
+    pub server_cpu: Option<usize>,
+    pub client_cpu: Option<usize>,
+}
+
+impl TargetArgs {
+    /// Starts or attaches to the server.
+    pub fn open(&self) -> Result<Target, Error> {
+        let allowed = server::allowed_cpus();
+        let (server_cpu, client_cpu) = if self.no_pin {
+            (None, None)
+        } else {
+            let default = |n: usize| if allowed.len() >= 2 { allowed.get(n).copied() } else { None };
+            (self.pin_server.or(default(0)), self.pin_client.or(default(1)))
+        };
+        for cpu in [server_cpu, client_cpu].into_iter().flatten() {
+            if !allowed.contains(&cpu) {
+                return Err(Error::Usage(format!("cpu {cpu} is not among this process's CPUs {allowed:?}")));
+            }
+        }
+        let server = match (&self.url, self.pid) {
+            (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, self.admin)?,
+            _ => {
+                let setup = ServerSetup {
+                    secret: self.secret.clone(),
+                    // The server's defaults: heartbeats stay out of the figures.
+                    ping_interval_ms: 25_000,
+                    idle_timeout_ms: 60_000,
+                    echo: false,
+                    max_message_bytes: 64 * 1024,
+                    send_rate_per_sec: Some(SEND_RATE_PER_SEC),
+                    outbound_queue_bytes: Some(OUTBOUND_QUEUE_BYTES),
+                    cpu: server_cpu,
+                    log: self.server_log.clone(),
+                };
+                Server::start(&self.server_bin, &setup)?
+            }
+        };
+        let server_cpu = if self.url.is_some() { None } else { server_cpu };
+        Ok(Target { server, server_cpu, client_cpu })
+    }
+}
+
+/// `cpu N` or `unpinned`.
+pub fn pin_name(cpu: Option<usize>) -> String {
+    cpu.map_or("unpinned".to_string(), |c| format!("cpu {c}"))
+}
