@@ -9,7 +9,6 @@
 //! no session left there.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::warn;
@@ -233,13 +232,11 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
         shard.interest.borrow_mut().add_all(&conv, shard.shard_count);
     }
     if !change.added.is_empty() || !change.removed.is_empty() {
-        let added: Arc<[Key]> = change.added.into();
-        let removed: Arc<[Key]> = change.removed.into();
         for target in 0..shard.shard_count {
             let msg = ShardMsg::MembersChanged {
                 conv: conv.clone(),
-                added: added.to_vec(),
-                removed: removed.to_vec(),
+                added: change.added.clone(),
+                removed: change.removed.clone(),
             };
             shard.route(target, msg);
         }
