@@ -13,7 +13,8 @@
 //! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
 //! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`.
 //! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
-//! - `store`: membership, seq, history, dedupe, presence behind one trait (`memory` now).
+//! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
+//!   (`memory` now); presence of local connections comes from the sessions themselves.
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
@@ -26,9 +27,13 @@
 //! One shard per CPU of the process's affinity mask, each a glommio `LocalExecutor`
 //! pinned to its CPU with its own `SO_REUSEPORT` listener: a connection lives its whole
 //! life on the shard that accepted it, and a shard's state is `!Send` and never locked.
-//! The `control` thread (an unpinned executor) serves the admin listener and drives the
-//! drain; it talks to shards through glommio shared channels. Signals are turned into a
-//! drain on their own thread.
+//! Shards and the `control` thread (an unpinned executor that serves the admin listener,
+//! talks to systemd and drives the drain) form a mesh of bounded glommio channels, FIFO
+//! per pair (`mesh`). Signals are turned into a drain on their own thread.
+//!
+//! Dependencies point down: `session` and `conv` use the `Shard` context (its config,
+//! metrics, mesh and tables) rather than being handed each piece; `ws`, `protocol`,
+//! `hub`, `wheel` and `store` know nothing of shards or sessions.
 
 pub mod api;
 pub mod auth;
