@@ -452,6 +452,31 @@ fn sends_over_the_rate_limit_get_rate_limited() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
+fn a_client_that_never_syncs_gets_live_messages_in_order_after_the_grace() {
+    // A new connection's live messages wait (1 s) for its first sync; a client that never
+    // syncs gets them when the wait ends: in order, once each, and then live as usual.
+    let server = start("");
+    server.set_members("c1", &["alice", "bob"]);
+    let (mut alice, _) = connect_synced(&server, "alice", "phone", &["c1"]);
+    let (mut bob, _) = connect_client(&server, "bob", "phone");
+    let started = Instant::now();
+    let mut n = 0;
+    // Traffic spread over longer than the grace; the pause paces the load, it waits for
+    // nothing.
+    while started.elapsed() < Duration::from_millis(1600) {
+        n += 1;
+        send_acked(&mut alice, "c1", &format!("m{n}"), &json!(n));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let frames = read_until(&mut bob, |f| f["seq"] == n);
+    assert!(frames.iter().all(|f| f["op"] == "msg"), "{frames:?}");
+    let got = seqs(&frames);
+    assert!(!got.is_empty());
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "not consecutive: {got:?}");
+    assert_eq!(got.last(), Some(&n));
+}
+
+#[test]
 fn sync_after_a_reconnect_replays_exactly_the_missed_messages() {
     let server = start("");
     server.set_members("c1", &["alice", "bob"]);
