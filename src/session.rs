@@ -125,8 +125,10 @@ struct Inner {
     /// A new client connection holds its live messages until this shard-clock ms, or
     /// until it syncs their conversation, whichever comes first; 0 once over.
     hold_until: u64,
-    /// Messages held meanwhile, in arrival order.
+    /// Messages held meanwhile, in arrival order, and their bytes (bounded by the
+    /// outbound budget).
     held: Vec<(Key, u64, Bytes)>,
+    held_bytes: usize,
 }
 
 /// Why live messages of a conversation are not sent to a connection right now.
@@ -206,6 +208,7 @@ impl Session {
                 modes: Vec::new(),
                 hold_until: if accepted.claims.is_some() { now + SYNC_GRACE_MS } else { 0 },
                 held: Vec::new(),
+                held_bytes: 0,
             }),
         }
     }
@@ -276,6 +279,13 @@ impl Session {
             Some(Mode::Live) => {}
             None if inner.hold_until > 0 => {
                 inner.held.push((conv.clone(), seq, frame.clone()));
+                inner.held_bytes += frame.len();
+                if inner.held_bytes > shard.config.limits.outbound_queue_bytes {
+                    // Holding is bounded like the queue: past the budget the grace ends
+                    // now and the backlog meets the slow-consumer rules.
+                    drop(inner);
+                    self.release_held(shard);
+                }
                 return;
             }
             None => {}
@@ -305,6 +315,7 @@ impl Session {
     fn start_sync(&self, conv: &Key) {
         let mut inner = self.inner.borrow_mut();
         inner.held.retain(|(c, _, _)| c != conv);
+        inner.held_bytes = inner.held.iter().map(|(_, _, f)| f.len()).sum();
         match inner.modes.iter_mut().find(|(c, _)| c == conv) {
             Some((_, mode)) => {
                 *mode = match *mode {
@@ -321,6 +332,7 @@ impl Session {
         let held = {
             let mut inner = self.inner.borrow_mut();
             inner.hold_until = 0;
+            inner.held_bytes = 0;
             inner.modes.retain(|(_, m)| *m != Mode::Live);
             std::mem::take(&mut inner.held)
         };

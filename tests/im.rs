@@ -477,6 +477,29 @@ fn a_client_that_never_syncs_gets_live_messages_in_order_after_the_grace() {
 }
 
 #[test]
+fn holding_for_the_first_sync_is_bounded_by_the_outbound_budget() {
+    // Past `outbound_queue_bytes` of held messages the grace ends at once: the client gets
+    // them (in order) long before the 1 s grace would have run out.
+    let server = start("[limits]\noutbound_queue_bytes = 4096");
+    server.set_members("c1", &["alice", "bob"]);
+    let (mut alice, _) = connect_synced(&server, "alice", "phone", &["c1"]);
+    let (mut bob, _) = connect_client(&server, "bob", "phone");
+    let hello_read = Instant::now();
+    let text = "y".repeat(300);
+    for i in 1..=100 {
+        send_acked(&mut alice, "c1", &format!("m{i}"), &json!({ "i": i, "text": text }));
+    }
+    let first = read_json(&mut bob);
+    assert!(hello_read.elapsed() < Duration::from_millis(800), "held for the whole grace");
+    let mut frames = vec![first];
+    frames.extend(read_until(&mut bob, |f| f["seq"] == 100));
+    assert!(frames.iter().all(|f| f["op"] == "msg"), "{frames:?}");
+    let got = seqs(&frames);
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "not consecutive: {got:?}");
+    assert_eq!(got.last(), Some(&100));
+}
+
+#[test]
 fn sync_after_a_reconnect_replays_exactly_the_missed_messages() {
     let server = start("");
     server.set_members("c1", &["alice", "bob"]);
