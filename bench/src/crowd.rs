@@ -40,6 +40,55 @@ pub struct CrowdSetup<'a> {
     pub concurrency: usize,
 }
 
+/// The client side of the IM scenarios (`im`, `fanout`): how the crowd is run and reported.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Bytes of each message body (JSON `{"t":...,"p":"xx..."}`).
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Do not ask the kernel for receive stamps (send->arrival is then not measured).
+    #[arg(long)]
+    pub no_kernel_stamps: bool,
+    /// Client processes [default: ceil(connections / 9000)].
+    #[arg(long)]
+    pub procs: Option<usize>,
+    /// Handshakes in flight per client process.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// The client processes poll instead of sleeping, so that the server's CPU time does not
+    /// include waking them (on loopback the sending CPU runs the receiver's wake-up).
+    #[arg(long)]
+    pub client_spin: bool,
+    /// Print one JSON line (after the human summary, which goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientArgs {
+    /// The crowd for `plan`: these options, the server's client listener and the secret.
+    pub fn crowd<'a>(
+        &self,
+        addr: SocketAddr,
+        plan: &'a Plan,
+        secret: &'a str,
+        cpu: Option<usize>,
+        per_seq: bool,
+    ) -> CrowdSetup<'a> {
+        CrowdSetup {
+            addr,
+            plan,
+            secret,
+            cpu,
+            procs: self.procs.unwrap_or_else(|| default_procs(plan.users)),
+            body_bytes: self.body_bytes,
+            per_seq,
+            kernel_stamps: !self.no_kernel_stamps,
+            spin: self.client_spin,
+            concurrency: self.concurrency,
+        }
+    }
+}
+
 /// The running client processes, all connected and synced.
 pub struct Crowd {
     pub workers: Workers,

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::crowd::{self, Crowd, CrowdSetup};
+use crate::crowd::{self, ClientArgs, Crowd};
 use crate::error::Error;
 use crate::latency::duration_us;
 use crate::plan::Plan;
@@ -38,25 +38,8 @@ pub struct FanoutArgs {
     /// Bound on waiting for one message's (or the burst's) receipts.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
-    /// Bytes of each message body.
-    #[arg(long, default_value_t = 100)]
-    pub body_bytes: usize,
-    /// Do not ask the kernel for receive stamps (read times only).
-    #[arg(long)]
-    pub no_kernel_stamps: bool,
-    /// Client processes [default: ceil((members + 1) / 9000)].
-    #[arg(long)]
-    pub procs: Option<usize>,
-    /// Handshakes in flight per client process.
-    #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
-    /// The client processes poll instead of sleeping, so that the server's CPU time does not
-    /// include waking them (on loopback the sending CPU runs the receiver's wake-up).
-    #[arg(long)]
-    pub client_spin: bool,
-    /// Print one JSON line (after the human summary, which goes to stderr).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub clients: ClientArgs,
 }
 
 /// One message's receipts over all members; latencies in microseconds.
@@ -265,10 +248,10 @@ impl Report {
 
 /// Runs the scenario: prints the summary (and the JSON line) and returns the report.
 pub fn run(args: FanoutArgs) -> Result<Report, Error> {
-    if args.members == 0 || args.messages == 0 || args.procs == Some(0) {
+    if args.members == 0 || args.messages == 0 || args.clients.procs == Some(0) {
         return Err(Error::Usage("--members, --messages and --procs must be at least 1".into()));
     }
-    if args.body_bytes < 32 {
+    if args.clients.body_bytes < 32 {
         return Err(Error::Usage(
             "--body-bytes must be at least 32 (the timestamp lives in the body)".into(),
         ));
@@ -294,19 +277,8 @@ fn measure(
     let users = args.members + 1;
     let plan = Plan { users, convs: 1, members: users, senders: 1, tag: crowd::run_tag() };
     crowd::set_memberships(server, &args.target.api_key, &plan)?;
-    let procs = args.procs.unwrap_or_else(|| crowd::default_procs(users));
-    let mut crowd = Crowd::start(&CrowdSetup {
-        addr: server.client,
-        plan: &plan,
-        secret: &args.target.secret,
-        cpu: client_cpu,
-        procs,
-        body_bytes: args.body_bytes,
-        per_seq: true,
-        kernel_stamps: !args.no_kernel_stamps,
-        spin: args.client_spin,
-        concurrency: args.concurrency,
-    })?;
+    let mut crowd =
+        Crowd::start(&args.clients.crowd(server.client, &plan, &args.target.secret, client_cpu, true))?;
     eprintln!(
         "ringpush-bench fanout: {} connections up and synced in {:.1} s",
         crowd.connected, crowd.connect_secs
@@ -356,7 +328,7 @@ fn measure(
     let report = Report {
         members: args.members,
         messages: args.messages,
-        body_bytes: args.body_bytes,
+        body_bytes: args.clients.body_bytes,
         procs: crowd.procs,
         server_pid: server.pid,
         server_cpu,
@@ -368,12 +340,7 @@ fn measure(
         client_cpu_time,
         phase_secs,
     };
-    if args.json {
-        eprint!("{}", report.human());
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.human());
-    }
+    crate::server::print_report(&report.human(), &report.json(), args.clients.json);
     Ok(report)
 }
 

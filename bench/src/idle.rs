@@ -331,18 +331,7 @@ fn mib(bytes: u64) -> String {
 /// Runs the scenario: prints the summary (and the JSON line) and returns the report.
 pub fn run(args: IdleArgs) -> Result<Report, Error> {
     check(&args)?;
-    let allowed = server::allowed_cpus();
-    let (server_cpu, client_cpu) = if args.no_pin {
-        (None, None)
-    } else {
-        let default = |n: usize| if allowed.len() >= 2 { allowed.get(n).copied() } else { None };
-        (args.pin_server.or(default(0)), args.pin_client.or(default(1)))
-    };
-    for cpu in [server_cpu, client_cpu].into_iter().flatten() {
-        if !allowed.contains(&cpu) {
-            return Err(Error::Usage(format!("cpu {cpu} is not among this process's CPUs {allowed:?}")));
-        }
-    }
+    let (server_cpu, client_cpu) = server::pick_cpus(args.no_pin, args.pin_server, args.pin_client)?;
     let mut server = match (&args.url, args.pid) {
         (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, args.admin)?,
         _ => {
@@ -495,12 +484,7 @@ fn measure(
         codec_releases,
         idle_drops,
     };
-    if args.json {
-        eprint!("{}", report.human());
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.human());
-    }
+    server::print_report(&report.human(), &report.json(), args.json);
     Ok(report)
 }
 

@@ -20,7 +20,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::crowd::{self, Crowd, CrowdSetup};
+use crate::crowd::{self, ClientArgs, Crowd};
 use crate::error::Error;
 use crate::latency::{duration_us, Latency, Summary};
 use crate::plan::Plan;
@@ -61,25 +61,8 @@ pub struct ImArgs {
     /// Seconds of each phase.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Bytes of each message body (JSON `{"t":...,"p":"xx..."}`).
-    #[arg(long, default_value_t = 100)]
-    pub body_bytes: usize,
-    /// Do not ask the kernel for receive stamps (send->arrival is then not measured).
-    #[arg(long)]
-    pub no_kernel_stamps: bool,
-    /// Client processes [default: ceil(conns / 9000)].
-    #[arg(long)]
-    pub procs: Option<usize>,
-    /// Handshakes in flight per client process.
-    #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
-    /// The client processes poll instead of sleeping, so that the server's CPU time does not
-    /// include waking them (on loopback the sending CPU runs the receiver's wake-up).
-    #[arg(long)]
-    pub client_spin: bool,
-    /// Print one JSON line (after the human summary, which goes to stderr).
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub clients: ClientArgs,
 }
 
 /// How a phase sends.
@@ -323,13 +306,13 @@ fn check(args: &ImArgs) -> Result<(), Error> {
     if senders(args) == 0 || senders(args) > args.conns {
         return usage("--senders must be 1..=conns");
     }
-    if args.duration == 0 || args.procs == Some(0) || args.window == 0 {
+    if args.duration == 0 || args.clients.procs == Some(0) || args.window == 0 {
         return usage("--duration, --procs and --window must be at least 1");
     }
     if args.rate == Some(0) || args.latency_rate == Some(0) {
         return usage("a rate must be at least 1 send a second");
     }
-    if args.body_bytes < 32 {
+    if args.clients.body_bytes < 32 {
         return usage("--body-bytes must be at least 32 (the timestamp lives in the body)");
     }
     Ok(())
@@ -355,19 +338,8 @@ fn measure(
     let started = Instant::now();
     crowd::set_memberships(server, &args.target.api_key, &plan)?;
     let setup_secs = started.elapsed().as_secs_f64();
-    let procs = args.procs.unwrap_or_else(|| crowd::default_procs(plan.users));
-    let mut crowd = Crowd::start(&CrowdSetup {
-        addr: server.client,
-        plan: &plan,
-        secret: &args.target.secret,
-        cpu: client_cpu,
-        procs,
-        body_bytes: args.body_bytes,
-        per_seq: false,
-        kernel_stamps: !args.no_kernel_stamps,
-        spin: args.client_spin,
-        concurrency: args.concurrency,
-    })?;
+    let mut crowd =
+        Crowd::start(&args.clients.crowd(server.client, &plan, &args.target.secret, client_cpu, false))?;
     eprintln!(
         "ringpush-bench im: {} connections up and synced in {:.1} s",
         crowd.connected, crowd.connect_secs
@@ -393,7 +365,7 @@ fn measure(
     }
     let report = Report {
         plan,
-        body_bytes: args.body_bytes,
+        body_bytes: args.clients.body_bytes,
         procs: crowd.procs,
         server_pid: server.pid,
         server_cpu,
@@ -402,12 +374,7 @@ fn measure(
         connect_secs: crowd.connect_secs,
         phases,
     };
-    if args.json {
-        eprint!("{}", report.human());
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.human());
-    }
+    crate::server::print_report(&report.human(), &report.json(), args.clients.json);
     Ok(report)
 }
 

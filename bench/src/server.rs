@@ -328,6 +328,38 @@ pub fn die_with_parent(signal: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs for the server and the clients: the ones asked for, or by default the first
+/// two this process may use (none when it has fewer than two, or with `no_pin`).
+pub fn pick_cpus(
+    no_pin: bool,
+    server: Option<usize>,
+    client: Option<usize>,
+) -> Result<(Option<usize>, Option<usize>), Error> {
+    if no_pin {
+        return Ok((None, None));
+    }
+    let allowed = allowed_cpus();
+    let default = |n: usize| if allowed.len() >= 2 { allowed.get(n).copied() } else { None };
+    let (server, client) = (server.or(default(0)), client.or(default(1)));
+    for cpu in [server, client].into_iter().flatten() {
+        if !allowed.contains(&cpu) {
+            return Err(Error::Usage(format!("cpu {cpu} is not among this process's CPUs {allowed:?}")));
+        }
+    }
+    Ok((server, client))
+}
+
+/// Prints a scenario's summary, and with `--json` its JSON line on stdout (the summary
+/// then goes to stderr, so stdout stays machine-readable).
+pub fn print_report(human: &str, json: &str, as_json: bool) {
+    if as_json {
+        eprint!("{human}");
+        println!("{json}");
+    } else {
+        print!("{human}");
+    }
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: as in `pin_current`.

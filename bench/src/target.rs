@@ -61,18 +61,7 @@ pub struct Target {
 impl TargetArgs {
     /// Starts or attaches to the server.
     pub fn open(&self) -> Result<Target, Error> {
-        let allowed = server::allowed_cpus();
-        let (server_cpu, client_cpu) = if self.no_pin {
-            (None, None)
-        } else {
-            let default = |n: usize| if allowed.len() >= 2 { allowed.get(n).copied() } else { None };
-            (self.pin_server.or(default(0)), self.pin_client.or(default(1)))
-        };
-        for cpu in [server_cpu, client_cpu].into_iter().flatten() {
-            if !allowed.contains(&cpu) {
-                return Err(Error::Usage(format!("cpu {cpu} is not among this process's CPUs {allowed:?}")));
-            }
-        }
+        let (server_cpu, client_cpu) = server::pick_cpus(self.no_pin, self.pin_server, self.pin_client)?;
         let server = match (&self.url, self.pid) {
             (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, self.admin)?,
             _ => {
