@@ -1036,3 +1036,16 @@ async fn read_into(stream: &mut TcpStream, dst: &mut Vec<u8>, max: usize) -> usi
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record every connection keeps for its whole life: README "Memory per
+    /// connection" counts on it staying this small.
+    #[test]
+    fn session_record_stays_small() {
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 320, "Session grew to {size} bytes");
+    }
+}
