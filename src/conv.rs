@@ -141,11 +141,11 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
 
 /// Hands a sequenced frame to every shard that wants the conversation's messages.
 fn fan_out(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
-    let targets: Vec<usize> = match shard.interest.borrow().shards(conv) {
-        Some(set) => set.iter().collect(),
-        None => return,
-    };
-    for target in targets {
+    // `route` only queues (locally or in the mesh) and never touches the interest table,
+    // so the set is walked in place, without a copy per message.
+    let interest = shard.interest.borrow();
+    let Some(set) = interest.shards(conv) else { return };
+    for target in set.iter() {
         let msg = ShardMsg::Deliver { conv: conv.clone(), seq, frame: frame.clone(), exclude };
         shard.route(target, msg);
     }
