@@ -114,7 +114,7 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         });
         codec::text_frame(&json)
     };
-    let appended = match shard.store.append(&conv, &msg, &encode).await {
+    let appended = match shard.store.append(&conv, &msg, 0, &encode).await {
         Ok(appended) => appended,
         Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
     };

@@ -47,6 +47,9 @@ pub struct Node {
     pub node_key: Key,
     /// Changes at every start (seconds since the epoch, base 36): in connection ids.
     pub epoch_tag: String,
+    /// Changes at every start (unix milliseconds at start): cluster presence entries and
+    /// the node's lease carry it, so a restarted node never inherits its old entries.
+    pub epoch: u64,
     /// Open connections across all shards, for `limits.max_connections`.
     pub connections: AtomicUsize,
     /// Shards whose accept loop has started; the node is ready when all have.
@@ -135,6 +138,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
 
     let node = Arc::new(Node {
         epoch_tag: epoch_tag(),
+        epoch: crate::session::unix_ms(),
         connections: AtomicUsize::new(0),
         ready_shards: AtomicUsize::new(0),
         shard_count,

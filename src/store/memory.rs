@@ -58,6 +58,10 @@ impl Store for MemoryStore {
         Ok(self.convs.borrow().get(conv).is_some_and(|c| c.members.contains(user)))
     }
 
+    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.convs.borrow().get(conv).filter(|c| c.members.contains(user)).map(|c| c.last_seq))
+    }
+
     async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
         let convs = self.convs.borrow();
         Ok(match convs.get(conv) {
@@ -111,6 +115,7 @@ impl Store for MemoryStore {
         &self,
         conv: &str,
         msg: &NewMessage,
+        _floor: u64,
         encode: &dyn Fn(u64) -> Bytes,
     ) -> Result<Appended, StoreError> {
         let mut convs = self.convs.borrow_mut();
@@ -207,16 +212,16 @@ mod tests {
     #[test]
     fn seq_has_no_gaps_and_dedupe_repeats_first_seq() {
         let s = MemoryStore::new(10, 1000);
-        let a = block_on(s.append("c", &msg("u", Some("x"), 0), &enc)).unwrap();
-        let b = block_on(s.append("c", &msg("u", Some("y"), 1), &enc)).unwrap();
-        let again = block_on(s.append("c", &msg("u", Some("x"), 2), &enc)).unwrap();
+        let a = block_on(s.append("c", &msg("u", Some("x"), 0), 0, &enc)).unwrap();
+        let b = block_on(s.append("c", &msg("u", Some("y"), 1), 0, &enc)).unwrap();
+        let again = block_on(s.append("c", &msg("u", Some("x"), 2), 0, &enc)).unwrap();
         assert_eq!((a.seq, b.seq), (1, 2));
         assert!(again.duplicate);
         assert_eq!(again.seq, 1);
         // Another user with the same cid is a different message.
-        assert_eq!(block_on(s.append("c", &msg("v", Some("x"), 3), &enc)).unwrap().seq, 3);
+        assert_eq!(block_on(s.append("c", &msg("v", Some("x"), 3), 0, &enc)).unwrap().seq, 3);
         // Past the window the cid is new again.
-        let late = block_on(s.append("c", &msg("u", Some("x"), 5000), &enc)).unwrap();
+        let late = block_on(s.append("c", &msg("u", Some("x"), 5000), 0, &enc)).unwrap();
         assert!(!late.duplicate);
         assert_eq!(late.seq, 4);
     }
@@ -225,7 +230,7 @@ mod tests {
     fn history_is_bounded_and_reports_completeness() {
         let s = MemoryStore::new(3, 1000);
         for i in 0..5 {
-            block_on(s.append("c", &msg("u", None, i), &enc)).unwrap();
+            block_on(s.append("c", &msg("u", None, i), 0, &enc)).unwrap();
         }
         let h = block_on(s.history("c", 0, 100)).unwrap();
         assert_eq!(h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);

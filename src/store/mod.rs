@@ -111,6 +111,9 @@ pub struct Presence {
 pub trait Store {
     /// Whether `user` is a member of `conv`.
     async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError>;
+    /// `Some(last seq of conv)` when `user` is a member, `None` when not (one round trip:
+    /// the cluster takes its ordering baseline from it).
+    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError>;
     /// Members of `conv` (any order) and its last seq.
     async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError>;
     /// Changes the member set of `conv`.
@@ -121,11 +124,14 @@ pub trait Store {
         users: &[Arc<str>],
     ) -> Result<MemberChange, StoreError>;
     /// De-duplicates, sequences and stores a message of `conv` (see the module promises).
-    /// `encode` builds the `msg` frame once the seq is known.
+    /// `encode` builds the `msg` frame once the seq is known. `floor` is the highest seq
+    /// of `conv` the caller has seen: a store that lost its data (a Redis restart without
+    /// persistence) continues above it, so a seq is never reused.
     async fn append(
         &self,
         conv: &str,
         msg: &NewMessage,
+        floor: u64,
         encode: &dyn Fn(u64) -> Bytes,
     ) -> Result<Appended, StoreError>;
     /// Stored messages of `conv` after `after`, at most `limit`.
