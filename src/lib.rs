@@ -13,6 +13,8 @@
 //! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
 //! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`.
 //! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
+//! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
+//!   format, hashed topics; hands what arrives to a routing function, never routes itself.
 //! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
 //!   (`memory` now); presence of local connections comes from the sessions themselves.
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
@@ -38,6 +40,7 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod conv;
 pub mod error;
