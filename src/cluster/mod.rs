@@ -37,8 +37,10 @@
 //!
 //! [`ClusterMetrics`], rendered as `ringpush_cluster_*` by [`ClusterMetrics::render`].
 
+mod bus;
 mod wire;
 
+pub use bus::{Bus, BusError, Route, INBOUND_SLOTS, OUTBOX_SLOTS};
 pub use wire::{
     decode, encode, encode_into, ClusterMsg, Envelope, Topic, TopicFrame, WireError, BUCKETS, FORMAT_VERSION,
     KIND_LABELS, MAX_ID, MAX_JSON, MAX_LIST, MAX_PAYLOAD,
