@@ -15,6 +15,8 @@
 //! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
 //! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
 //!   (`memory` now); presence of local connections comes from the sessions themselves.
+//! - `bridge`: how shards reach blocking clients without blocking: jobs over
+//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
@@ -37,6 +39,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod conv;
