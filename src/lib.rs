@@ -14,7 +14,8 @@
 //! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`.
 //! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
 //! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
-//!   (`memory` now); presence of local connections comes from the sessions themselves.
+//!   (`memory`, or `redis` for a cluster, which also holds presence and node leases);
+//!   presence of local connections comes from the sessions themselves.
 //! - `bridge`: how shards reach blocking clients without blocking: jobs over
 //!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
