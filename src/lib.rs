@@ -16,7 +16,10 @@
 //! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
 //!   format, hashed topics; hands what arrives to a routing function, never routes itself.
 //! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
-//!   (`memory` now); presence of local connections comes from the sessions themselves.
+//!   (`memory`, or `redis` for a cluster, which also holds presence and node leases);
+//!   presence of local connections comes from the sessions themselves.
+//! - `bridge`: how shards reach blocking clients without blocking: jobs over
+//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
@@ -39,6 +42,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bridge;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -19,6 +19,7 @@
 //! presence of other nodes.)
 
 pub mod memory;
+pub mod redis;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
+pub use self::redis::{PresenceOp, RedisPool, RedisStore};
 pub use memory::MemoryStore;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -1,0 +1,686 @@
+//! The cluster's store: Redis, reached through the [`RedisPool`] of `bridge` (blocking
+//! connections on their own threads; a shard only awaits answers). Every call is one job,
+//! so one round trip, and every change that must be atomic is one Lua script (one
+//! `EVALSHA`). Besides the [`Store`] trait it holds what nodes share: presence of every
+//! node's connections and the node leases that let a dead node's presence be purged.
+//!
+//! # Keys
+//!
+//! Ids (conversations, users, nodes, cids) may contain `:`, so they are written inside
+//! `{}`, which no id may contain: a key reads back unambiguously, and under Redis Cluster
+//! all keys of one conversation (the append script touches three) share a hash slot.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `rp:c:{conv}:m` | set | members of `conv` |
+//! | `rp:c:{conv}:seq` | string | last seq assigned in `conv` |
+//! | `rp:c:{conv}:h` | stream | history; entry id `<seq>-1`, fields `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
+//! | `rp:c:{conv}:d:{user}:{cid}` | string, PX `dedupe_window_ms` | `"<seq>:<ts>"` of the first message with this cid |
+//! | `rp:u:{user}:c` | set | conversations of `user` |
+//! | `rp:p:{user}` | hash | presence: field `<node>/<conn>` -> `{"device","conn","node","epoch","ip","since"}` |
+//! | `rp:pn:{node}:<epoch>` | set | `"<user>\n<field>"` of every presence entry written by that node run |
+//! | `rp:lease:{node}` | string, PX lease ttl | the epoch of the node run holding the lease |
+//! | `rp:nodes` | hash | node -> `{"epoch":<epoch>,"pub":<endpoint or null>}` |
+//! | `rp:epochs` | set | `"<node>:<epoch>"` of every node run that may have presence to purge |
+//!
+//! # Promises
+//! - Seqs: `append` continues above the caller's `floor` and above the newest history
+//!   entry when the counter is missing, so a Redis that lost data never reuses a seq.
+//!   Counters and history never expire; dedupe entries expire after the window.
+//! - A `msg` frame rebuilt from history is byte for byte the frame the sender's node
+//!   encoded (`protocol::msg_json` over the same fields, `codec::text_frame`).
+//! - Presence lives as long as its node's lease: once `rp:lease:{node}` is gone or holds
+//!   another epoch, the next [`RedisStore::sweep`] of any node removes every entry of that
+//!   node run at once (one script). A node whose lease comes back false from
+//!   [`RedisStore::renew_lease`] must write its presence again.
+//! - The presence, lease and sweep scripts touch keys they compute (`rp:p:{user}`,
+//!   `rp:lease:{node}`), so they need one Redis (or its replicas), not Redis Cluster.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ::redis::{from_redis_value, Cmd, FromRedisValue, Value};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use crate::bridge::RedisPool;
+use crate::bridge::Script;
+use crate::protocol::{msg_json, MsgFields};
+use crate::ws::codec::text_frame;
+
+use super::{Appended, History, MemberChange, MemberOp, NewMessage, Presence, Store, StoreError, Stored};
+
+/// Most conversations per `reseed` script call (a long script blocks Redis).
+const RESEED_CHUNK: usize = 1000;
+
+/// One change to this node's presence in Redis.
+#[derive(Debug, Clone)]
+pub enum PresenceOp {
+    /// A connection of `user` arrived on this node (`entry.node` is taken to be this node).
+    Add { user: Arc<str>, entry: Presence },
+    /// Connection `conn` of `user`, on this node, went away.
+    Remove { user: Arc<str>, conn: Arc<str> },
+}
+
+/// The Redis store of one node; cheap to clone (one per shard is fine).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: RedisPool,
+    node: Arc<str>,
+    epoch: u64,
+    max_per_conv: usize,
+    dedupe_window_ms: u64,
+    scripts: Scripts,
+    /// `rp:lease:{node}`.
+    lease_key: String,
+    /// `rp:pn:{node}:<epoch>`.
+    presence_index_key: String,
+    /// `<node>:<epoch>`, this run's member of `rp:epochs`.
+    run: String,
+}
+
+struct Scripts {
+    append: Script,
+    history: Script,
+    set_members: Script,
+    renew: Script,
+    dead_runs: Script,
+    purge: Script,
+    peers: Script,
+    reseed: Script,
+}
+
+const NODES: &str = "rp:nodes";
+const EPOCHS: &str = "rp:epochs";
+
+fn members_key(conv: &str) -> String {
+    format!("rp:c:{{{conv}}}:m")
+}
+fn seq_key(conv: &str) -> String {
+    format!("rp:c:{{{conv}}}:seq")
+}
+fn history_key(conv: &str) -> String {
+    format!("rp:c:{{{conv}}}:h")
+}
+fn dedupe_key(conv: &str, user: &str, cid: &str) -> String {
+    format!("rp:c:{{{conv}}}:d:{{{user}}}:{{{cid}}}")
+}
+fn user_convs_key(user: &str) -> String {
+    format!("rp:u:{{{user}}}:c")
+}
+/// Also built inside `PURGE` from the `rp:pn:` entries: keep both in step.
+fn presence_key(user: &str) -> String {
+    format!("rp:p:{{{user}}}")
+}
+/// Also built inside `DEAD_RUNS`, `PURGE` and `PEERS`: keep them in step.
+fn lease_key(node: &str) -> String {
+    format!("rp:lease:{{{node}}}")
+}
+fn presence_index_key(node: &str, epoch: u64) -> String {
+    format!("rp:pn:{{{node}}}:{epoch}")
+}
+
+/// KEYS: seq, history, [dedupe]. ARGV: floor, max_per_conv, ts, dedupe window ms, then the
+/// stream fields as name/value pairs. Answers `{seq, ts, duplicate (0/1), fields of the
+/// first message or nil}`; seq and ts as decimal strings (Lua numbers would print as
+/// floats past 14 digits).
+const APPEND: &str = r#"
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local at = string.find(seen, ':', 1, true)
+    local seq = string.sub(seen, 1, at - 1)
+    local entry = redis.call('XRANGE', KEYS[2], seq .. '-1', seq .. '-1')
+    return {seq, string.sub(seen, at + 1), 1, entry[1] and entry[1][2] or false}
+  end
+end
+local floor = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  cur = tonumber(cur)
+else
+  -- A new conversation, or a lost counter: never go below what history still holds.
+  cur = 0
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if newest[1] then
+    local top = tonumber(string.match(newest[1][1], '^(%d+)'))
+    if top > floor then floor = top end
+  end
+end
+if cur < floor then
+  redis.call('SET', KEYS[1], string.format('%d', floor))
+end
+local seq = string.format('%d', redis.call('INCR', KEYS[1]))
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', unpack(ARGV, 5))
+if KEYS[3] and tonumber(ARGV[4]) > 0 then
+  redis.call('SET', KEYS[3], seq .. ':' .. ARGV[3], 'PX', ARGV[4])
+end
+return {seq, ARGV[3], 0}
+"#;
+
+/// KEYS: seq, history. ARGV: first id, count. Answers `{last seq, entries}` read at once.
+const HISTORY: &str = r#"
+return {redis.call('GET', KEYS[1]) or '0', redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+"#;
+
+/// KEYS: members. ARGV: 'replace' | 'add' | 'remove', then users.
+/// Answers `{added, removed, count}`.
+const SET_MEMBERS: &str = r#"
+local added, removed = {}, {}
+if ARGV[1] == 'replace' then
+  local keep = {}
+  for i = 2, #ARGV do keep[ARGV[i]] = true end
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    if not keep[m] then
+      redis.call('SREM', KEYS[1], m)
+      removed[#removed + 1] = m
+    end
+  end
+end
+if ARGV[1] == 'remove' then
+  for i = 2, #ARGV do
+    if redis.call('SREM', KEYS[1], ARGV[i]) == 1 then removed[#removed + 1] = ARGV[i] end
+  end
+else
+  for i = 2, #ARGV do
+    if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
+  end
+end
+return {added, removed, redis.call('SCARD', KEYS[1])}
+"#;
+
+/// KEYS: lease, rp:nodes, rp:epochs. ARGV: epoch, ttl ms, node, node info JSON, run.
+/// Answers 1 when the lease already held this epoch.
+const RENEW: &str = r#"
+local held = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+if held == ARGV[1] then return 1 end
+return 0
+"#;
+
+/// KEYS: rp:epochs. Answers the runs (`node:epoch`) whose lease is gone or moved on.
+const DEAD_RUNS: &str = r#"
+local dead = {}
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local node, epoch = string.match(run, '^(.*):(%d+)$')
+  if not node or redis.call('GET', 'rp:lease:{' .. node .. '}') ~= epoch then
+    dead[#dead + 1] = run
+  end
+end
+return dead
+"#;
+
+/// KEYS: rp:epochs, the run's lease, its rp:pn set, rp:nodes. ARGV: run, epoch, node,
+/// '1' when the run itself is leaving (its lease is dropped first) else '0'.
+/// Removes every presence entry of the run unless its lease is live. Answers 1 if this call
+/// took the run out of rp:epochs (so two sweeps never both report it), else 0.
+const PURGE: &str = r#"
+local lease = redis.call('GET', KEYS[2])
+if ARGV[4] == '1' then
+  if lease == ARGV[2] then redis.call('DEL', KEYS[2]) end
+elseif lease == ARGV[2] then
+  return 0
+end
+for _, entry in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local at = string.find(entry, '\n', 1, true)
+  if at then
+    redis.call('HDEL', 'rp:p:{' .. string.sub(entry, 1, at - 1) .. '}', string.sub(entry, at + 1))
+  end
+end
+redis.call('DEL', KEYS[3])
+local info = redis.call('HGET', KEYS[4], ARGV[3])
+local mine = '{"epoch":' .. ARGV[2] .. ','
+if info and string.sub(info, 1, #mine) == mine then redis.call('HDEL', KEYS[4], ARGV[3]) end
+return redis.call('SREM', KEYS[1], ARGV[1])
+"#;
+
+/// KEYS: rp:nodes. ARGV: this node. Answers node, info pairs of the other nodes whose
+/// lease holds the epoch they registered.
+const PEERS: &str = r#"
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local node, info = all[i], all[i + 1]
+  if node ~= ARGV[1] then
+    local epoch = string.match(info, '^{"epoch":(%d+),')
+    if epoch and redis.call('GET', 'rp:lease:{' .. node .. '}') == epoch then
+      out[#out + 1] = node
+      out[#out + 1] = info
+    end
+  end
+end
+return out
+"#;
+
+/// KEYS: seq counters. ARGV: a seq per key. Raises each counter to at least its seq.
+const RESEED: &str = r#"
+for i = 1, #KEYS do
+  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if cur < tonumber(ARGV[i]) then redis.call('SET', KEYS[i], ARGV[i]) end
+end
+return 0
+"#;
+
+/// A presence entry as stored in `rp:p:{user}`.
+#[derive(Serialize, Deserialize)]
+struct PresenceRecord<'a> {
+    #[serde(borrow)]
+    device: Cow<'a, str>,
+    #[serde(borrow)]
+    conn: Cow<'a, str>,
+    #[serde(borrow)]
+    node: Cow<'a, str>,
+    epoch: u64,
+    ip: IpAddr,
+    since: u64,
+}
+
+/// A node as registered in `rp:nodes`; the writer puts `epoch` first (the scripts match
+/// it as a prefix).
+#[derive(Deserialize)]
+struct NodeInfo {
+    #[serde(rename = "pub")]
+    endpoint: Option<String>,
+}
+
+impl RedisStore {
+    /// A store for node `node` in its run `epoch` (a new one at every start). Registers the
+    /// scripts with `pool`.
+    pub fn new(
+        pool: RedisPool,
+        node: Arc<str>,
+        epoch: u64,
+        max_per_conv: usize,
+        dedupe_window_ms: u64,
+    ) -> RedisStore {
+        let scripts = Scripts {
+            append: pool.register(APPEND),
+            history: pool.register(HISTORY),
+            set_members: pool.register(SET_MEMBERS),
+            renew: pool.register(RENEW),
+            dead_runs: pool.register(DEAD_RUNS),
+            purge: pool.register(PURGE),
+            peers: pool.register(PEERS),
+            reseed: pool.register(RESEED),
+        };
+        let inner = Inner {
+            lease_key: lease_key(&node),
+            presence_index_key: presence_index_key(&node, epoch),
+            run: format!("{node}:{epoch}"),
+            pool,
+            node,
+            epoch,
+            max_per_conv: max_per_conv.max(1),
+            dedupe_window_ms,
+            scripts,
+        };
+        RedisStore { inner: Arc::new(inner) }
+    }
+
+    pub fn pool(&self) -> &RedisPool {
+        &self.inner.pool
+    }
+
+    pub fn node(&self) -> &Arc<str> {
+        &self.inner.node
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Applies `ops` to this node's presence, in order, in one round trip.
+    pub async fn presence_write(&self, ops: Vec<PresenceOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let me = &*self.inner;
+        let mut cmds = Vec::with_capacity(ops.len() * 2);
+        for op in &ops {
+            match op {
+                PresenceOp::Add { user, entry } => {
+                    let field = format!("{}/{}", me.node, entry.conn);
+                    let record = PresenceRecord {
+                        device: Cow::Borrowed(&entry.device),
+                        conn: Cow::Borrowed(&entry.conn),
+                        node: Cow::Borrowed(&me.node),
+                        epoch: me.epoch,
+                        ip: entry.ip,
+                        since: entry.since,
+                    };
+                    let json = serde_json::to_string(&record).map_err(unexpected)?;
+                    let mut hset = ::redis::cmd("HSET");
+                    hset.arg(presence_key(user)).arg(&field).arg(json);
+                    let mut sadd = ::redis::cmd("SADD");
+                    sadd.arg(&me.presence_index_key).arg(format!("{user}\n{field}"));
+                    cmds.extend([hset, sadd]);
+                }
+                PresenceOp::Remove { user, conn } => {
+                    let field = format!("{}/{conn}", me.node);
+                    let mut hdel = ::redis::cmd("HDEL");
+                    hdel.arg(presence_key(user)).arg(&field);
+                    let mut srem = ::redis::cmd("SREM");
+                    srem.arg(&me.presence_index_key).arg(format!("{user}\n{field}"));
+                    cmds.extend([hdel, srem]);
+                }
+            }
+        }
+        me.pool.query(cmds).await.map(drop)
+    }
+
+    /// Every node's connections of `user` (entries that do not parse are skipped).
+    pub async fn presence_of(&self, user: &str) -> Result<Vec<Presence>, StoreError> {
+        let mut hvals = ::redis::cmd("HVALS");
+        hvals.arg(presence_key(user));
+        let records: Vec<Vec<u8>> = parse(&self.inner.pool.query_one(hvals).await?)?;
+        let mut out = Vec::with_capacity(records.len());
+        for raw in &records {
+            match serde_json::from_slice::<PresenceRecord>(raw) {
+                Ok(r) => out.push(Presence {
+                    device: Arc::from(r.device),
+                    conn: Arc::from(r.conn),
+                    node: Arc::from(r.node),
+                    ip: r.ip,
+                    since: r.since,
+                }),
+                Err(e) => tracing::warn!("redis: skipping a presence entry of {user}: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes or extends this node's lease for `ttl_ms` and registers the node (with its
+    /// PUB endpoint `advertise`). True when the lease already held this epoch; false the
+    /// first time, or when this node was purged or Redis lost its data: the caller then
+    /// writes all its presence again.
+    pub async fn renew_lease(&self, advertise: Option<&str>, ttl_ms: u64) -> Result<bool, StoreError> {
+        let me = &*self.inner;
+        let endpoint = serde_json::to_string(&advertise).map_err(unexpected)?;
+        let info = format!("{{\"epoch\":{},\"pub\":{endpoint}}}", me.epoch);
+        let mut cmd = me.scripts.renew.cmd(3);
+        cmd.arg(&me.lease_key).arg(NODES).arg(EPOCHS);
+        cmd.arg(me.epoch).arg(ttl_ms.max(1)).arg(&*me.node).arg(info).arg(&me.run);
+        let held: i64 = parse(&me.pool.query_one(cmd).await?)?;
+        Ok(held == 1)
+    }
+
+    /// Purges the presence of every node run whose lease is gone or held by another epoch
+    /// (each run in one atomic script that checks the lease again). Answers the runs
+    /// (`node:epoch`) this call purged; a run purged by a concurrent sweep is not listed.
+    pub async fn sweep(&self) -> Result<Vec<String>, StoreError> {
+        let me = &*self.inner;
+        let mut find = me.scripts.dead_runs.cmd(1);
+        find.arg(EPOCHS);
+        let dead: Vec<String> = parse(&me.pool.query_one(find).await?)?;
+        let runs: Vec<(String, &str, u64)> = dead
+            .iter()
+            .filter_map(|run| {
+                let (node, epoch) = run.rsplit_once(':')?;
+                Some((run.clone(), node, epoch.parse().ok()?))
+            })
+            .collect();
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cmds = runs.iter().map(|(run, node, epoch)| self.purge_cmd(run, node, *epoch, false)).collect();
+        let done = me.pool.query(cmds).await?;
+        let mut purged = Vec::new();
+        for ((run, _, _), value) in runs.into_iter().zip(done) {
+            if parse::<i64>(&value)? == 1 {
+                purged.push(run);
+            }
+        }
+        Ok(purged)
+    }
+
+    fn purge_cmd(&self, run: &str, node: &str, epoch: u64, leaving: bool) -> Cmd {
+        let mut cmd = self.inner.scripts.purge.cmd(4);
+        cmd.arg(EPOCHS).arg(lease_key(node)).arg(presence_index_key(node, epoch)).arg(NODES);
+        cmd.arg(run).arg(epoch).arg(node).arg(if leaving { "1" } else { "0" });
+        cmd
+    }
+
+    /// `(node, PUB endpoint)` of the other nodes whose lease is live under the epoch they
+    /// registered and that advertise an endpoint.
+    pub async fn peers(&self) -> Result<Vec<(Arc<str>, String)>, StoreError> {
+        let me = &*self.inner;
+        let mut cmd = me.scripts.peers.cmd(1);
+        cmd.arg(NODES).arg(&*me.node);
+        let pairs: Vec<String> = parse(&me.pool.query_one(cmd).await?)?;
+        let mut out = Vec::new();
+        for pair in pairs.chunks_exact(2) {
+            match serde_json::from_str::<NodeInfo>(&pair[1]) {
+                Ok(NodeInfo { endpoint: Some(endpoint) }) => {
+                    out.push((Arc::from(pair[0].as_str()), endpoint))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("redis: skipping node {}: {e}", pair[0]),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Leaves the cluster: drops this run's lease, its presence and its `rp:nodes` entry
+    /// (one script).
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        let me = &*self.inner;
+        let cmd = self.purge_cmd(&me.run, &me.node, me.epoch, true);
+        me.pool.query_one(cmd).await.map(drop)
+    }
+
+    /// Raises each conversation's counter to at least the given seq (after Redis lost its
+    /// data), in one round trip.
+    pub async fn reseed(&self, convs: Vec<(Arc<str>, u64)>) -> Result<(), StoreError> {
+        if convs.is_empty() {
+            return Ok(());
+        }
+        let me = &*self.inner;
+        let cmds = convs
+            .chunks(RESEED_CHUNK)
+            .map(|chunk| {
+                let mut cmd = me.scripts.reseed.cmd(chunk.len());
+                for (conv, _) in chunk {
+                    cmd.arg(seq_key(conv));
+                }
+                for (_, seq) in chunk {
+                    cmd.arg(*seq);
+                }
+                cmd
+            })
+            .collect();
+        me.pool.query(cmds).await.map(drop)
+    }
+}
+
+impl Store for RedisStore {
+    async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
+        let mut cmd = ::redis::cmd("SISMEMBER");
+        cmd.arg(members_key(conv)).arg(user);
+        parse(&self.inner.pool.query_one(cmd).await?)
+    }
+
+    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        let mut member = ::redis::cmd("SISMEMBER");
+        member.arg(members_key(conv)).arg(user);
+        let mut seq = ::redis::cmd("GET");
+        seq.arg(seq_key(conv));
+        let values = self.inner.pool.query(vec![member, seq]).await?;
+        let [member, seq] = two(values)?;
+        match parse::<bool>(&member)? {
+            true => Ok(Some(parse::<Option<u64>>(&seq)?.unwrap_or(0))),
+            false => Ok(None),
+        }
+    }
+
+    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
+        let mut members = ::redis::cmd("SMEMBERS");
+        members.arg(members_key(conv));
+        let mut seq = ::redis::cmd("GET");
+        seq.arg(seq_key(conv));
+        let values = self.inner.pool.query(vec![members, seq]).await?;
+        let [members, seq] = two(values)?;
+        Ok((arcs(parse(&members)?), parse::<Option<u64>>(&seq)?.unwrap_or(0)))
+    }
+
+    async fn set_members(
+        &self,
+        conv: &str,
+        op: MemberOp,
+        users: &[Arc<str>],
+    ) -> Result<MemberChange, StoreError> {
+        let mut cmd = self.inner.scripts.set_members.cmd(1);
+        cmd.arg(members_key(conv)).arg(match op {
+            MemberOp::Replace => "replace",
+            MemberOp::Add => "add",
+            MemberOp::Remove => "remove",
+        });
+        for user in users {
+            cmd.arg(&**user);
+        }
+        let (added, removed, count): (Vec<String>, Vec<String>, usize) =
+            parse(&self.inner.pool.query_one(cmd).await?)?;
+        Ok(MemberChange { added: arcs(added), removed: arcs(removed), count })
+    }
+
+    async fn append(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Appended, StoreError> {
+        let me = &*self.inner;
+        let dedupe = msg.cid.as_ref().map(|cid| dedupe_key(conv, &msg.from, cid));
+        let mut cmd = me.scripts.append.cmd(if dedupe.is_some() { 3 } else { 2 });
+        cmd.arg(seq_key(conv)).arg(history_key(conv));
+        if let Some(key) = &dedupe {
+            cmd.arg(key);
+        }
+        cmd.arg(floor).arg(me.max_per_conv).arg(msg.ts).arg(me.dedupe_window_ms);
+        cmd.arg("f").arg(&*msg.from).arg("t").arg(msg.ts).arg("b").arg(&msg.body[..]);
+        if let Some(dev) = &msg.dev {
+            cmd.arg("d").arg(&**dev);
+        }
+        if let Some(cid) = &msg.cid {
+            cmd.arg("c").arg(&**cid);
+        }
+        let Value::Array(reply) = me.pool.query_one(cmd).await? else {
+            return Err(StoreError::Unavailable("redis: unexpected reply to append".into()));
+        };
+        let mut reply = reply.into_iter();
+        let seq: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
+        let ts: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
+        let duplicate: bool = parse(&reply.next().unwrap_or(Value::Nil))?;
+        if !duplicate {
+            return Ok(Appended { seq, ts, frame: encode(seq), duplicate });
+        }
+        // The first message's frame, rebuilt from history (empty when trimmed away).
+        let frame = match reply.next() {
+            Some(fields @ Value::Array(_)) => Entry::from_fields(seq, &fields)?.frame(conv),
+            _ => Bytes::new(),
+        };
+        Ok(Appended { seq, ts, frame, duplicate })
+    }
+
+    async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError> {
+        let first = after.saturating_add(1);
+        let mut cmd = self.inner.scripts.history.cmd(2);
+        cmd.arg(seq_key(conv)).arg(history_key(conv)).arg(format!("{first}-0")).arg(limit.max(1));
+        let (last_seq, entries): (u64, Vec<Value>) = parse(&self.inner.pool.query_one(cmd).await?)?;
+        let entries = entries.iter().map(Entry::from_stream).collect::<Result<Vec<_>, _>>()?;
+        // History reaches back to `after + 1` when its first entry past `after` is that
+        // one, or when there is nothing past `after` to reach.
+        let complete = match entries.first() {
+            Some(entry) => entry.seq <= first,
+            None => after >= last_seq,
+        };
+        let messages =
+            entries.iter().take(limit).map(|e| Stored { seq: e.seq, frame: e.frame(conv) }).collect();
+        Ok(History { messages, last_seq, complete })
+    }
+
+    async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd(if member { "SADD" } else { "SREM" });
+        cmd.arg(user_convs_key(user)).arg(&**conv);
+        self.inner.pool.query_one(cmd).await.map(drop)
+    }
+
+    async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError> {
+        let mut cmd = ::redis::cmd("SMEMBERS");
+        cmd.arg(user_convs_key(user));
+        Ok(arcs(parse(&self.inner.pool.query_one(cmd).await?)?))
+    }
+}
+
+/// A history stream entry, as far as a `msg` frame needs it.
+struct Entry {
+    seq: u64,
+    from: String,
+    dev: Option<String>,
+    cid: Option<String>,
+    ts: u64,
+    body: Vec<u8>,
+}
+
+impl Entry {
+    /// `[id, [field, value, ...]]` as XRANGE answers it.
+    fn from_stream(value: &Value) -> Result<Entry, StoreError> {
+        let (id, fields): (String, Value) = parse(value)?;
+        let seq = id.split('-').next().and_then(|s| s.parse().ok());
+        let seq = seq.ok_or_else(|| StoreError::Unavailable(format!("redis: bad history id {id:?}")))?;
+        Entry::from_fields(seq, &fields)
+    }
+
+    fn from_fields(seq: u64, fields: &Value) -> Result<Entry, StoreError> {
+        let fields: Vec<Vec<u8>> = parse(fields)?;
+        let mut entry = Entry { seq, from: String::new(), dev: None, cid: None, ts: 0, body: Vec::new() };
+        for pair in fields.chunks_exact(2) {
+            let text = || String::from_utf8_lossy(&pair[1]).into_owned();
+            match &pair[0][..] {
+                b"f" => entry.from = text(),
+                b"d" => entry.dev = Some(text()),
+                b"c" => entry.cid = Some(text()),
+                b"t" => entry.ts = text().parse().unwrap_or(0),
+                b"b" => entry.body = pair[1].clone(),
+                _ => {}
+            }
+        }
+        Ok(entry)
+    }
+
+    /// The `msg` frame, exactly as the sending node encoded it.
+    fn frame(&self, conv: &str) -> Bytes {
+        text_frame(&msg_json(&MsgFields {
+            conv,
+            seq: self.seq,
+            from: &self.from,
+            dev: self.dev.as_deref(),
+            cid: self.cid.as_deref(),
+            ts: self.ts,
+            body: &self.body,
+        }))
+    }
+}
+
+fn parse<T: FromRedisValue>(value: &Value) -> Result<T, StoreError> {
+    from_redis_value(value).map_err(|e| StoreError::Unavailable(format!("redis: unexpected reply: {e}")))
+}
+
+fn two(values: Vec<Value>) -> Result<[Value; 2], StoreError> {
+    values.try_into().map_err(|_| StoreError::Unavailable("redis: wrong number of replies".into()))
+}
+
+fn arcs(strings: Vec<String>) -> Vec<Arc<str>> {
+    strings.into_iter().map(Arc::from).collect()
+}
+
+fn unexpected(e: serde_json::Error) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
