@@ -29,7 +29,8 @@
 //!   [`PoolOptions::retry_every`], with or without jobs, so the pool recovers by itself
 //!   (and [`RedisPool::is_up`] turns true) when Redis returns. Meanwhile it leaves the jobs
 //!   to the workers that are connected; when none is, it answers them at once with
-//!   `Unavailable`.
+//!   `Unavailable` (a job it took just before another worker reconnected waits for its own
+//!   next attempt instead, at most `retry_every` plus the connect).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -294,8 +295,16 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            if self.conn.is_none() && Instant::now() >= self.next_attempt {
-                self.connect();
+            if self.conn.is_none() {
+                // Jobs taken while down (this worker started waiting when no worker was
+                // connected): if another worker got through since, Redis is back, and
+                // waiting out the backoff beats failing them.
+                if !batch.is_empty() && self.state.live.load(Relaxed) > 0 {
+                    thread::sleep(self.next_attempt.saturating_duration_since(Instant::now()));
+                }
+                if Instant::now() >= self.next_attempt {
+                    self.connect();
+                }
             }
             if batch.is_empty() {
                 continue;
