@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::{valid_id, MAX_USER_LEN};
+use crate::cluster::{ClusterMsg, Topic};
 use crate::mesh::{shard_for, Key, Mesh, Origin, Reply, ShardMsg};
 use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, MAX_CONV_CHARS};
@@ -227,6 +228,7 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             content_type: "text/plain; version=0.0.4",
             body: {
                 let mut text = metrics::render(&admin.metrics);
+                metrics::render_node(&admin.node, &mut text);
                 metrics::render_process(&mut text);
                 text.into_bytes()
             },
@@ -365,17 +367,37 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
         ("POST", ["push"]) => {
             let push: PushBody = parse(body)?;
             let users: Arc<[Key]> = user_ids(&push.users)?.into();
-            let frame = codec::text_frame(&protocol::push_json(push.body.get().as_bytes()));
+            let text = protocol::push_json(push.body.get().as_bytes());
+            let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
+            }
+            if let Some(links) = &admin.node.cluster {
+                // One message per topic the users fall in, to the nodes that follow it.
+                let text = Bytes::from(text);
+                let mut by_topic: Vec<(Topic, Vec<Key>)> = Vec::new();
+                for user in users.iter() {
+                    let topic = Topic::user(user);
+                    match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+                        Some((_, list)) => list.push(user.clone()),
+                        None => by_topic.push((topic, vec![user.clone()])),
+                    }
+                }
+                for (topic, users) in by_topic {
+                    links.bus.publish(topic, ClusterMsg::Push { users, json: text.clone() });
+                }
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
         ("POST", ["broadcast"]) => {
             let b: BroadcastBody = parse(body)?;
-            let frame = codec::text_frame(&protocol::push_json(b.body.get().as_bytes()));
+            let text = protocol::push_json(b.body.get().as_bytes());
+            let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Broadcast { frame: frame.clone() });
+            }
+            if let Some(links) = &admin.node.cluster {
+                links.bus.publish(Topic::All, ClusterMsg::Broadcast { json: Bytes::from(text) });
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
@@ -387,6 +409,13 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 match admin.ask(shard, |reply| ShardMsg::Presence { reply, user: user.clone() }).await {
                     Some(Reply::Presence(part)) => list.extend(part),
                     _ => return Err(unavailable()),
+                }
+            }
+            if let Some(redis) = &admin.node.redis {
+                // Other nodes' devices; this node's come from its live sessions above.
+                match redis.presence_of(&user).await {
+                    Ok(entries) => list.extend(entries.into_iter().filter(|p| p.node != admin.node.node_key)),
+                    Err(_) => return Err(unavailable()),
                 }
             }
             list.sort_by(|a, b| (a.since, &a.conn).cmp(&(b.since, &b.conn)));
@@ -403,6 +432,9 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
         }
         ("POST", ["users", user, "disconnect"]) => {
             let user = user_ids(&[user.to_string()])?.remove(0);
+            if let Some(links) = &admin.node.cluster {
+                links.bus.publish(Topic::user(&user), ClusterMsg::Disconnect { user: user.clone() });
+            }
             for shard in 0..admin.shards() {
                 if admin
                     .ask(shard, |reply| ShardMsg::Disconnect { reply, user: user.clone() })

@@ -226,6 +226,10 @@ pub struct ClusterConfig {
     /// Fixed peer PUB endpoints. Default empty = discover peers through Redis, which
     /// follows nodes coming and going; a fixed list suits static deployments.
     pub peers: Vec<String>,
+    /// Messages ZeroMQ queues per peer (send and receive high-water marks) before it
+    /// drops. Default 100000: a peer may stall for a second or two at full rate without
+    /// loss; what is dropped past it is repaired from Redis, at the cost of a read.
+    pub hwm: u32,
 }
 
 impl Default for ClusterConfig {
@@ -234,6 +238,7 @@ impl Default for ClusterConfig {
             pub_listen: "tcp://0.0.0.0:7001".to_owned(),
             advertise: "tcp://127.0.0.1:7001".to_owned(),
             peers: Vec::new(),
+            hwm: crate::cluster::DEFAULT_HWM,
         }
     }
 }
@@ -415,6 +420,25 @@ impl Config {
             "must be greater than 0".to_owned()
         })?;
         check(self.history.max_per_conv > 0, "history.max_per_conv", || "must be greater than 0".to_owned())?;
+        if let Some(redis) = &self.redis {
+            check(redis::Client::open(redis.url.as_str()).is_ok(), "redis.url", || {
+                format!("{:?} is not a Redis URL (redis://host:port/db or rediss://...)", redis.url)
+            })?;
+        }
+        if let Some(cluster) = &self.cluster {
+            let endpoint = |e: &str| e.starts_with("tcp://") && e.len() > 6;
+            check(endpoint(&cluster.pub_listen), "cluster.pub_listen", || {
+                format!("{:?} is not a ZeroMQ TCP endpoint (tcp://addr:port)", cluster.pub_listen)
+            })?;
+            check(endpoint(&cluster.advertise), "cluster.advertise", || {
+                format!("{:?} is not a ZeroMQ TCP endpoint (tcp://host:port)", cluster.advertise)
+            })?;
+            if let Some(bad) = cluster.peers.iter().find(|p| !endpoint(p)) {
+                let reason = format!("{bad:?} is not a ZeroMQ TCP endpoint (tcp://host:port)");
+                return Err(ConfigError::invalid("cluster.peers", reason));
+            }
+            check(cluster.hwm > 0, "cluster.hwm", || "must be at least 1".to_owned())?;
+        }
         check(self.cluster.is_none() || self.redis.is_some(), "cluster", || {
             "requires a [redis] section (nodes share state through Redis)".to_owned()
         })?;
@@ -1005,15 +1029,24 @@ demo = false
             env(&[
                 ("RINGPUSH_AUTH__SECRET", "12345678"),
                 ("RINGPUSH_API_KEY", "3.14159265"),
-                ("RINGPUSH_REDIS__URL", "true"),
                 ("RINGPUSH_NODE_ID", "7"),
             ]),
         )
         .unwrap();
         assert_eq!(c.auth.secret, "12345678");
         assert_eq!(c.api_key, "3.14159265");
-        assert_eq!(c.redis.unwrap().url, "true");
         assert_eq!(c.node_id, "7");
+    }
+
+    #[test]
+    fn redis_and_cluster_addresses_are_checked() {
+        assert_refused(with("[redis]\nurl = \"true\"\n"), "redis.url");
+        let cluster = |body: &str| with(&format!("[redis]\n[cluster]\n{body}\n"));
+        assert_refused(cluster("pub_listen = \"0.0.0.0:7001\""), "cluster.pub_listen");
+        assert_refused(cluster("advertise = \"\""), "cluster.advertise");
+        assert_refused(cluster("peers = [\"tcp://a:1\", \"b:2\"]"), "cluster.peers");
+        assert_refused(cluster("hwm = 0"), "cluster.hwm");
+        assert_eq!(cluster("hwm = 10").unwrap().cluster.unwrap().hwm, 10);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use tracing::warn;
 
+use crate::cluster::{ClusterMsg, Topic};
 use crate::mesh::{Key, Origin, Reply, ReplyTo, SessionRef, ShardMsg};
 use crate::protocol::{self, ErrorCode, MsgFields};
 use crate::session::SyncReply;
@@ -62,28 +63,149 @@ pub struct Interest {
 }
 
 impl Interest {
-    pub fn add(&mut self, conv: &Key, shard: usize) {
-        self.by_conv.entry(conv.clone()).or_default().insert(shard);
+    /// Returns true when the conversation had no interested shard before (the node now
+    /// wants its traffic: in a cluster, it subscribes to it).
+    pub fn add(&mut self, conv: &Key, shard: usize) -> bool {
+        let set = self.by_conv.entry(conv.clone()).or_default();
+        let first = set.is_empty();
+        set.insert(shard);
+        first
     }
 
-    pub fn add_all(&mut self, conv: &Key, shards: usize) {
+    /// Like [`Interest::add`] for every shard.
+    pub fn add_all(&mut self, conv: &Key, shards: usize) -> bool {
         let set = self.by_conv.entry(conv.clone()).or_default();
+        let first = set.is_empty();
         for s in 0..shards {
             set.insert(s);
         }
+        first
     }
 
-    pub fn remove(&mut self, conv: &str, shard: usize) {
+    /// Returns true when no shard is interested any more (in a cluster, the node
+    /// unsubscribes from the conversation).
+    pub fn remove(&mut self, conv: &str, shard: usize) -> bool {
         if let Some(set) = self.by_conv.get_mut(conv) {
             set.remove(shard);
             if set.is_empty() {
                 self.by_conv.remove(conv);
+                return true;
             }
         }
+        false
     }
 
     pub fn shards(&self, conv: &str) -> Option<&ShardSet> {
         self.by_conv.get(conv)
+    }
+}
+
+/// How long a hole in a conversation's seqs may stay open on this node before the
+/// owner reads the missing messages from the store (a cluster only). ZeroMQ keeps each
+/// publisher's order, so a hole is either a message still on its way from another
+/// node, which arrives within this bound, or one that was dropped.
+pub const REPAIR_AFTER_MS: u64 = 100;
+
+/// Most messages one repair reads from the store.
+pub const REPAIR_BATCH: usize = 1000;
+
+/// A conversation quiet for this long after traffic gets its last seq checked in the
+/// store once (a "tail check"): a hole is only visible when a later message arrives, so
+/// without it the last messages of a burst that ZeroMQ dropped would wait for the next
+/// message. One read per burst per conversation per node.
+pub const QUIET_MS: u64 = 250;
+
+/// A message waiting for its turn in [`Holdback`]. `exclude` is the sending session
+/// (a local send) that must not get its own message.
+pub type Held = (Bytes, Option<SessionRef>);
+
+/// The owner shard's delivery order for one conversation in a cluster: messages are
+/// sequenced in Redis by whichever node took the send, so they reach this node out of
+/// order (a local send can come back from Redis before an earlier seq from another node
+/// arrives over ZeroMQ). The owner hands them to its shards strictly by seq: a message
+/// ahead of the next expected one waits here, and a hole that lasts past
+/// [`REPAIR_AFTER_MS`] is filled from the store.
+#[derive(Debug, Default)]
+pub struct Holdback {
+    /// The highest seq handed to the shards (or known to every local session, as the
+    /// baseline read when the node took an interest).
+    delivered: u64,
+    /// The highest seq known to exist: arrived, or seen in a store read.
+    highest: u64,
+    held: std::collections::BTreeMap<u64, Held>,
+    /// A repair is scheduled or running.
+    pub repair_pending: bool,
+    /// When the last message arrived (shard milliseconds), for the tail check.
+    pub active_ms: u64,
+    /// A tail check is queued.
+    pub check_queued: bool,
+}
+
+impl Holdback {
+    /// Starts after `baseline`: seqs up to it are the clients' to `sync`.
+    pub fn new(baseline: u64) -> Holdback {
+        Holdback { delivered: baseline, highest: baseline, ..Holdback::default() }
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// The highest seq this node knows of (the floor for a store that lost its data).
+    pub fn highest(&self) -> u64 {
+        self.highest.max(self.delivered)
+    }
+
+    /// Offers a message; false when it is old or already waiting (dropped).
+    pub fn offer(&mut self, seq: u64, held: Held) -> bool {
+        self.highest = self.highest.max(seq);
+        if seq <= self.delivered || self.held.contains_key(&seq) {
+            return false;
+        }
+        self.held.insert(seq, held);
+        true
+    }
+
+    /// A store read saw `last` as the conversation's last seq.
+    pub fn saw(&mut self, last: u64) {
+        self.highest = self.highest.max(last);
+    }
+
+    /// The next message in order, if it is here.
+    pub fn next_ready(&mut self) -> Option<(u64, Held)> {
+        let entry = self.held.first_entry()?;
+        if *entry.key() != self.delivered + 1 {
+            return None;
+        }
+        let (seq, held) = entry.remove_entry();
+        self.delivered = seq;
+        Some((seq, held))
+    }
+
+    /// The hole to repair, as `(after, upto)`: seqs `after+1 ..= upto` are missing.
+    pub fn hole(&self) -> Option<(u64, u64)> {
+        if self.highest() <= self.delivered {
+            return None;
+        }
+        let upto = match self.held.first_key_value() {
+            Some((&first, _)) if first == self.delivered + 1 => return None,
+            Some((&first, _)) => first - 1,
+            None => self.highest,
+        };
+        Some((self.delivered, upto))
+    }
+
+    /// Seqs up to `seq` are gone from the store too: skip them (the sessions are told
+    /// with a `gap`).
+    pub fn skip_to(&mut self, seq: u64) {
+        self.delivered = self.delivered.max(seq);
+        self.highest = self.highest.max(seq);
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() > self.delivered {
+                break;
+            }
+            entry.remove();
+        }
     }
 }
 
@@ -114,19 +236,27 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         });
         codec::text_frame(&json)
     };
-    let appended = match shard.store.append(&conv, &msg, 0, &encode).await {
+    // The highest seq this node has seen: a Redis that lost its data continues above it.
+    let floor = shard.order.borrow().get(&conv).map_or(0, |h| h.highest());
+    let appended = match shard.store.append(&conv, &msg, floor, &encode).await {
         Ok(appended) => appended,
         Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
     };
     if appended.duplicate {
         shard.metrics.deduplicated.inc();
+        if shard.redis().is_some() {
+            // A Redis call that failed after it was sent may have stored the message
+            // without anyone delivering it; delivery is idempotent by seq, so hand it on
+            // again (nodes that have it drop it).
+            publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), None);
+        }
     } else {
         shard.metrics.accepted.inc();
         let exclude = match origin {
             Origin::Session(s) => Some(s),
             Origin::Api(_) => None,
         };
-        fan_out(shard, &conv, appended.seq, appended.frame, exclude);
+        publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), exclude);
         shard.metrics.fanout_latency.record(started.elapsed());
     }
     match origin {
@@ -139,8 +269,19 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
     }
 }
 
-/// Hands a sequenced frame to every shard that wants the conversation's messages.
-fn fan_out(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+/// Sends a message sequenced here to the other nodes (in a cluster) and to this node's
+/// sessions.
+fn publish_and_deliver(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+    if shard.links().is_some() {
+        let json = codec::text_payload(&frame);
+        shard.publish(Topic::conv(conv), ClusterMsg::Msg { conv: conv.clone(), seq, json });
+    }
+    shard.deliver_in_order(conv, seq, frame, exclude);
+}
+
+/// Hands a sequenced frame to every shard that wants the conversation's messages (in
+/// a cluster, through [`Shard::deliver_in_order`]).
+pub fn fan_out(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
     // `route` only queues (locally or in the mesh) and never touches the interest table,
     // so the set is walked in place, without a copy per message.
     let interest = shard.interest.borrow();
@@ -176,8 +317,16 @@ fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
 pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, reply: SyncReply) {
     let result = match shard.store.is_member(&conv, &user).await {
         Ok(true) => match shard.store.history(&conv, reply.after, reply.limit).await {
-            Ok(history) => {
-                shard.interest.borrow_mut().add(&conv, session.shard);
+            Ok(mut history) => {
+                shard.want(&conv, session.shard);
+                // In a cluster the store may already hold seqs this node has not delivered
+                // yet (on their way from another node): the replay stops where delivery
+                // is, and the rest follows live, in order, after `synced`.
+                let delivered = shard.saw_last_seq(&conv, history.last_seq);
+                if delivered < history.last_seq {
+                    history.messages.retain(|m| m.seq <= delivered);
+                    history.last_seq = delivered;
+                }
                 Ok(history)
             }
             Err(_) => Err(ErrorCode::Unavailable),
@@ -196,8 +345,9 @@ pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>) {
     for conv in convs {
         // A store error here leaves the conversation out; the client's `sync` after
         // `hello` joins it again once the store answers.
-        if let Ok(true) = shard.store.is_member(&conv, &user).await {
-            shard.interest.borrow_mut().add(&conv, from);
+        if let Ok(Some(last)) = shard.store.member_last_seq(&conv, &user).await {
+            shard.want(&conv, from);
+            shard.saw_last_seq(&conv, last);
             member_of.push(conv);
         }
     }
@@ -226,22 +376,98 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
             warn!(user = %user, conv = %conv, "user side of a membership change not recorded");
         }
     }
-    if !change.added.is_empty() {
-        // Every shard may hold sessions of the new members: send it this conversation
-        // until it says it has none (it answers `InterestOff` on the first message).
-        shard.interest.borrow_mut().add_all(&conv, shard.shard_count);
-    }
-    if !change.added.is_empty() || !change.removed.is_empty() {
-        for target in 0..shard.shard_count {
-            let msg = ShardMsg::MembersChanged {
+    if shard.links().is_some() && (!change.added.is_empty() || !change.removed.is_empty()) {
+        // Other nodes follow the topics of the users they hold sessions of: one message
+        // per topic the changed users fall in.
+        let mut topics: Vec<Topic> = Vec::new();
+        for user in change.added.iter().chain(&change.removed) {
+            let topic = Topic::user(user);
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
+        for topic in topics {
+            let msg = ClusterMsg::Members {
                 conv: conv.clone(),
                 added: change.added.clone(),
                 removed: change.removed.clone(),
             };
+            shard.publish(topic, msg);
+        }
+    }
+    members_changed(shard, &conv, change.added, change.removed).await;
+    shard.mesh.reply(reply, Reply::Members { count: change.count });
+}
+
+/// Tells this node's shards of a membership change of `conv` (owned here).
+async fn members_changed(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
+    if !added.is_empty() {
+        // Every shard may hold sessions of the new members: send it this conversation
+        // until it says it has none (it answers `InterestOff` on the first message).
+        shard.want_all(conv);
+        if shard.redis().is_some() {
+            // The new members' sessions are live in it from here: take the baseline.
+            if let Ok(Some(last)) = shard.store.member_last_seq(conv, &added[0]).await {
+                shard.saw_last_seq(conv, last);
+            }
+        }
+    }
+    if !added.is_empty() || !removed.is_empty() {
+        for target in 0..shard.shard_count {
+            let msg = ShardMsg::MembersChanged {
+                conv: conv.clone(),
+                added: added.clone(),
+                removed: removed.clone(),
+            };
             shard.route(target, msg);
         }
     }
-    shard.mesh.reply(reply, Reply::Members { count: change.count });
+}
+
+/// A membership change made on another node (the store is already changed).
+pub async fn on_remote_members(shard: &Shard, conv: Key, added: Vec<Key>, removed: Vec<Key>) {
+    members_changed(shard, &conv, added, removed).await;
+}
+
+/// A message sequenced on another node.
+pub fn on_remote_msg(shard: &Shard, conv: Key, seq: u64, json: Bytes) {
+    if shard.interest.borrow().shards(&conv).is_none() {
+        // Subscriptions are by bucket: other conversations of the bucket come along.
+        shard.metrics.cluster_ignored.inc();
+        return;
+    }
+    shard.deliver_in_order(&conv, seq, codec::text_frame(&json), None);
+}
+
+/// Reads seqs `after+1 ..= upto` of `conv` from the store and delivers them in order;
+/// what the store no longer has is announced to the sessions as a `gap`. False when the
+/// store could not be read (the caller retries).
+pub async fn repair(shard: &Shard, conv: &Key, after: u64, upto: u64) -> bool {
+    let limit = ((upto - after) as usize).min(REPAIR_BATCH);
+    let history = match shard.store.history(conv, after, limit).await {
+        Ok(history) => history,
+        Err(_) => return false,
+    };
+    shard.metrics.cluster_repairs.inc();
+    // Seqs before the first one read are trimmed from history (or lost with Redis's
+    // data): nothing can bring them back.
+    let to = history.messages.first().map_or(upto, |m| m.seq - 1);
+    if to > after {
+        warn!(conv = %conv, from = after + 1, to, "messages gone before this node could deliver them");
+        if let Some(h) = shard.order.borrow_mut().get_mut(conv) {
+            h.skip_to(to);
+        }
+        if let Some(set) = shard.interest.borrow().shards(conv) {
+            for target in set.iter() {
+                shard.route(target, ShardMsg::Missed { conv: conv.clone(), from: after + 1, to });
+            }
+        }
+    }
+    for m in history.messages {
+        shard.metrics.cluster_repaired.inc();
+        shard.deliver_in_order(conv, m.seq, m.frame, None);
+    }
+    true
 }
 
 pub async fn on_conversation(shard: &Shard, reply: ReplyTo, conv: Key) {
@@ -255,6 +481,42 @@ pub async fn on_conversation(shard: &Shard, reply: ReplyTo, conv: Key) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(n: u8) -> Held {
+        (Bytes::from(vec![n]), None)
+    }
+
+    fn drain(h: &mut Holdback) -> Vec<u64> {
+        std::iter::from_fn(|| h.next_ready().map(|(s, _)| s)).collect()
+    }
+
+    #[test]
+    fn holdback_delivers_in_seq_order() {
+        let mut h = Holdback::new(10);
+        assert!(!h.offer(10, frame(0)), "at or below the baseline: old");
+        assert!(h.offer(12, frame(2)));
+        assert_eq!(drain(&mut h), Vec::<u64>::new(), "11 is missing");
+        assert_eq!(h.hole(), Some((10, 11)));
+        assert!(h.offer(11, frame(1)));
+        assert!(!h.offer(11, frame(1)), "twice");
+        assert_eq!(drain(&mut h), vec![11, 12]);
+        assert_eq!(h.hole(), None);
+        assert!(!h.offer(12, frame(2)), "already delivered");
+    }
+
+    #[test]
+    fn holdback_knows_holes_it_only_heard_of() {
+        let mut h = Holdback::new(3);
+        h.saw(6);
+        assert_eq!(h.hole(), Some((3, 6)), "a store read saw 6: 4..=6 are due");
+        h.offer(5, frame(5));
+        assert_eq!(h.hole(), Some((3, 4)));
+        h.skip_to(4);
+        assert_eq!(drain(&mut h), vec![5]);
+        assert_eq!(h.hole(), Some((5, 6)));
+        h.skip_to(6);
+        assert_eq!((h.hole(), h.delivered(), h.highest()), (None, 6, 6));
+    }
 
     #[test]
     fn shard_sets() {

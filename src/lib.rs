@@ -23,6 +23,7 @@
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `metrics`: per-shard counters, summed when read.
+//! - `lease`: the node's lease, presence and peer list in Redis (control thread).
 //! - `limits`: the host's limits, reported at start.
 //! - `notify`: the systemd notify protocol (READY, WATCHDOG, STOPPING).
 //! - `error`: the crate's error type.
@@ -49,6 +50,7 @@ pub mod config;
 pub mod conv;
 pub mod error;
 pub mod hub;
+pub mod lease;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;

@@ -177,6 +177,21 @@ pub enum ShardMsg {
         reply: ReplyTo,
         user: Key,
     },
+    /// Close every session of `user` with 4001 (a disconnect from another node).
+    Kick {
+        user: Key,
+    },
+    /// Seqs `from..=to` of `conv` are gone from the store before this node could deliver
+    /// them (a cluster's gap repair came too late): the sessions get a `gap`.
+    Missed {
+        conv: Key,
+        from: u64,
+        to: u64,
+    },
+    /// Redis lost this node's presence (a restart, or the node was paused past its
+    /// lease): write every live session's entry again, and re-seed the counters of the
+    /// conversations the shard owns above the seqs it has seen.
+    Reregister,
     /// Answered with `Done` by the shard's receive loop: proves the shard is alive.
     Ping {
         reply: ReplyTo,

@@ -90,6 +90,13 @@ pub struct ShardMetrics {
     pub pushes: Counter,
     /// Owner-side time from taking a message to handing its frame to every shard.
     pub fanout_latency: Histogram,
+    /// Cluster: messages from other nodes for conversations with no session here (they
+    /// share a topic bucket with one that has).
+    pub cluster_ignored: Counter,
+    /// Cluster: gap repairs (reads of missing seqs from the store).
+    pub cluster_repairs: Counter,
+    /// Cluster: messages recovered by gap repairs.
+    pub cluster_repaired: Counter,
 }
 
 /// Error codes counted in `ringpush_requests_refused_total`.
@@ -220,6 +227,15 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     total(&mut out, "slow_consumer_closes_total", "Connections closed with 4002.", &|m| {
         m.slow_consumer_closes.get()
     });
+    total(&mut out, "cluster_ignored_total", "Messages from other nodes with no session here.", &|m| {
+        m.cluster_ignored.get()
+    });
+    total(&mut out, "cluster_gap_repairs_total", "Reads of missing seqs from the store.", &|m| {
+        m.cluster_repairs.get()
+    });
+    total(&mut out, "cluster_repaired_total", "Messages recovered by gap repairs.", &|m| {
+        m.cluster_repaired.get()
+    });
     let _ = writeln!(
         out,
         "# HELP ringpush_requests_refused_total Client requests answered with an error, by code.\n\
@@ -251,6 +267,29 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
 
 /// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
 /// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
+/// The node-wide figures: store health and, in a cluster, the ZeroMQ links.
+pub fn render_node(node: &crate::server::Node, out: &mut String) {
+    use std::sync::atomic::Ordering;
+    let up = node.store_up.load(Ordering::Relaxed) as u8;
+    let kind = if node.redis.is_some() { "redis" } else { "memory" };
+    let _ = writeln!(
+        out,
+        "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
+         # TYPE ringpush_store_up gauge\nringpush_store_up{{store=\"{kind}\"}} {up}"
+    );
+    if node.redis.is_some() {
+        let purges = node.presence_purges.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ringpush_presence_purges_total Dead nodes whose presence this node purged.\n\
+             # TYPE ringpush_presence_purges_total counter\nringpush_presence_purges_total {purges}"
+        );
+    }
+    if let Some(links) = &node.cluster {
+        links.bus.metrics().render(out);
+    }
+}
+
 pub fn render_process(out: &mut String) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

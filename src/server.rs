@@ -2,13 +2,15 @@
 //! process's affinity mask and the control thread, and stop them in order.
 //!
 //! Threads: `shard-N` (one glommio executor pinned per CPU: all client traffic),
-//! `control` (an unpinned glommio executor: the admin listener and the drain), and
-//! `signals` (blocked in `sigwait`-style reads, turns SIGTERM/SIGINT into a drain).
+//! `control` (an unpinned glommio executor: the admin listener, the drain, and in a
+//! cluster the node's lease), `signals` (blocked in `sigwait`-style reads, turns
+//! SIGTERM/SIGINT into a drain), and with Redis and ZeroMQ their blocking threads
+//! (`bridge`, `cluster`).
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +20,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{error, info, warn};
 
 use crate::api;
+use crate::bridge::{PoolOptions, RedisPool};
+use crate::cluster::{Bus, ClusterMsg, Envelope, Topic};
 use crate::config::Config;
 use crate::error::Error;
-use crate::mesh::{self, Key, Mesh, MeshEnds, ShardMsg};
+use crate::lease;
+use crate::mesh::{self, shard_for, Key, Mesh, MeshEnds, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notifier;
 use crate::shard::{self, ShardSetup};
+use crate::store::RedisStore;
 
 /// Pending connections the kernel may hold per listener (capped by `net.core.somaxconn`).
 /// glommio's own `bind` uses 1024, too few for a reconnect storm of a large fleet.
@@ -38,6 +44,9 @@ const IO_MEMORY: usize = 512 * 1024;
 /// reactor turn's timer cancel then walks ~N/8 polls: at 10,000 connections that was 44%
 /// of a shard's CPU. 4096 gives the kernel's maximum of 256 buckets.
 const RING_DEPTH: usize = 4096;
+
+/// Blocking Redis connections (each on its own thread, pipelining what the shards queue).
+const REDIS_CONNECTIONS: usize = 2;
 
 /// What every thread of the node shares. Read-mostly; the counters are touched once per
 /// connection, never per message.
@@ -58,10 +67,36 @@ pub struct Node {
     /// Shards that have finished draining.
     pub stopped_shards: AtomicUsize,
     pub draining: AtomicBool,
+    /// The Redis store (`[redis]`), shared by the shards and the control thread.
+    pub redis: Option<RedisStore>,
+    /// The ZeroMQ links to the other nodes (`[cluster]`).
+    pub cluster: Option<ClusterLinks>,
+    /// The store answers: always with the embedded one; with Redis, as of the last lease
+    /// renewal (every second). `/readyz` follows it.
+    pub store_up: AtomicBool,
+    /// A shard dropped presence changes it could not write (Redis away too long): the
+    /// control thread re-registers the node's presence from scratch.
+    pub presence_lost: AtomicBool,
+    /// Presence of dead nodes purged by this node (their lease ended).
+    pub presence_purges: AtomicU64,
+}
+
+/// A cluster node's ends of the ZeroMQ network.
+pub struct ClusterLinks {
+    pub bus: Bus,
+    /// The PUB endpoint other nodes connect to (`cluster.advertise`).
+    pub advertise: String,
 }
 
 impl Node {
+    /// Every shard accepts and the store answers (`/readyz`).
     pub fn is_ready(&self) -> bool {
+        self.is_serving() && self.store_up.load(Ordering::Relaxed)
+    }
+
+    /// Every shard accepts and the node is not draining. A node whose Redis is down still
+    /// serves its connections (heartbeats, refusals), so systemd hears READY without it.
+    pub fn is_serving(&self) -> bool {
         !self.draining.load(Ordering::Relaxed)
             && self.ready_shards.load(Ordering::Acquire) == self.shard_count
     }
@@ -135,10 +170,58 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
     let admin_addr = admin.local_addr()?;
     crate::limits::report(&config, shard_count);
+    let epoch = crate::session::unix_ms();
 
+    let redis = match &config.redis {
+        Some(r) => {
+            let options = PoolOptions { connections: REDIS_CONNECTIONS, ..PoolOptions::default() };
+            let pool = RedisPool::start(&r.url, options)?;
+            let node_key = Key::from(config.node_id.as_str());
+            Some(RedisStore::new(
+                pool,
+                node_key,
+                epoch,
+                config.history.max_per_conv,
+                config.limits.dedupe_window_ms,
+            ))
+        }
+        None => None,
+    };
+    let mut inbound: Vec<Option<flume::Receiver<Envelope>>> = (0..shard_count).map(|_| None).collect();
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let route = Box::new(move |env: &Envelope| match &env.msg {
+                ClusterMsg::Msg { conv, .. } | ClusterMsg::Members { conv, .. } => {
+                    shard_for(conv, shard_count)
+                }
+                ClusterMsg::Push { users, .. } => users.first().map_or(0, |u| shard_for(u, shard_count)),
+                ClusterMsg::Disconnect { user } => shard_for(user, shard_count),
+                ClusterMsg::Broadcast { .. } => 0,
+            });
+            let node_key = Key::from(config.node_id.as_str());
+            let (bus, receivers) =
+                Bus::start(&c.pub_listen, node_key, epoch, shard_count, c.hwm, route).map_err(|e| {
+                    Error::Start { what: format!("cluster PUB on {}", c.pub_listen), reason: e.to_string() }
+                })?;
+            for (slot, rx) in inbound.iter_mut().zip(receivers) {
+                *slot = Some(rx);
+            }
+            bus.subscribe(Topic::All);
+            if !c.peers.is_empty() {
+                bus.set_peers(c.peers.clone());
+            }
+            Some(ClusterLinks { bus, advertise: c.advertise.clone() })
+        }
+        None => None,
+    };
     let node = Arc::new(Node {
+        store_up: AtomicBool::new(redis.is_none()),
+        presence_lost: AtomicBool::new(false),
+        presence_purges: AtomicU64::new(0),
+        redis,
+        cluster,
         epoch_tag: epoch_tag(),
-        epoch: crate::session::unix_ms(),
+        epoch,
         connections: AtomicUsize::new(0),
         ready_shards: AtomicUsize::new(0),
         shard_count,
@@ -154,8 +237,9 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let control_ends =
         ends.pop().ok_or_else(|| Error::Start { what: "mesh".into(), reason: "empty".into() })?;
     let mut shards = Vec::with_capacity(shard_count);
-    for ((id, listener), mesh) in listeners.into_iter().enumerate().zip(ends) {
-        let setup = ShardSetup { id, listener, mesh, node: node.clone(), metrics: metrics[id].clone() };
+    for (((id, listener), mesh), inbound) in listeners.into_iter().enumerate().zip(ends).zip(inbound) {
+        let metrics = metrics[id].clone();
+        let setup = ShardSetup { id, listener, mesh, node: node.clone(), metrics, inbound };
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -227,8 +311,10 @@ async fn control(
     let serving = glommio::spawn_local(api::serve(admin, api));
     let notifier = Rc::new(Notifier::from_env());
     let supervised = glommio::spawn_local(supervise(node.clone(), mesh.clone(), notifier.clone()));
+    let upkeep = glommio::spawn_local(lease::upkeep(node.clone(), mesh.clone()));
     glommio::executor().spawn_blocking(move || shutdown.wait()).await;
     drop(supervised);
+    drop(upkeep);
     notifier.notify("STOPPING=1");
     node.draining.store(true, Ordering::Relaxed);
     for shard in 0..node.shard_count {
@@ -238,14 +324,15 @@ async fn control(
     while !all_stopped(&node) {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    lease::leave(&node).await;
     drop(serving);
 }
 
-/// Tells systemd `READY=1` once every shard accepts (and the store answers), then pets
+/// Tells systemd `READY=1` once every shard accepts, then pets
 /// the watchdog at half its interval, but only while every shard answers a ping through
 /// the mesh: a wedged shard stops the pets and systemd restarts the service.
 async fn supervise(node: Arc<Node>, mesh: Rc<Mesh>, notifier: Rc<Notifier>) {
-    while !node.is_ready() {
+    while !node.is_serving() {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     notifier.notify(&format!("READY=1\nSTATUS=serving {} shards", node.shard_count));

@@ -391,6 +391,20 @@ impl Session {
         }
     }
 
+    /// Seqs `from..=to` of `conv` will never reach this session live (gone from the
+    /// store before this node could deliver them): tell it with a `gap`, and hold its
+    /// live messages of `conv` until it syncs, as after any gap.
+    pub fn missed(&self, shard: &Shard, conv: &Key, from: u64, to: u64) {
+        let mut inner = self.inner.borrow_mut();
+        if self.fd.get() < 0 || matches!(inner.mode(conv), Some(Mode::Syncing(_) | Mode::Gapped)) {
+            return;
+        }
+        inner.set_gapped(conv);
+        drop(inner);
+        let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
+        self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, &shard.metrics);
+    }
+
     /// Asks the session to close with `code` (drain, expiry, API disconnect).
     pub fn request_close(&self, code: u16, reason: &'static str) {
         self.set_close(CloseState::Requested(code, reason));

@@ -8,7 +8,9 @@
 //! heartbeat work per tick is bounded by what is due, and long fan-outs yield.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
@@ -23,14 +25,15 @@ use glommio::sync::Gate;
 use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
+use crate::cluster::{ClusterMsg, Envelope, Topic};
 use crate::config::Config;
-use crate::conv::{self, Interest};
+use crate::conv::{self, Holdback, Interest};
 use crate::hub::Hub;
 use crate::mesh::{self, Key, Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::server::Node;
+use crate::server::{ClusterLinks, Node};
 use crate::session::{self, Kind, Session};
-use crate::store::{MemoryStore, Presence, Store};
+use crate::store::{MemoryStore, NodeStore, Presence, PresenceOp, RedisStore, Store};
 use crate::wheel::{TimerId, Wheel};
 use crate::ws::codec;
 
@@ -40,6 +43,25 @@ const DRAIN_WAIT: Duration = Duration::from_secs(3);
 /// Recipients served in one go before a fan-out yields to the rest of the shard.
 const FANOUT_BATCH: usize = 256;
 
+/// How often a shard writes its connections' presence changes to Redis, in one pipeline:
+/// a connection storm costs a few round trips per interval, not one per connection.
+const PRESENCE_FLUSH: Duration = Duration::from_millis(20);
+
+/// Presence changes a shard keeps for Redis while it is unreachable; past this it drops
+/// them and asks for a full re-registration once Redis is back.
+const PRESENCE_BACKLOG: usize = 200_000;
+
+/// How long a failed gap repair waits before it tries the store again.
+const REPAIR_RETRY_MS: u64 = 500;
+
+/// Conversations whose last seq one tail-check read asks the store for.
+const CHECK_BATCH: usize = 512;
+
+/// A heartbeat tick this late means the shard did not run for a while (the process was
+/// stopped, or the host stalled): messages from other nodes may have been dropped
+/// meanwhile, so every conversation gets a tail check.
+const STALL_MS: u64 = 1000;
+
 /// Everything a shard thread is started with.
 pub struct ShardSetup {
     pub id: usize,
@@ -47,6 +69,8 @@ pub struct ShardSetup {
     pub mesh: MeshEnds,
     pub node: Arc<Node>,
     pub metrics: Arc<ShardMetrics>,
+    /// Messages from other nodes for this shard (a cluster only).
+    pub inbound: Option<flume::Receiver<Envelope>>,
 }
 
 /// The state of one shard, shared (`Rc`) by its tasks.
@@ -61,8 +85,20 @@ pub struct Shard {
     /// What the whole process shares: connection count, readiness, node id.
     pub node: Arc<Node>,
     pub mesh: Rc<Mesh>,
-    /// This shard's part of the store: the conversations and users it owns.
-    pub store: MemoryStore,
+    /// The store: this shard's part of the embedded one (the conversations and users it
+    /// owns), or a handle to Redis.
+    pub store: NodeStore,
+    /// With Redis: the delivery order of each owned conversation this node has an
+    /// interest in (see [`Holdback`]). Empty with the embedded store, whose sequencing
+    /// on the owner is already in order.
+    pub order: RefCell<HashMap<Key, Holdback>>,
+    /// Conversations with a hole to repair, by due time (shard milliseconds).
+    repairs: RefCell<VecDeque<(u64, Key)>>,
+    repair_waker: Cell<Option<Waker>>,
+    /// Conversations due for a tail check once quiet (see [`conv::QUIET_MS`]).
+    checks: RefCell<VecDeque<Key>>,
+    /// Presence changes of this shard's connections not yet written to Redis.
+    presence_out: RefCell<Vec<PresenceOp>>,
     /// Which shards want the messages of the conversations this shard owns.
     pub interest: RefCell<Interest>,
     /// This shard's sessions by user and by conversation.
@@ -118,6 +154,287 @@ impl Shard {
         }
     }
 
+    /// The Redis store, when the node runs on one.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        match &self.store {
+            NodeStore::Redis(r) => Some(r),
+            NodeStore::Memory(_) => None,
+        }
+    }
+
+    /// The node's links to its peers, when it is part of a cluster.
+    pub fn links(&self) -> Option<&ClusterLinks> {
+        self.node.cluster.as_ref()
+    }
+
+    /// Publishes to the other nodes (nothing on a single node).
+    pub fn publish(&self, topic: Topic, msg: ClusterMsg) {
+        if let Some(links) = self.links() {
+            links.bus.publish(topic, msg);
+        }
+    }
+
+    /// Shard `shard` wants the messages of `conv`, owned here.
+    pub fn want(&self, conv: &Key, shard: usize) {
+        if self.interest.borrow_mut().add(conv, shard) {
+            self.interest_began(conv);
+        }
+    }
+
+    /// Every shard wants `conv` until it says otherwise (new members may be anywhere).
+    pub fn want_all(&self, conv: &Key) {
+        if self.interest.borrow_mut().add_all(conv, self.shard_count) {
+            self.interest_began(conv);
+        }
+    }
+
+    fn unwant(&self, conv: &Key, shard: usize) {
+        if self.interest.borrow_mut().remove(conv, shard) {
+            // No session of the node is in it any more: stop its traffic, forget its order.
+            if let Some(links) = self.links() {
+                links.bus.unsubscribe(Topic::conv(conv));
+            }
+            self.order.borrow_mut().remove(conv);
+        }
+    }
+
+    fn interest_began(&self, conv: &Key) {
+        if let Some(links) = self.links() {
+            links.bus.subscribe(Topic::conv(conv));
+        }
+    }
+
+    /// A store read saw `last` as the last seq of `conv`, which this node has an interest
+    /// in: the first read is the delivery baseline (seqs up to it are the clients' to
+    /// `sync`), a later one may show a hole to repair. Returns the seq delivered so far.
+    pub fn saw_last_seq(&self, conv: &Key, last: u64) -> u64 {
+        if self.redis().is_none() {
+            return last;
+        }
+        let mut order = self.order.borrow_mut();
+        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(last));
+        h.saw(last);
+        let delivered = h.delivered();
+        drop(order);
+        self.check_hole(conv);
+        delivered
+    }
+
+    /// Hands a sequenced message to the shards that want it, in seq order: at once with
+    /// the embedded store; through the conversation's [`Holdback`] with Redis.
+    pub fn deliver_in_order(&self, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+        if self.redis().is_none() {
+            return conv::fan_out(self, conv, seq, frame, exclude);
+        }
+        if self.interest.borrow().shards(conv).is_none() {
+            return; // no session of this node is in it
+        }
+        let now = self.now_ms();
+        let mut order = self.order.borrow_mut();
+        // No baseline yet (its read is on the way): this message starts the order.
+        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(seq - 1));
+        h.active_ms = now;
+        if !h.check_queued {
+            h.check_queued = true;
+            self.checks.borrow_mut().push_back(conv.clone());
+        }
+        if !h.offer(seq, (frame, exclude)) {
+            return;
+        }
+        let mut ready = Vec::new();
+        while let Some(next) = h.next_ready() {
+            ready.push(next);
+        }
+        drop(order);
+        for (seq, (frame, exclude)) in ready {
+            conv::fan_out(self, conv, seq, frame, exclude);
+        }
+        self.check_hole(conv);
+    }
+
+    /// Schedules a repair of `conv` if it has a hole and none is scheduled.
+    fn check_hole(&self, conv: &Key) {
+        let mut order = self.order.borrow_mut();
+        let Some(h) = order.get_mut(conv) else { return };
+        if h.repair_pending || h.hole().is_none() {
+            return;
+        }
+        h.repair_pending = true;
+        drop(order);
+        let due = self.now_ms() + conv::REPAIR_AFTER_MS;
+        self.repairs.borrow_mut().push_back((due, conv.clone()));
+        if let Some(w) = self.repair_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Fills holes that outlasted [`conv::REPAIR_AFTER_MS`] from the store, one at a time.
+    async fn run_repairs(self: Rc<Self>) {
+        loop {
+            let (due, conv) =
+                futures_lite::future::poll_fn(|cx| match self.repairs.borrow_mut().pop_front() {
+                    Some(next) => Poll::Ready(next),
+                    None => {
+                        self.repair_waker.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                })
+                .await;
+            let now = self.now_ms();
+            if due > now {
+                glommio::timer::sleep(Duration::from_millis(due - now)).await;
+            }
+            let hole = match self.order.borrow_mut().get_mut(&conv) {
+                Some(h) => {
+                    h.repair_pending = false;
+                    h.hole()
+                }
+                None => None,
+            };
+            if let Some((after, upto)) = hole {
+                if !conv::repair(&self, &conv, after, upto).await {
+                    if let Some(h) = self.order.borrow_mut().get_mut(&conv) {
+                        h.repair_pending = true;
+                        self.repairs.borrow_mut().push_back((self.now_ms() + REPAIR_RETRY_MS, conv));
+                    }
+                    continue;
+                }
+                self.check_hole(&conv);
+            }
+        }
+    }
+
+    /// Tail checks: every conversation quiet for [`conv::QUIET_MS`] since its last message
+    /// has its last seq read from the store (many per read), and a hole it reveals is
+    /// repaired like any other.
+    async fn run_checks(self: Rc<Self>) {
+        let Some(redis) = self.redis().cloned() else { return };
+        let tick = Duration::from_millis(conv::QUIET_MS / 2);
+        loop {
+            glommio::timer::sleep(tick).await;
+            let now = self.now_ms();
+            let mut due = Vec::new();
+            {
+                let mut checks = self.checks.borrow_mut();
+                let mut order = self.order.borrow_mut();
+                for _ in 0..checks.len() {
+                    let Some(conv) = checks.pop_front() else { break };
+                    let Some(h) = order.get_mut(&conv) else { continue };
+                    if now >= h.active_ms + conv::QUIET_MS {
+                        h.check_queued = false;
+                        due.push(conv);
+                    } else {
+                        checks.push_back(conv);
+                    }
+                }
+            }
+            for batch in due.chunks(CHECK_BATCH) {
+                match redis.last_seqs(batch).await {
+                    Ok(lasts) => {
+                        for (conv, last) in batch.iter().zip(lasts) {
+                            if self.order.borrow().contains_key(conv) {
+                                self.saw_last_seq(conv, last);
+                            }
+                        }
+                    }
+                    Err(_) => self.check_all(),
+                }
+            }
+        }
+    }
+
+    /// Queues a tail check of every conversation this shard orders (after a stall, or
+    /// when Redis or the node's lease was lost).
+    pub fn check_all(&self) {
+        let mut order = self.order.borrow_mut();
+        let mut checks = self.checks.borrow_mut();
+        for (conv, h) in order.iter_mut() {
+            h.active_ms = 0;
+            if !h.check_queued {
+                h.check_queued = true;
+                checks.push_back(conv.clone());
+            }
+        }
+    }
+
+    /// Queues a presence change for Redis (a node on Redis only).
+    fn presence_changed(&self, op: PresenceOp) {
+        if self.redis().is_none() {
+            return;
+        }
+        let mut out = self.presence_out.borrow_mut();
+        if out.len() < PRESENCE_BACKLOG {
+            out.push(op);
+        } else {
+            self.node.presence_lost.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes queued presence changes to Redis every [`PRESENCE_FLUSH`], one pipeline per
+    /// write; what fails is kept (bounded) and written when Redis answers again.
+    async fn run_presence(self: Rc<Self>) {
+        let Some(redis) = self.redis().cloned() else { return };
+        loop {
+            glommio::timer::sleep(PRESENCE_FLUSH).await;
+            let ops = std::mem::take(&mut *self.presence_out.borrow_mut());
+            if ops.is_empty() {
+                continue;
+            }
+            if let Err(e) = redis.presence_write(ops.clone()).await {
+                debug!(shard = self.id, error = %e, "presence not written; keeping it");
+                let mut out = self.presence_out.borrow_mut();
+                let newer = std::mem::replace(&mut *out, ops);
+                out.extend(newer);
+                if out.len() > PRESENCE_BACKLOG {
+                    out.clear();
+                    self.node.presence_lost.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Every live client session's presence, queued again (see [`ShardMsg::Reregister`]).
+    fn reregister(&self) {
+        let sessions = self.sessions.borrow().all();
+        let mut out = self.presence_out.borrow_mut();
+        out.clear();
+        for s in sessions {
+            if let Kind::Client { user, .. } = &s.kind {
+                out.push(PresenceOp::Add { user: user.clone(), entry: self.presence(&s) });
+            }
+        }
+    }
+
+    /// Handles a message from another node.
+    async fn on_cluster(self: &Rc<Self>, env: Envelope) {
+        match env.msg {
+            ClusterMsg::Msg { conv, seq, json } => conv::on_remote_msg(self, conv, seq, json),
+            ClusterMsg::Members { conv, added, removed } => {
+                let me = self.clone();
+                glommio::spawn_local(async move { conv::on_remote_members(&me, conv, added, removed).await })
+                    .detach();
+            }
+            ClusterMsg::Push { users, json } => {
+                let users: Arc<[Key]> = users.into();
+                let frame = codec::text_frame(&json);
+                for shard in 0..self.shard_count {
+                    self.route(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
+                }
+            }
+            ClusterMsg::Broadcast { json } => {
+                let frame = codec::text_frame(&json);
+                for shard in 0..self.shard_count {
+                    self.route(shard, ShardMsg::Broadcast { frame: frame.clone() });
+                }
+            }
+            ClusterMsg::Disconnect { user } => {
+                for shard in 0..self.shard_count {
+                    self.route(shard, ShardMsg::Kick { user: user.clone() });
+                }
+            }
+        }
+    }
+
     /// The shard that owns a conversation or a user.
     pub fn owner_of(&self, key: &str) -> usize {
         mesh::shard_for(key, self.shard_count)
@@ -147,7 +464,12 @@ impl Shard {
             if first {
                 self.loading.set(self.loading.get() + 1);
                 self.route(self.owner_of(user), ShardMsg::LoadUser { shard: self.id, user: user.clone() });
+                if let Some(links) = self.links() {
+                    // Pushes, disconnects and membership changes of the user, from any node.
+                    links.bus.subscribe(Topic::user(user));
+                }
             }
+            self.presence_changed(PresenceOp::Add { user: user.clone(), entry: self.presence(&session) });
         }
         session
     }
@@ -161,6 +483,13 @@ impl Shard {
             for conv in emptied {
                 self.lost_interest(conv);
             }
+            if !self.hub.borrow().has_user(user) {
+                if let Some(links) = self.links() {
+                    links.bus.unsubscribe(Topic::user(user));
+                }
+            }
+            let conn = Key::from(self.conn_id(session.conn));
+            self.presence_changed(PresenceOp::Remove { user: user.clone(), conn });
         }
     }
 
@@ -199,9 +528,15 @@ impl Shard {
     async fn run_wheel(self: Rc<Self>) {
         let tick = Duration::from_millis(self.wheel.borrow().tick_ms());
         let mut due: Vec<TimerId> = Vec::with_capacity(1024);
+        let mut last = self.now_ms();
         loop {
             glommio::timer::sleep(tick).await;
             let now = self.now_ms();
+            if now > last + STALL_MS && self.redis().is_some() {
+                warn!(shard = self.id, stalled_ms = now - last, "the shard did not run for a while");
+                self.check_all();
+            }
+            last = now;
             let to = now / self.wheel.borrow().tick_ms();
             self.wheel.borrow_mut().advance(to, &mut due);
             for (i, id) in due.drain(..).enumerate() {
@@ -234,7 +569,7 @@ impl Shard {
                 conv::on_sync(self, session, user, conv, reply).await
             }
             ShardMsg::Join { shard, user, convs } => conv::on_join(self, shard, user, convs).await,
-            ShardMsg::InterestOff { shard, conv } => self.interest.borrow_mut().remove(&conv, shard),
+            ShardMsg::InterestOff { shard, conv } => self.unwant(&conv, shard),
             ShardMsg::Members { reply, conv, op, users } => {
                 // It waits on the users' owners: run it beside the receive loop.
                 let me = self.clone();
@@ -309,6 +644,34 @@ impl Shard {
                     }
                 }
                 self.mesh.reply(reply, Reply::Closed(closed));
+            }
+            ShardMsg::Kick { user } => {
+                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
+                for id in ids {
+                    if let Some(s) = self.session(id) {
+                        s.request_close(codec::close::KICKED, "disconnected by the server");
+                    }
+                }
+            }
+            ShardMsg::Missed { conv, from, to } => {
+                let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
+                for id in ids {
+                    if let Some(s) = self.session(id) {
+                        s.missed(self, &conv, from, to);
+                    }
+                }
+            }
+            ShardMsg::Reregister => {
+                self.reregister();
+                self.check_all();
+                let Some(redis) = self.redis().cloned() else { return };
+                let seen: Vec<(Key, u64)> =
+                    self.order.borrow().iter().map(|(conv, h)| (conv.clone(), h.highest())).collect();
+                if !seen.is_empty() {
+                    if let Err(e) = redis.reseed(seen).await {
+                        warn!(shard = self.id, error = %e, "counters not re-seeded");
+                    }
+                }
             }
             ShardMsg::Ping { reply } => self.mesh.reply(reply, Reply::Done),
             ShardMsg::Drain => {
@@ -393,7 +756,18 @@ pub async fn run(setup: ShardSetup) {
         shard_count: setup.node.shard_count,
         ws_config: codec::server_config(config.limits.max_message_bytes),
         verifier: Verifier::new(&config.auth.secret, config.auth.leeway_secs),
-        store: MemoryStore::new(config.history.max_per_conv, config.limits.dedupe_window_ms),
+        store: match &setup.node.redis {
+            Some(redis) => NodeStore::Redis(redis.clone()),
+            None => NodeStore::Memory(MemoryStore::new(
+                config.history.max_per_conv,
+                config.limits.dedupe_window_ms,
+            )),
+        },
+        order: RefCell::default(),
+        repairs: RefCell::default(),
+        repair_waker: Cell::new(None),
+        checks: RefCell::default(),
+        presence_out: RefCell::default(),
         config,
         metrics: setup.metrics,
         node: setup.node,
@@ -418,6 +792,20 @@ pub async fn run(setup: ShardSetup) {
         glommio::spawn_local(receive(shard.clone(), rx)).detach();
     }
     glommio::spawn_local(receive_local(shard.clone())).detach();
+    if shard.redis().is_some() {
+        glommio::spawn_local(shard.clone().run_repairs()).detach();
+        glommio::spawn_local(shard.clone().run_presence()).detach();
+        glommio::spawn_local(shard.clone().run_checks()).detach();
+    }
+    if let Some(inbound) = setup.inbound {
+        let me = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(env) = inbound.recv_async().await {
+                me.on_cluster(env).await;
+            }
+        })
+        .detach();
+    }
     shard.node.ready_shards.fetch_add(1, Ordering::Release);
     debug!(shard = shard.id, "accepting");
 

@@ -12,12 +12,12 @@
 //! - TCP keepalive (idle 30 s, interval 5 s, 3 probes): the kernel-level backstop.
 //! - `IPV6` on: endpoints may be IPv6 literals; IPv4 addresses work as before.
 //!
-//! PUB: `SNDHWM` 100 000 messages per subscriber. A subscriber that falls that far behind
+//! PUB: `SNDHWM` `cluster.hwm` (default 100 000) messages per subscriber. A subscriber that falls that far behind
 //! loses messages (silently: libzmq's PUB drops at the high-water mark and reports
 //! nothing) rather than stalling the node or its other peers. `send` uses `DONTWAIT`
 //! anyway, so the publisher thread can never block on the network.
 //!
-//! SUB: `RCVHWM` 100 000; `RECONNECT_IVL` 100 ms backing off to `RECONNECT_IVL_MAX` 1 s,
+//! SUB: `RCVHWM` `cluster.hwm`; `RECONNECT_IVL` 100 ms backing off to `RECONNECT_IVL_MAX` 1 s,
 //! so a restarted peer (same endpoint, new epoch) is back within a second of listening;
 //! `MAXMSGSIZE` = [`MAX_PAYLOAD`], the largest valid payload, so a peer announcing a bigger
 //! frame is disconnected before libzmq allocates for it. ZeroMQ resends a SUB socket's
@@ -42,7 +42,8 @@ pub const INBOUND_SLOTS: usize = 65_536;
 /// The queue is allocated and touched whole at start: about 90 bytes a slot, 6 MB a node.
 pub const OUTBOX_SLOTS: usize = 65_536;
 
-const HWM: i32 = 100_000;
+/// Messages queued per peer by default (`cluster.hwm`).
+pub const DEFAULT_HWM: u32 = 100_000;
 const RECONNECT_IVL_MS: i32 = 100;
 const RECONNECT_IVL_MAX_MS: i32 = 1_000;
 const HEARTBEAT_IVL_MS: i32 = 1_000;
@@ -122,13 +123,15 @@ impl Bus {
         node: Key,
         epoch: u64,
         receivers: usize,
+        hwm: u32,
         route: Route,
     ) -> Result<(Bus, Vec<flume::Receiver<Envelope>>), BusError> {
+        let hwm = hwm.min(i32::MAX as u32) as i32;
         if receivers == 0 {
             return Err(BusError::NoReceivers);
         }
         let ctx = zmq::Context::new();
-        let publisher = pub_socket(&ctx).map_err(|source| BusError::Socket { socket: "PUB", source })?;
+        let publisher = pub_socket(&ctx, hwm).map_err(|source| BusError::Socket { socket: "PUB", source })?;
         publisher
             .bind(pub_listen)
             .map_err(|source| BusError::Bind { endpoint: pub_listen.to_owned(), source })?;
@@ -136,7 +139,8 @@ impl Bus {
             Ok(Ok(endpoint)) => endpoint,
             _ => pub_listen.to_owned(),
         };
-        let subscriber = sub_socket(&ctx).map_err(|source| BusError::Socket { socket: "SUB", source })?;
+        let subscriber =
+            sub_socket(&ctx, hwm).map_err(|source| BusError::Socket { socket: "SUB", source })?;
 
         let metrics = Arc::new(ClusterMetrics::default());
         let (outbox, queue) = crossbeam_channel::bounded(OUTBOX_SLOTS);
@@ -276,17 +280,17 @@ fn common_options(socket: &zmq::Socket) -> zmq::Result<()> {
     socket.set_tcp_keepalive_cnt(KEEPALIVE_CNT)
 }
 
-fn pub_socket(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+fn pub_socket(ctx: &zmq::Context, hwm: i32) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::PUB)?;
     common_options(&socket)?;
-    socket.set_sndhwm(HWM)?;
+    socket.set_sndhwm(hwm)?;
     Ok(socket)
 }
 
-fn sub_socket(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+fn sub_socket(ctx: &zmq::Context, hwm: i32) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::SUB)?;
     common_options(&socket)?;
-    socket.set_rcvhwm(HWM)?;
+    socket.set_rcvhwm(hwm)?;
     socket.set_reconnect_ivl(RECONNECT_IVL_MS)?;
     socket.set_reconnect_ivl_max(RECONNECT_IVL_MAX_MS)?;
     socket.set_maxmsgsize(MAX_PAYLOAD as i64)?;

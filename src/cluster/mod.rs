@@ -40,7 +40,7 @@
 mod bus;
 mod wire;
 
-pub use bus::{Bus, BusError, Route, INBOUND_SLOTS, OUTBOX_SLOTS};
+pub use bus::{Bus, BusError, Route, DEFAULT_HWM, INBOUND_SLOTS, OUTBOX_SLOTS};
 pub use wire::{
     decode, encode, encode_into, ClusterMsg, Envelope, Topic, TopicFrame, WireError, BUCKETS, FORMAT_VERSION,
     KIND_LABELS, MAX_ID, MAX_JSON, MAX_LIST, MAX_PAYLOAD,

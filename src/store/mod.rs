@@ -144,3 +144,79 @@ pub trait Store {
     /// The conversations `user` is a member of.
     async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError>;
 }
+
+/// The store a node runs on: the embedded one, or Redis (a cluster). An enum rather than
+/// a trait object: the trait's methods are `async`, and a shard's calls stay static.
+pub enum NodeStore {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl Store for NodeStore {
+    async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.is_member(conv, user).await,
+            NodeStore::Redis(s) => s.is_member(conv, user).await,
+        }
+    }
+
+    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.member_last_seq(conv, user).await,
+            NodeStore::Redis(s) => s.member_last_seq(conv, user).await,
+        }
+    }
+
+    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.conversation(conv).await,
+            NodeStore::Redis(s) => s.conversation(conv).await,
+        }
+    }
+
+    async fn set_members(
+        &self,
+        conv: &str,
+        op: MemberOp,
+        users: &[Arc<str>],
+    ) -> Result<MemberChange, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.set_members(conv, op, users).await,
+            NodeStore::Redis(s) => s.set_members(conv, op, users).await,
+        }
+    }
+
+    async fn append(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Appended, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.append(conv, msg, floor, encode).await,
+            NodeStore::Redis(s) => s.append(conv, msg, floor, encode).await,
+        }
+    }
+
+    async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.history(conv, after, limit).await,
+            NodeStore::Redis(s) => s.history(conv, after, limit).await,
+        }
+    }
+
+    async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.link_user(user, conv, member).await,
+            NodeStore::Redis(s) => s.link_user(user, conv, member).await,
+        }
+    }
+
+    async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.user_convs(user).await,
+            NodeStore::Redis(s) => s.user_convs(user).await,
+        }
+    }
+}

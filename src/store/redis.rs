@@ -684,3 +684,21 @@ fn arcs(strings: Vec<String>) -> Vec<Arc<str>> {
 fn unexpected(e: serde_json::Error) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
+
+impl RedisStore {
+    /// The last seq of each of `convs` (0 for one never written), in one round trip: the
+    /// cluster's tail checks.
+    pub async fn last_seqs(&self, convs: &[Arc<str>]) -> Result<Vec<u64>, StoreError> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut get = ::redis::cmd("MGET");
+        for conv in convs {
+            get.arg(seq_key(conv));
+        }
+        let mut values = self.inner.pool.query(vec![get]).await?;
+        let value = values.pop().ok_or_else(|| StoreError::Unavailable("MGET gave no reply".into()))?;
+        let seqs: Vec<Option<u64>> = parse(&value)?;
+        Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
+    }
+}

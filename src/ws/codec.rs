@@ -254,6 +254,18 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     encode(OpCode::Data(Data::Text), payload)
 }
 
+/// The payload of a frame made by [`text_frame`] (a server frame: unmasked), shared
+/// without a copy.
+pub fn text_payload(frame: &Bytes) -> Bytes {
+    let offset = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return Bytes::new(),
+    };
+    frame.slice(offset.min(frame.len())..)
+}
+
 /// A server close frame with `code` and a short `reason` (cut to the 123 bytes a control
 /// frame leaves for it, on a character boundary).
 pub fn close_frame(code: u16, reason: &str) -> Bytes {
@@ -272,6 +284,14 @@ pub const PING_FRAME: &[u8] = &[0x89, 0x00];
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_payload_skips_every_header_length() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'x'; len];
+            assert_eq!(super::text_payload(&super::text_frame(&payload)), payload, "len {len}");
+        }
+    }
+
     use super::*;
 
     fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

@@ -9,6 +9,8 @@
 // Each test crate that includes this module uses a different part of it.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -340,6 +342,22 @@ impl Server {
         self.signal(libc::SIGTERM);
     }
 
+    /// Kills the process outright (SIGKILL) and waits for it to be gone.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+        assert!(self.wait_exit(Duration::from_secs(5)).is_some(), "SIGKILL did not end pid {}", self.pid);
+    }
+
+    /// Stops the process (SIGSTOP): it keeps its sockets but runs nothing.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a stopped process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) touches no memory of ours. The pid is our child's: the waiter
         // thread reaps it only once it has exited, and a pid is not reused within moments.
@@ -367,6 +385,19 @@ impl Server {
     /// An admin request without credentials.
     pub fn admin_get(&self, path: &str) -> HttpResponse {
         http(self.admin, "GET", path, None, None)
+    }
+
+    /// Polls an unauthenticated admin path until it answers `status` (bounded).
+    pub fn wait_status(&self, path: &str, status: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = try_http(self.admin, "GET", path, &[], None).map(|r| r.status).ok();
+            if got == Some(status) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{path} answered {got:?}, not {status}, within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The `/metrics` text.

@@ -1,0 +1,456 @@
+//! The cluster, black box: a real `redis-server` and three `ringpush serve` nodes on
+//! loopback, linked by ZeroMQ (peers discovered through Redis), with real WebSocket
+//! clients spread over them. Nodes get killed (SIGKILL), paused (SIGSTOP) and restarted;
+//! Redis gets killed and restarted empty.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::redis::{free_port, Redis};
+use common::*;
+use serde_json::json;
+
+/// Heartbeats slow enough that a node paused for seconds does not drop its clients as
+/// idle when it resumes (the test clients answer pings only while they read).
+const CLUSTER_TOML: &str = r#"
+[heartbeat]
+ping_interval_ms = 1000
+idle_timeout_ms = 30000
+[limits]
+send_rate_per_sec = 1000
+"#;
+
+/// One node's fixed addresses, so it can be restarted on the same ports.
+#[derive(Clone)]
+struct Ports {
+    client: u16,
+    admin: u16,
+    publish: u16,
+}
+
+impl Ports {
+    fn free() -> Ports {
+        Ports { client: free_port(), admin: free_port(), publish: free_port() }
+    }
+}
+
+fn start_node(name: &str, redis: &Redis, ports: &Ports, extra: &str) -> Server {
+    let node = format!(
+        r#"
+node_id = "{name}"
+listen = "127.0.0.1:{client}"
+admin_listen = "127.0.0.1:{admin}"
+[redis]
+url = "{url}"
+[cluster]
+pub_listen = "tcp://127.0.0.1:{publish}"
+advertise = "tcp://127.0.0.1:{publish}"
+"#,
+        client = ports.client,
+        admin = ports.admin,
+        publish = ports.publish,
+        url = redis.url(),
+    );
+    Server::start(&merge_toml(&[CLUSTER_TOML, &node, extra]))
+}
+
+/// Redis and three nodes `n1`..`n3` that know each other (each sees two peers).
+fn cluster(extra: &str) -> (Redis, Vec<Server>, Vec<Ports>) {
+    let redis = Redis::start();
+    let ports: Vec<Ports> = (0..3).map(|_| Ports::free()).collect();
+    let nodes: Vec<Server> =
+        ports.iter().enumerate().map(|(i, p)| start_node(&format!("n{}", i + 1), &redis, p, extra)).collect();
+    for node in &nodes {
+        node.wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |n| n == 2);
+    }
+    (redis, nodes, ports)
+}
+
+/// Reads frames until `done` says the collected `msg` frames of `conv` are complete;
+/// other frames are returned apart. Each read is bounded (5 s without any message).
+fn collect_msgs(
+    ws: &mut Ws,
+    conv: &str,
+    done: impl Fn(&[serde_json::Value], &[serde_json::Value]) -> bool,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut msgs = Vec::new();
+    let mut other = Vec::new();
+    while !done(&msgs, &other) {
+        let frame = read_json(ws);
+        if frame["op"] == "msg" && frame["conv"] == conv {
+            msgs.push(frame);
+        } else {
+            other.push(frame);
+        }
+    }
+    (msgs, other)
+}
+
+fn assert_increasing(who: &str, seqs: &[u64]) {
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{who}: seqs not strictly increasing: {seqs:?}");
+}
+
+/// Posts through `node`'s API until `ws` shows a `msg` of `conv` (live delivery between
+/// the nodes is up once the subscriptions have reached the publishers); returns the last
+/// seq posted. The probes are ordinary messages of the conversation.
+fn post_until_live(node: &Server, ws: &mut Ws, conv: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seq = node.post_message(conv, "system", &json!({"probe": true}));
+        ws.get_mut().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let got = loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    if v["op"] == "msg" && v["conv"] == conv {
+                        break Some(v["seq"].as_u64().expect("seq"));
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    break None
+                }
+                Err(e) => panic!("reading: {e}"),
+            }
+        };
+        ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        if let Some(got) = got {
+            // Everything up to the last probe arrives in order from here.
+            if got < seq {
+                let (rest, _) =
+                    collect_msgs(ws, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(seq));
+                assert_increasing("probe catch-up", &seqs(&rest));
+            }
+            return seq;
+        }
+        assert!(Instant::now() < deadline, "no live delivery of {conv} within 10 s");
+    }
+}
+
+#[test]
+fn three_nodes_concurrent_senders_one_order() {
+    let (_redis, nodes, _) = cluster("");
+    let conv = "c-three";
+    nodes[0].set_members(conv, &["u1", "u2", "u3"]);
+    // Every user has a device on two nodes; u1 sends from n1, u2 from n2, u3 from n3.
+    let placement = [("u1", 0, 1), ("u2", 1, 2), ("u3", 2, 0)];
+    let mut senders = Vec::new();
+    let mut readers = Vec::new();
+    for (user, send_node, read_node) in placement {
+        senders.push((user, connect_synced(&nodes[send_node], user, "phone", &[conv]).0));
+        readers.push((user, connect_synced(&nodes[read_node], user, "laptop", &[conv]).0));
+    }
+    // Live delivery reaches every node before the real traffic (it would be repaired
+    // anyway; this keeps the test about order, not about subscription start-up).
+    let mut seen = Vec::new();
+    for (_, ws) in readers.iter_mut().chain(senders.iter_mut()) {
+        seen.push(post_until_live(&nodes[0], ws, conv));
+    }
+    let warm = seen.iter().copied().max().unwrap_or(0);
+    for ((_, ws), seen) in readers.iter_mut().chain(senders.iter_mut()).zip(seen) {
+        if seen < warm {
+            let (msgs, _) =
+                collect_msgs(ws, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(warm));
+            assert_increasing("warm-up", &seqs(&msgs));
+        }
+    }
+
+    const PER_SENDER: u64 = 40;
+    let total = PER_SENDER * 3;
+    let threads: Vec<_> = senders
+        .into_iter()
+        .map(|(user, mut ws)| {
+            std::thread::spawn(move || {
+                for i in 0..PER_SENDER {
+                    send_msg(&mut ws, conv, &format!("{user}-{i}"), &json!({"n": i, "from": user}));
+                }
+                // Read until every other sender's messages and all own acks are in.
+                let (msgs, other) = collect_msgs(&mut ws, conv, |m, o| {
+                    let acks = o.iter().filter(|f| f["op"] == "ack").count() as u64;
+                    m.len() as u64 + acks == total
+                });
+                let acked: Vec<u64> =
+                    other.iter().filter(|f| f["op"] == "ack").map(|f| f["seq"].as_u64().unwrap()).collect();
+                (user, seqs(&msgs), acked)
+            })
+        })
+        .collect();
+    let reader_threads: Vec<_> = readers
+        .into_iter()
+        .map(|(user, mut ws)| {
+            std::thread::spawn(move || {
+                let (msgs, _) = collect_msgs(&mut ws, conv, |m, _| m.len() as u64 == total);
+                (user, seqs(&msgs))
+            })
+        })
+        .collect();
+
+    let expected: Vec<u64> = (warm + 1..=warm + total).collect();
+    for t in reader_threads {
+        let (user, seqs) = t.join().expect("reader");
+        assert_eq!(seqs, expected, "{user}/laptop saw a different seq list");
+    }
+    for t in threads {
+        let (user, seqs, acked) = t.join().expect("sender");
+        assert_increasing(user, &seqs);
+        assert_increasing(&format!("{user} acks"), &acked);
+        let all: BTreeSet<u64> = seqs.iter().chain(&acked).copied().collect();
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), expected, "{user}/phone: msgs + own acks");
+    }
+}
+
+#[test]
+fn killed_node_leaves_no_presence_and_a_restarted_one_rejoins() {
+    let (redis, mut nodes, ports) = cluster("");
+    let conv = "c-kill";
+    nodes[0].set_members(conv, &["u1", "u2"]);
+    let (mut on_n1, _) = connect_synced(&nodes[0], "u1", "a", &[conv]);
+    let (_on_n2, _) = connect_synced(&nodes[1], "u1", "b", &[conv]);
+    let (_on_n3, _) = connect_synced(&nodes[2], "u1", "c", &[conv]);
+    let devices = nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 3);
+    let on = |node: &str| devices.iter().filter(|d| d["node"] == node).count();
+    assert_eq!((on("n1"), on("n2"), on("n3")), (1, 1, 1), "{devices:?}");
+    post_until_live(&nodes[1], &mut on_n1, conv);
+
+    nodes[2].kill();
+    let killed = Instant::now();
+    // The survivors purge its presence within 5 s of its death ...
+    let left = nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 2);
+    assert!(left.iter().all(|d| d["node"] != "n3"), "{left:?}");
+    assert!(killed.elapsed() < Duration::from_secs(5), "took {:?}", killed.elapsed());
+    nodes[1].wait_presence("u1", Duration::from_secs(1), |d| d.len() == 2);
+    // ... and go on: a message posted on n2 reaches the device on n1.
+    let seq = nodes[1].post_message(conv, "u2", &json!({"after": "kill"}));
+    let (msgs, _) =
+        collect_msgs(&mut on_n1, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(seq));
+    assert_increasing("n1 after the kill", &seqs(&msgs));
+    assert!(redis.cli(&["HGET", "rp:nodes", "n3"]).trim().is_empty(), "n3 still registered");
+
+    // Restarted on the same ports, with a new epoch, it takes part again.
+    nodes[2] = start_node("n3", &redis, &ports[2], "");
+    nodes[2].wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |n| n == 2);
+    let (mut back, _) = connect_synced_after(&nodes[2], "u1", "c", conv);
+    let started = Instant::now();
+    post_until_live(&nodes[0], &mut back, conv);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.iter().any(|x| x["node"] == "n3"));
+}
+
+/// Connects and syncs `conv` from 0 (it may have history), returning the connection.
+fn connect_synced_after(server: &Server, user: &str, device: &str, conv: &str) -> (Ws, u64) {
+    let (mut ws, _) = connect_client(server, user, device);
+    let result = sync(&mut ws, conv, 0, None);
+    assert_increasing("replay", &result.seqs());
+    let last = result.synced["last"].as_u64().expect("last");
+    (ws, last)
+}
+
+#[test]
+fn redis_outage_refuses_sends_and_everything_resumes() {
+    let (mut redis, nodes, _) = cluster("");
+    let conv = "c-outage";
+    nodes[0].set_members(conv, &["u1", "u2"]);
+    let (mut sender, _) = connect_synced(&nodes[0], "u1", "phone", &[conv]);
+    let (mut reader, _) = connect_synced(&nodes[1], "u2", "phone", &[conv]);
+    post_until_live(&nodes[0], &mut reader, conv);
+    let probes = post_until_live(&nodes[0], &mut sender, conv);
+    let _ = probes;
+    let before = send_acked(&mut sender, conv, "m-before", &json!({"n": 0}))["seq"].as_u64().expect("seq");
+    collect_msgs(&mut reader, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(before));
+
+    redis.kill();
+    let down = Instant::now();
+    send_msg(&mut sender, conv, "m-during", &json!({"n": 1}));
+    let answer = read_op(&mut sender, "error");
+    assert_eq!((answer["code"].as_str(), answer["cid"].as_str()), (Some("unavailable"), Some("m-during")));
+    for node in &nodes {
+        node.wait_status("/readyz", 503, Duration::from_secs(5));
+    }
+    assert!(down.elapsed() < Duration::from_secs(6));
+    assert_eq!(nodes[0].api("GET", &format!("/api/v1/conversations/{conv}"), None).status, 503);
+
+    // Connections stay up meanwhile: heartbeats go on (pings answered while reading).
+    send_json(&mut sender, &json!({"op": "nonsense"}));
+    assert_eq!(read_op(&mut sender, "error")["code"], "unknown_op");
+
+    // Redis comes back empty: the backend sets the members again, the same cid is
+    // accepted now, and its seq is above every seq seen before (never reused).
+    redis.restart();
+    let back = Instant::now();
+    for node in &nodes {
+        node.wait_status("/readyz", 200, Duration::from_secs(15));
+    }
+    nodes[0].set_members(conv, &["u1", "u2"]);
+    let ack = send_acked(&mut sender, conv, "m-during", &json!({"n": 1}));
+    let seq = ack["seq"].as_u64().expect("seq");
+    assert!(seq > before, "seq {seq} reused after Redis lost its data (had {before})");
+    let (msgs, _) =
+        collect_msgs(&mut reader, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(seq));
+    assert_eq!(msgs.last().map(|m| m["body"]["n"].clone()), Some(json!(1)));
+    assert!(back.elapsed() < Duration::from_secs(15));
+    // Presence is registered again too.
+    nodes[2].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 1);
+}
+
+#[test]
+fn a_paused_node_gets_every_acked_message_in_order_after_it_resumes() {
+    // A tiny queue per peer, so ZeroMQ drops while the node is stopped.
+    let (_redis, nodes, _) = cluster("[cluster]\nhwm = 10\n");
+    let conv = "c-pause";
+    nodes[0].set_members(conv, &["u1", "u3"]);
+    let (mut on_n3, _) = connect_synced(&nodes[2], "u3", "phone", &[conv]);
+    let warm = post_until_live(&nodes[0], &mut on_n3, conv);
+    let repairs_before = nodes[2].metric("ringpush_cluster_gap_repairs_total");
+
+    nodes[2].pause();
+    let paused = Instant::now();
+    // More bytes than the kernel's socket buffers and the queues hold together.
+    let filler = "x".repeat(16 * 1024);
+    let mut last = warm;
+    for i in 0..1000 {
+        last = nodes[0].post_message(conv, "u1", &json!({"i": i, "filler": filler}));
+    }
+    // Long enough for its lease to end: the others purge its presence meanwhile.
+    nodes[0].wait_presence("u3", Duration::from_secs(6), |d| d.is_empty());
+    assert!(paused.elapsed() >= Duration::from_secs(1));
+    nodes[2].resume();
+
+    // The backlog is larger than the connection's outbound budget, so the device gets
+    // `gap` frames and syncs, as PROTOCOL.md tells clients to.
+    let got = follow(&mut on_n3, conv, warm, last);
+    assert_eq!(got, (warm + 1..=last).collect::<Vec<_>>(), "the paused node's device");
+    assert!(
+        nodes[2].metric("ringpush_cluster_gap_repairs_total") > repairs_before,
+        "no gap repair ran: the test did not make ZeroMQ drop anything"
+    );
+    // Its presence comes back once it renews its lease.
+    nodes[0].wait_presence("u3", Duration::from_secs(5), |d| d.len() == 1);
+}
+
+#[test]
+fn a_node_without_members_online_receives_none_of_a_conversation() {
+    let (_redis, nodes, _) = cluster("");
+    let conv = "c-quiet";
+    nodes[0].set_members(conv, &["u1", "u2"]);
+    let (_sender, _) = connect_synced(&nodes[0], "u1", "phone", &[conv]);
+    let (mut reader, _) = connect_synced(&nodes[1], "u2", "phone", &[conv]);
+    // n3 holds a connection too, of a user in no conversation.
+    let (_other, _) = connect_client(&nodes[2], "u9", "phone");
+    let warm = post_until_live(&nodes[0], &mut reader, conv);
+    let mut last = warm;
+    for i in 0..50 {
+        last = nodes[0].post_message(conv, "u1", &json!({"i": i}));
+    }
+    let (msgs, _) =
+        collect_msgs(&mut reader, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(last));
+    assert_eq!(seqs(&msgs), (warm + 1..=last).collect::<Vec<_>>());
+    assert!(nodes[1].metric("ringpush_cluster_received_total{kind=\"msg\"}") >= 50);
+    assert_eq!(nodes[2].metric("ringpush_cluster_received_total{kind=\"msg\"}"), 0, "{}", nodes[2].metrics());
+}
+
+#[test]
+fn the_api_acts_cluster_wide() {
+    let (_redis, nodes, _) = cluster("");
+    let (mut u1, _) = connect_client(&nodes[1], "u1", "phone");
+    let (mut u2, _) = connect_client(&nodes[2], "u2", "tablet");
+    let (mut local, _) = connect_client(&nodes[0], "u3", "desk");
+
+    // Presence lists every node's devices, with their node and address.
+    let devices = nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 1);
+    assert_eq!((devices[0]["node"].as_str(), devices[0]["device"].as_str()), (Some("n2"), Some("phone")));
+    assert_eq!(devices[0]["ip"], "127.0.0.1");
+
+    // A push from n1 reaches u1 on n2 (retried until the node's subscription is up:
+    // pushes are not stored, so one sent before it would be gone).
+    let frame = repeat_until_frame(&mut u1, || {
+        nodes[0].api_expect("POST", "/api/v1/push", Some(r#"{"users":["u1"],"body":{"hi":1}}"#), 202);
+    });
+    assert_eq!(frame, json!({"op": "push", "body": {"hi": 1}}));
+
+    // A broadcast reaches every connection of the cluster.
+    nodes[0].api_expect("POST", "/api/v1/broadcast", Some(r#"{"body":{"all":true}}"#), 202);
+    for ws in [&mut u1, &mut u2, &mut local] {
+        assert_eq!(read_op(ws, "push")["body"], json!({"all": true}));
+    }
+
+    // A disconnect from n1 closes u2's device on n3 with 4001, and its presence goes.
+    nodes[0].api_expect("POST", "/api/v1/users/u2/disconnect", None, 200);
+    assert_eq!(code_of(&read_close(&mut u2)), 4001);
+    nodes[0].wait_presence("u2", Duration::from_secs(5), |d| d.is_empty());
+}
+
+/// Reads `conv` as a well-behaved client does, from `after` until it has seq `until`:
+/// `msg` frames are taken in order, and a `gap` is answered with a `sync` from the last
+/// seq held. Returns the seqs in the order they came; each must be the next one.
+fn follow(ws: &mut Ws, conv: &str, after: u64, until: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    let mut last = after;
+    while last < until {
+        let frame = read_json(ws);
+        match frame["op"].as_str() {
+            Some("msg") if frame["conv"] == conv => {
+                let seq = frame["seq"].as_u64().expect("seq");
+                assert_eq!(seq, last + 1, "after {last} came {seq}");
+                got.push(seq);
+                last = seq;
+            }
+            Some("gap") if frame["conv"] == conv => {
+                let replay = sync(ws, conv, last, None);
+                for seq in replay.seqs() {
+                    assert_eq!(seq, last + 1, "sync after {last} replayed {seq}");
+                    got.push(seq);
+                    last = seq;
+                }
+            }
+            _ => {}
+        }
+    }
+    got
+}
+
+/// Calls `act` until `ws` receives a text frame (bounded), which is returned.
+fn repeat_until_frame(ws: &mut Ws, act: impl Fn()) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    ws.get_mut().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    loop {
+        act();
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+                return serde_json::from_str(t.as_str()).expect("json");
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading: {e}"),
+        }
+        assert!(Instant::now() < deadline, "nothing arrived within 10 s");
+    }
+}
+
+#[test]
+fn static_peers_and_a_bad_cluster_config() {
+    let redis = Redis::start();
+    let (a, b) = (Ports::free(), Ports::free());
+    let peer = |p: &Ports| format!("[cluster]\npeers = [\"tcp://127.0.0.1:{}\"]\n", p.publish);
+    let n1 = start_node("n1", &redis, &a, &peer(&b));
+    let n2 = start_node("n2", &redis, &b, &peer(&a));
+    for n in [&n1, &n2] {
+        n.wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |v| v == 1);
+    }
+    n1.set_members("c-static", &["u1", "u2"]);
+    let (mut r, _) = connect_synced(&n2, "u2", "x", &["c-static"]);
+    post_until_live(&n1, &mut r, "c-static");
+
+    // [cluster] without [redis] is refused with a line naming the key.
+    let dir = TempDir::new("bad-cluster");
+    let path = dir.write("bad.toml", "[cluster]\npub_listen = \"tcp://127.0.0.1:1\"\n");
+    let out = ringpush_command().args(["check-config", "--config"]).arg(&path).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster") && err.contains("redis"), "{err}");
+}
