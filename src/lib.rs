@@ -11,7 +11,8 @@
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
 //! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
-//! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`.
+//! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`, and
+//!   with Redis the per-node delivery order (holdback, gap repair, tail checks).
 //! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
 //! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
 //!   format, hashed topics; hands what arrives to a routing function, never routes itself.
@@ -36,6 +37,12 @@
 //! Shards and the `control` thread (an unpinned executor that serves the admin listener,
 //! talks to systemd and drives the drain) form a mesh of bounded glommio channels, FIFO
 //! per pair (`mesh`). Signals are turned into a drain on their own thread.
+//!
+//! With `[redis]` and `[cluster]`, blocking clients get threads of their own: the Redis
+//! pool's workers (`bridge`), and ZeroMQ's publisher and subscriber (`cluster`). Shards
+//! queue work to them without waiting and are woken by their answers (glommio wakers
+//! may be woken from any thread); the subscriber hands each inbound message to the
+//! owner shard of its conversation or user. The control thread keeps the node's lease.
 //!
 //! Dependencies point down: `session` and `conv` use the `Shard` context (its config,
 //! metrics, mesh and tables) rather than being handed each piece; `ws`, `protocol`,

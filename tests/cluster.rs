@@ -454,3 +454,17 @@ fn static_peers_and_a_bad_cluster_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cluster") && err.contains("redis"), "{err}");
 }
+
+#[test]
+fn a_drained_node_leaves_the_cluster_at_once() {
+    let (redis, nodes, _) = cluster("");
+    let (_ws, _) = connect_client(&nodes[2], "u1", "phone");
+    nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 1);
+    nodes[2].sigterm();
+    assert!(nodes[2].wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    // Gone now, not when its lease would have expired.
+    let presence = nodes[0].presence("u1");
+    assert!(presence.is_empty(), "{presence:?}");
+    assert!(redis.cli(&["EXISTS", "rp:lease:{n3}"]).trim() == "0", "the lease outlived the drain");
+    nodes[0].wait_metric("ringpush_cluster_peers", Duration::from_secs(5), |n| n == 1);
+}
