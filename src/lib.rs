@@ -17,6 +17,8 @@
 //!   (`memory` now); presence of local connections comes from the sessions themselves.
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
+//! - `web`: what a browser gets: the `/demo` try-it page (client listener, demo mode
+//!   only) and the live dashboard (`/`, `/events` on the admin listener), all embedded.
 //! - `metrics`: per-shard counters, summed when read.
 //! - `limits`: the host's limits, reported at start.
 //! - `notify`: the systemd notify protocol (READY, WATCHDOG, STOPPING).
@@ -51,5 +53,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod web;
 pub mod wheel;
 pub mod ws;

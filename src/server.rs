@@ -135,6 +135,12 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
     let admin_addr = admin.local_addr()?;
     crate::limits::report(&config, shard_count);
+    if config.diagnostics.demo {
+        warn!(
+            "diagnostics.demo is on: /demo/token hands out client tokens to anyone; \
+             never enable it on a server others can reach"
+        );
+    }
 
     let node = Arc::new(Node {
         epoch_tag: epoch_tag(),
