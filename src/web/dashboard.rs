@@ -22,7 +22,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde_json::{json, Map, Value};
 
-use super::query_param;
+use super::{query_param, unix_ms};
 use crate::server::Node;
 
 /// The page: HTML, CSS and JS in one file, no external assets (its own
@@ -87,7 +87,7 @@ where
             node: &node.config.node_id,
             shards: node.shard_count,
             started_unix_ms: node.epoch,
-            now_unix_ms: crate::session::unix_ms(),
+            now_unix_ms: unix_ms(),
             ready: node.is_ready(),
             draining: node.draining.load(std::sync::atomic::Ordering::Relaxed),
             streams: STREAMS.with(|s| s.get()),

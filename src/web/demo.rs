@@ -16,7 +16,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde::Deserialize;
 
-use super::{error, query_param, response};
+use super::{error, query_param, response, unix_ms};
 use crate::auth::{self, MAX_USER_LEN};
 use crate::mesh::{Key, Reply, ShardMsg};
 use crate::protocol::MAX_CONV_CHARS;
@@ -161,7 +161,7 @@ fn token(shard: &Shard, query: &str) -> Vec<u8> {
     };
     match auth::mint(&shard.config.auth.secret, &user, &device, ttl) {
         Ok(token) => {
-            let exp = crate::session::unix_ms() / 1000 + ttl;
+            let exp = unix_ms() / 1000 + ttl;
             let body = serde_json::json!({
                 "token": token, "user": user, "device": device, "exp": exp, "ws": "/ws",
             });

@@ -34,6 +34,14 @@ fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -
     out
 }
 
+/// Wall-clock time in unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// `{"error":"<code>","message":"..."}`, the error shape of PROTOCOL.md's HTTP API.
 fn error(status: u16, code: &str, message: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": code, "message": message }).to_string();
