@@ -25,6 +25,7 @@ use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, MAX_CONV_CHARS};
 use crate::server::Node;
 use crate::store::{MemberOp, NewMessage};
+use crate::web;
 use crate::ws::codec;
 
 /// Largest request head (request line + headers).
@@ -148,6 +149,12 @@ async fn connection(admin: Rc<Admin>, mut stream: TcpStream) {
             }
             Ok(Err(None)) | Err(_) => return,
         };
+        if request.method == "GET" && request.path.split('?').next() == Some("/events") {
+            // The dashboard's live feed: holds the connection until the client goes away.
+            let query = request.path.split_once('?').map_or("", |(_, q)| q);
+            let scrape = || metrics_text(&admin);
+            return web::dashboard::serve_events(&mut stream, query, &admin.node, scrape).await;
+        }
         let response = route(&admin, &request).await;
         if stream.write_all(&response.encode(keep_alive)).await.is_err() || !keep_alive {
             return;
@@ -220,6 +227,12 @@ async fn read_request(
 async fn route(admin: &Admin, req: &Request) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
+        // The dashboard (`web::dashboard`); its feed is `/events`, served by `connection`.
+        ("GET", "/") => Response {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: web::dashboard::DASHBOARD_HTML.as_bytes().to_vec(),
+        },
         ("GET", "/healthz") => Response::text(200, "ok\n"),
         ("GET", "/readyz") if admin.node.is_ready() => Response::text(200, "ready\n"),
         ("GET", "/readyz") => Response::text(503, "not ready\n"),
@@ -248,6 +261,13 @@ async fn route(admin: &Admin, req: &Request) -> Response {
         }
         _ => Response::error(404, "not_found", "no such path"),
     }
+}
+
+/// The `/metrics` text exactly as a scrape gets it: what the dashboard is built from.
+async fn metrics_text(admin: &Admin) -> String {
+    let scrape =
+        Request { method: "GET".into(), path: "/metrics".into(), authorization: None, body: Vec::new() };
+    String::from_utf8(route(admin, &scrape).await.body).unwrap_or_default()
 }
 
 fn not_found() -> Response {

@@ -23,6 +23,8 @@
 //!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
 //! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
+//! - `web`: what a browser gets: the `/demo` try-it page (client listener, demo mode
+//!   only) and the live dashboard (`/`, `/events` on the admin listener), all embedded.
 //! - `metrics`: per-shard counters, summed when read.
 //! - `lease`: the node's lease, presence and peer list in Redis (control thread).
 //! - `limits`: the host's limits, reported at start.
@@ -67,5 +69,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod web;
 pub mod wheel;
 pub mod ws;

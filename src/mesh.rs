@@ -343,10 +343,20 @@ impl Mesh {
     /// Sends a request built by `make` to `to` and waits for its reply. `None` if the
     /// peer went away before answering.
     pub async fn request(&self, to: usize, make: impl FnOnce(ReplyTo) -> ShardMsg) -> Option<Reply> {
+        self.request_via(make, |msg| self.send(to, msg)).await
+    }
+
+    /// Like [`Mesh::request`], with the caller delivering the request: a shard asking
+    /// itself routes it through its own local queue (`Shard::route`).
+    pub async fn request_via(
+        &self,
+        make: impl FnOnce(ReplyTo) -> ShardMsg,
+        deliver: impl FnOnce(ShardMsg),
+    ) -> Option<Reply> {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         self.pending.borrow_mut().insert(id, PendingSlot::Waiting(None));
-        self.send(to, make(ReplyTo { peer: self.me, id }));
+        deliver(make(ReplyTo { peer: self.me, id }));
         let guard = PendingGuard { mesh: self, id };
         let reply = futures_lite::future::poll_fn(|cx| {
             let mut pending = self.pending.borrow_mut();

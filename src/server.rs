@@ -171,6 +171,12 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let admin_addr = admin.local_addr()?;
     crate::limits::report(&config, shard_count);
     let epoch = crate::session::unix_ms();
+    if config.diagnostics.demo {
+        warn!(
+            "diagnostics.demo is on: /demo/token hands out client tokens to anyone; \
+             never enable it on a server others can reach"
+        );
+    }
 
     let redis = match &config.redis {
         Some(r) => {

@@ -34,6 +34,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientFrame, ErrorCode, ServerFrame};
 use crate::shard::Shard;
 use crate::store::{History, NewMessage};
+use crate::web::demo;
 use crate::wheel::TimerId;
 use crate::ws::codec::{self, close, Codec, Message, Next};
 use crate::ws::handshake::{self, Refusal};
@@ -957,6 +958,11 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> O
         let (request, head_len) = match handshake::parse(&head) {
             Ok(None) => continue,
             Ok(Some(parsed)) => parsed,
+            // A plain HTTP request for the try-it page and its calls, not an upgrade.
+            Err(_) if demo::is_demo_request(&head) => {
+                demo::serve(shard, stream, &head).await;
+                return None;
+            }
             Err(refusal) => return refuse_upgrade(shard, stream, refusal).await,
         };
         let checked = check(shard, &request, peer);

@@ -1,0 +1,97 @@
+//! What ringpush shows a browser: the `/demo` try-it page on the client listener (only with
+//! `diagnostics.demo = true`) and the live dashboard on the admin listener (`GET /`, fed by
+//! the server-sent events of `GET /events`).
+//!
+//! Pages, styles and scripts are embedded in the binary (`include_str!`) and load nothing
+//! from anywhere else; their `Content-Security-Policy` holds them to that. Both listeners
+//! keep their own HTTP handling; this module only answers the requests they hand it.
+
+pub mod dashboard;
+pub mod demo;
+
+/// Headers every page and script of this module is sent with: never cached (the binary
+/// is the only source), never sniffed as another type.
+const COMMON_HEADERS: &str = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n";
+
+/// A complete `Connection: close` response.
+fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         {COMMON_HEADERS}{extra_headers}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Wall-clock time in unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `{"error":"<code>","message":"..."}`, the error shape of PROTOCOL.md's HTTP API.
+fn error(status: u16, code: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    response(status, "application/json", "", body.as_bytes())
+}
+
+/// The value of `name` in a query string (`a=1&b=2`), percent-decoded; `None` when absent
+/// or not valid UTF-8 once decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let raw = query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })?;
+    let mut out = Vec::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_found_and_decoded() {
+        assert_eq!(query_param("user=alice&device=lap%20top", "device").as_deref(), Some("lap top"));
+        assert_eq!(query_param("user=alice&device=x", "user").as_deref(), Some("alice"));
+        assert_eq!(query_param("user=alice", "device"), None);
+        assert_eq!(query_param("user", "user").as_deref(), Some(""));
+        assert_eq!(query_param("user=%zz", "user"), None);
+        assert_eq!(query_param("user=%4", "user").as_deref(), Some("%4"));
+    }
+
+    #[test]
+    fn responses_close_and_carry_their_length() {
+        let text = String::from_utf8(response(200, "text/plain", "", b"hi")).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(text.contains("Content-Length: 2\r\n"));
+        assert!(text.contains("Connection: close\r\n\r\nhi"));
+    }
+}
