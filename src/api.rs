@@ -241,7 +241,7 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             content_type: "text/plain; version=0.0.4",
             body: {
                 let mut text = metrics::render(&admin.metrics);
-                metrics::render_node(&admin.node, &mut text);
+                metrics::render_node(&admin.node, &admin.metrics, &mut text);
                 metrics::render_process(&mut text);
                 text.into_bytes()
             },

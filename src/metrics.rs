@@ -227,15 +227,6 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     total(&mut out, "slow_consumer_closes_total", "Connections closed with 4002.", &|m| {
         m.slow_consumer_closes.get()
     });
-    total(&mut out, "cluster_ignored_total", "Messages from other nodes with no session here.", &|m| {
-        m.cluster_ignored.get()
-    });
-    total(&mut out, "cluster_gap_repairs_total", "Reads of missing seqs from the store.", &|m| {
-        m.cluster_repairs.get()
-    });
-    total(&mut out, "cluster_repaired_total", "Messages recovered by gap repairs.", &|m| {
-        m.cluster_repaired.get()
-    });
     let _ = writeln!(
         out,
         "# HELP ringpush_requests_refused_total Client requests answered with an error, by code.\n\
@@ -267,17 +258,34 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
 
 /// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
 /// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
-/// The node-wide figures: store health and, in a cluster, the ZeroMQ links.
-pub fn render_node(node: &crate::server::Node, out: &mut String) {
+/// The node-wide figures: store health and, with Redis, the delivery order's repairs
+/// and, in a cluster, the ZeroMQ links.
+pub fn render_node(node: &crate::server::Node, shards: &[Arc<ShardMetrics>], out: &mut String) {
     use std::sync::atomic::Ordering;
     let up = node.store_up.load(Ordering::Relaxed) as u8;
     let kind = if node.redis.is_some() { "redis" } else { "memory" };
     let _ = writeln!(
         out,
         "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
-         # TYPE ringpush_store_up gauge\nringpush_store_up{{store=\"{kind}\"}} {up}"
+         # TYPE ringpush_store_up gauge\nringpush_store_up{{backend=\"{kind}\"}} {up}"
     );
     if node.redis.is_some() {
+        let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
+            let sum: u64 = shards.iter().map(|m| get(m)).sum();
+            let _ = writeln!(
+                out,
+                "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}"
+            );
+        };
+        total(out, "cluster_ignored_total", "Messages from other nodes with no session here.", &|m| {
+            m.cluster_ignored.get()
+        });
+        total(out, "cluster_gap_repairs_total", "Reads of missing seqs from the store.", &|m| {
+            m.cluster_repairs.get()
+        });
+        total(out, "cluster_repaired_total", "Messages recovered by gap repairs.", &|m| {
+            m.cluster_repaired.get()
+        });
         let purges = node.presence_purges.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
