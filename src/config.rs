@@ -167,6 +167,20 @@ pub struct LimitsConfig {
     /// Default 300000 ms (5 min): covers reconnect-and-resend; longer costs memory per
     /// active conversation.
     pub dedupe_window_ms: u64,
+    /// New connections per second the node accepts (upgrades past it get `503` with a
+    /// `Retry-After`), shared evenly by the shards, bursts of one second's worth. Default
+    /// 0 = no limit; set it below what the node and its store can absorb, so a
+    /// reconnect storm after an outage is spread out instead of taking the node down.
+    pub connect_rate_per_sec: u32,
+    /// Open connections per client address; past it, upgrades get `503` with a
+    /// `Retry-After`. Counted per shard, as `ceil(max / shards)` each (connections of
+    /// one address spread evenly over the shards). Default 0 = no limit; mind carrier
+    /// NAT, where thousands of phones share an address.
+    pub max_connections_per_ip: u32,
+    /// On a drain, each client is told (in the 1001 close reason,
+    /// `reconnect_after_ms=N`) to wait a random 0..N ms before reconnecting. Default 10000:
+    /// a fleet comes back over ten seconds instead of at once.
+    pub reconnect_spread_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -177,6 +191,9 @@ impl Default for LimitsConfig {
             outbound_queue_bytes: 1_048_576,
             send_rate_per_sec: 50,
             dedupe_window_ms: 300_000,
+            connect_rate_per_sec: 0,
+            max_connections_per_ip: 0,
+            reconnect_spread_ms: 10_000,
         }
     }
 }

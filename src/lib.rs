@@ -8,6 +8,7 @@
 //! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
 //! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
 //! - `session`: one connection: handshake, read loop, dispatch, outbound queue, close.
+//! - `admission`: a shard's share of the connect rate and its per-address counts.
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
 //! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
@@ -50,6 +51,7 @@
 //! metrics, mesh and tables) rather than being handed each piece; `ws`, `protocol`,
 //! `hub`, `wheel` and `store` know nothing of shards or sessions.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod bridge;

@@ -46,8 +46,16 @@ impl Gauge {
 }
 
 /// Why a handshake was refused, as the `reason` label.
-pub const REFUSAL_REASONS: [&str; 7] =
-    ["bad_request", "unauthorized", "forbidden", "not_found", "bad_version", "unavailable", "timeout"];
+pub const REFUSAL_REASONS: [&str; 8] = [
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "bad_version",
+    "unavailable",
+    "throttled",
+    "timeout",
+];
 
 /// Close codes the server sends, as the `code` label.
 pub const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 4002];

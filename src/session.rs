@@ -925,6 +925,19 @@ async fn finish(shard: &Shard, session: &Session, stream: &mut TcpStream, end: E
         End::Close(code, reason) => {
             shard.metrics.close_sent(code);
             let mut out = Vec::new();
+            let hint;
+            let reason: &str = if code == close::GOING_AWAY {
+                // A drain: tell each client when to come back, spread so that a whole
+                // fleet does not reconnect at once.
+                let spread = shard.config.limits.reconnect_spread_ms;
+                hint = format!(
+                    "{reason}; reconnect_after_ms={}",
+                    shard.admission.borrow_mut().jitter_ms(spread)
+                );
+                &hint
+            } else {
+                reason
+            };
             session.inner.borrow_mut().codec.close(&shard.ws_config, code, reason, &mut out);
             session.push(Bytes::from(out), &shard.metrics);
             // Wait for the client's close reply; the server then closes TCP first.
@@ -975,6 +988,7 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> O
         accepted.leftover = head[head_len..].to_vec();
         if stream.write_all(&response).await.is_err() {
             shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+            shard.admission.borrow_mut().release(accepted.ip);
             return None;
         }
         return Some(accepted);
@@ -1004,9 +1018,14 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
     if shard.draining.get() {
         return Err(Refusal::Unavailable("server is shutting down"));
     }
+    let ip = request.client_ip(peer.ip(), &config.trusted_proxies);
+    if let Err(t) = shard.admission.borrow_mut().admit(ip, shard.now_ms()) {
+        return Err(Refusal::Throttled { why: t.why, retry_after_s: t.retry_after_s });
+    }
     let count = shard.node.connections.fetch_add(1, Ordering::Relaxed);
     if count >= config.limits.max_connections {
         shard.node.connections.fetch_sub(1, Ordering::Relaxed);
+        shard.admission.borrow_mut().release(ip);
         return Err(Refusal::Unavailable("connection limit reached"));
     }
     let now_unix = unix_ms() / 1000;
@@ -1020,7 +1039,7 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
     Ok(Accepted {
         claims: claims.map(|c| (Arc::from(c.sub), Arc::from(c.dev))),
         conn: shard.next_conn(),
-        ip: request.client_ip(peer.ip(), &config.trusted_proxies),
+        ip,
         fd: -1,
         expires_ms,
         leftover: Vec::new(),

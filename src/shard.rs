@@ -24,6 +24,7 @@ use glommio::net::TcpListener;
 use glommio::sync::Gate;
 use tracing::{debug, info, warn};
 
+use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::cluster::{ClusterMsg, Envelope, Topic};
 use crate::config::Config;
@@ -82,6 +83,8 @@ pub struct Shard {
     pub ws_config: tungstenite::protocol::WebSocketConfig,
     pub verifier: Verifier,
     pub metrics: Arc<ShardMetrics>,
+    /// This shard's share of the connect rate and the per-address connection counts.
+    pub admission: RefCell<Admission>,
     /// What the whole process shares: connection count, readiness, node id.
     pub node: Arc<Node>,
     pub mesh: Rc<Mesh>,
@@ -476,6 +479,7 @@ impl Shard {
 
     pub fn unregister(&self, session: &Session) {
         self.sessions.borrow_mut().remove(session.id);
+        self.admission.borrow_mut().release(session.ip);
         self.metrics.connections.dec();
         self.node.connections.fetch_sub(1, Ordering::Relaxed);
         if let Kind::Client { user, .. } = &session.kind {
@@ -756,6 +760,12 @@ pub async fn run(setup: ShardSetup) {
         shard_count: setup.node.shard_count,
         ws_config: codec::server_config(config.limits.max_message_bytes),
         verifier: Verifier::new(&config.auth.secret, config.auth.leeway_secs),
+        admission: RefCell::new(Admission::new(
+            config.limits.connect_rate_per_sec,
+            config.limits.max_connections_per_ip,
+            setup.node.shard_count,
+            setup.node.epoch ^ (setup.id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        )),
         store: match &setup.node.redis {
             Some(redis) => NodeStore::Redis(redis.clone()),
             None => NodeStore::Memory(MemoryStore::new(

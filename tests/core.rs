@@ -756,10 +756,21 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
 
     let start = Instant::now();
     server.sigterm();
+    let mut hints = std::collections::BTreeSet::new();
     for (i, ws) in clients.iter_mut().enumerate() {
         let close = read_close(ws);
         assert_eq!(code_of(&close), 1001, "client {i}: {close:?}");
+        // Each is told when to come back, spread over limits.reconnect_spread_ms.
+        let reason = close.as_ref().map(|c| c.reason.to_string()).unwrap_or_default();
+        let hint: u64 = reason
+            .split("reconnect_after_ms=")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("client {i}: no reconnect_after_ms in {reason:?}"));
+        assert!(hint < 10_000, "{reason}");
+        hints.insert(hint);
     }
+    assert!(hints.len() > clients.len() / 2, "reconnect hints not spread: {hints:?}");
     assert_eq!(code_of(&read_close(&mut echo)), 1001, "echo client");
     for ws in clients.iter_mut().chain(std::iter::once(&mut echo)) {
         finish_close(ws, Duration::from_secs(4));
@@ -1072,4 +1083,52 @@ fn cli_token_is_accepted_by_the_server() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_connect_storm_past_the_rate_gets_503_with_retry_after() {
+    let server = Server::start("shards = 1\n[limits]\nconnect_rate_per_sec = 3\n");
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for i in 0..12 {
+        match try_connect(server.ws_url_for(&format!("u{i}"), "phone")) {
+            Ok((ws, _)) => accepted.push(ws),
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 503);
+                let retry: u32 = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .expect("a Retry-After header");
+                assert!((1..=5).contains(&retry), "Retry-After {retry}");
+                refused += 1;
+            }
+            Err(e) => panic!("connect {i}: {e}"),
+        }
+    }
+    // A bucket of one second's worth (3), plus what refills while the storm runs.
+    assert!(accepted.len() >= 3 && accepted.len() <= 5, "{} accepted", accepted.len());
+    assert_eq!(accepted.len() + refused, 12);
+    assert_eq!(server.metric("ringpush_handshakes_refused_total{reason=\"throttled\"}"), refused as u64);
+}
+
+#[test]
+fn an_address_past_its_connection_cap_gets_503_until_one_closes() {
+    let server = Server::start("shards = 1\n[limits]\nmax_connections_per_ip = 2\n");
+    let (mut first, _) = connect_client(&server, "u1", "a");
+    let (_second, _) = connect_client(&server, "u1", "b");
+    match try_connect(server.ws_url_for("u2", "c")) {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).unwrap_or("");
+            assert!(retry.parse::<u32>().is_ok_and(|r| (10..=30).contains(&r)), "Retry-After {retry:?}");
+        }
+        other => panic!("a third connection from 127.0.0.1 was not refused: {:?}", other.map(|_| ())),
+    }
+    first.close(None).expect("close");
+    finish_close(&mut first, Duration::from_secs(2));
+    // The place is given back when the server has ended the session.
+    server.wait_metric("ringpush_connections", Duration::from_secs(5), |n| n == 1);
+    let (_third, hello) = connect_client(&server, "u2", "c");
+    assert_eq!(hello["user"], "u2");
 }

@@ -102,6 +102,16 @@ const CLOSE_KICKED = 4001;
 const MAX_FRUITLESS_SYNCS = 2;
 
 /**
+ * The `reconnect_after_ms=N` hint of a 1001 close reason (a draining server), or null.
+ * @param {string} reason
+ * @returns {number | null}
+ */
+export function reconnectHint(reason) {
+  const m = /reconnect_after_ms=(\d+)/.exec(reason ?? '');
+  return m ? Math.min(Number(m[1]), 300000) : null;
+}
+
+/**
  * The delay before reconnect attempt `attempt` (0 for the first retry).
  * @param {number} attempt
  * @param {Backoff} [backoff]
@@ -425,7 +435,9 @@ export class RingpushClient {
    */
   _scheduleReconnect(code, reason) {
     if (!this._wanted) return this._setState('closed');
-    const delayMs = backoffDelay(this._attempt, this.backoff);
+    // A draining server (1001) says when to come back, spread over its clients.
+    const hinted = code === 1001 ? reconnectHint(reason) : null;
+    const delayMs = hinted ?? backoffDelay(this._attempt, this.backoff);
     this._attempt += 1;
     this._setState('reconnecting', { attempt: this._attempt, delayMs, code, reason });
     this._timer = setTimeout(() => {

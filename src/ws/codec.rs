@@ -108,12 +108,12 @@ impl Codec {
 
     /// Starts the close handshake from the server side with `code` (tungstenite then
     /// expects the client's close reply, which [`Codec::read`] reports as `Closed`).
-    pub fn close(&mut self, config: &WebSocketConfig, code: u16, reason: &'static str, out: &mut Vec<u8>) {
+    pub fn close(&mut self, config: &WebSocketConfig, code: u16, reason: &str, out: &mut Vec<u8>) {
         let ctx =
             self.ctx.get_or_insert_with(|| Box::new(WebSocketContext::new(Role::Server, Some(*config))));
         let mut empty: &[u8] = &[];
         let mut io = Io { input: &mut empty, out };
-        let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
+        let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from(reason) };
         let _ = ctx.close(&mut io, Some(frame));
     }
 

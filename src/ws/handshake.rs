@@ -46,6 +46,8 @@ pub enum Refusal {
     UpgradeRequired,
     /// 503: the connection limit is reached, or the server is draining.
     Unavailable(&'static str),
+    /// 503 with `Retry-After`: too many new connections (node-wide or from the address).
+    Throttled { why: &'static str, retry_after_s: u32 },
 }
 
 impl Refusal {
@@ -56,7 +58,7 @@ impl Refusal {
             Refusal::Forbidden => 403,
             Refusal::NotFound => 404,
             Refusal::UpgradeRequired => 426,
-            Refusal::Unavailable(_) => 503,
+            Refusal::Unavailable(_) | Refusal::Throttled { .. } => 503,
         }
     }
 
@@ -69,12 +71,14 @@ impl Refusal {
             Refusal::NotFound => "not_found",
             Refusal::UpgradeRequired => "bad_version",
             Refusal::Unavailable(_) => "unavailable",
+            Refusal::Throttled { .. } => "throttled",
         }
     }
 
     fn body(&self) -> &'static str {
         match self {
             Refusal::BadRequest(why) | Refusal::Unauthorized(why) | Refusal::Unavailable(why) => why,
+            Refusal::Throttled { why, .. } => why,
             Refusal::Forbidden => "origin not allowed",
             Refusal::NotFound => "not found",
             Refusal::UpgradeRequired => "unsupported Sec-WebSocket-Version; use 13",
@@ -93,7 +97,11 @@ impl Refusal {
             _ => "Service Unavailable",
         };
         let body = self.body();
-        let extra = if status == 426 { "Sec-WebSocket-Version: 13\r\n" } else { "" };
+        let extra = match self {
+            Refusal::UpgradeRequired => "Sec-WebSocket-Version: 13\r\n".to_owned(),
+            Refusal::Throttled { retry_after_s, .. } => format!("Retry-After: {retry_after_s}\r\n"),
+            _ => String::new(),
+        };
         format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
              Content-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}\n",

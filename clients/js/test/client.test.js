@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
-import { backoffDelay, DEFAULT_BACKOFF, newCid, RingpushClient, RingpushError } from '../ringpush.js';
+import { backoffDelay, DEFAULT_BACKOFF, newCid, reconnectHint, RingpushClient, RingpushError } from '../ringpush.js';
 import { range, record, seqsOf, startProxy, startServer, waitFor } from './helpers.js';
 
 const FAST = { initialMs: 20, maxMs: 200, factor: 2, jitter: 0.5 };
@@ -28,6 +28,13 @@ function opened(events, nth = 1) {
 }
 
 describe('pure helpers', () => {
+  test('a draining server\'s reconnect_after_ms hint is read from the 1001 reason', () => {
+    assert.equal(reconnectHint('server shutting down; reconnect_after_ms=4821'), 4821);
+    assert.equal(reconnectHint('server shutting down'), null);
+    assert.equal(reconnectHint(''), null);
+    assert.equal(reconnectHint('reconnect_after_ms=99999999'), 300000, 'capped at five minutes');
+  });
+
   test('backoffDelay grows by the factor up to the cap, with the jitter taken off', () => {
     const b = { initialMs: 100, maxMs: 1000, factor: 2, jitter: 0.5 };
     const exact = (n) => backoffDelay(n, b, () => 0);
