@@ -472,6 +472,14 @@ pub fn cpu_time(pid: u32) -> io::Result<Duration> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat"))
 }
 
+/// utime + stime of `/proc/PID/stat` (clock ticks, 10 ms here): the kernel's own count,
+/// which keeps the time of threads that have exited. The echo scenario reports it beside
+/// [`cpu_time`] as a cross-check.
+pub fn stat_cpu_time(pid: u32) -> io::Result<Duration> {
+    parse_stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat"))
+}
+
 fn schedstat_ns(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
