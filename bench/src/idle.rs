@@ -367,7 +367,7 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
             Server::start(&args.server_bin, &setup)?
         }
     };
-    let server_cpu = if args.url.is_some() { None } else { server_cpu };
+    let server_cpu = if args.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
     let result = measure(&args, &mut server, server_cpu, client_cpu);
     if result.is_err() {
         let tail = server.log_tail(15);

@@ -360,6 +360,24 @@ pub fn print_report(human: &str, json: &str, as_json: bool) {
     }
 }
 
+/// The one CPU process `pid` is pinned to, if it is pinned to exactly one (an attached
+/// server started with `taskset -c N`, say).
+pub fn pinned_cpu(pid: u32) -> Option<usize> {
+    // SAFETY: as in `allowed_cpus`, for another process.
+    let cpus: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(pid as libc::pid_t, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+        {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    };
+    match cpus[..] {
+        [cpu] => Some(cpu),
+        _ => None,
+    }
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: as in `pin_current`.

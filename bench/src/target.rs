@@ -80,7 +80,8 @@ impl TargetArgs {
                 Server::start(&self.server_bin, &setup)?
             }
         };
-        let server_cpu = if self.url.is_some() { None } else { server_cpu };
+        // An attached server: the CPU it was pinned to by whoever started it, if one.
+        let server_cpu = if self.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
         Ok(Target { server, server_cpu, client_cpu })
     }
 }
@@ -148,7 +149,8 @@ impl EchoTargetArgs {
                 Server::start(&self.server_bin, &setup)?
             }
         };
-        let server_cpu = if self.url.is_some() { None } else { server_cpu };
+        // An attached server: the CPU it was pinned to by whoever started it, if one.
+        let server_cpu = if self.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
         Ok(Target { server, server_cpu, client_cpu })
     }
 }
