@@ -4,11 +4,12 @@
 # TCP echo as the ceiling), then ringpush's own scenarios. Writes bench/RESULTS.md and the
 # summary block of README.md. Needs a quiet machine: nothing else running.
 #
-#   bench/compare.sh                 # the full run (about 40 minutes on 2 cores)
+#   bench/compare.sh                 # the full run (about 35 minutes on 2 cores)
 #   bench/compare.sh --quick         # everything with tiny durations, to check the script
 #                                    # (about 2 minutes; writes target/compare/RESULTS.md only)
 #   options: --reps N (default 3)  --servers "ringpush node-ws ..."  --parts "echo idle upgrades alone"
-#            --out FILE (default bench/RESULTS.md; with --quick target/compare/RESULTS.md)
+#            --out FILE (default bench/RESULTS.md, and then README.md's summary block is
+#            rewritten too; with --quick target/compare/RESULTS.md)
 #
 # Each run starts its server afresh, pinned with taskset to CPU 0 (ringpush with
 # shards = 1), and the load generator on CPU 1; servers take turns within each
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
     --servers) servers=$2; shift ;;
     --parts) parts=$2; shift ;;
     --out) out=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -252,8 +253,9 @@ if has "$parts" alone; then
   fi
 fi
 
+# README.md's summary comes from full runs written to bench/RESULTS.md only.
 readme=()
-[ "$quick" = 1 ] || readme=(--readme README.md)
+[ "$quick" = 0 ] && [ "$out" = bench/RESULTS.md ] && readme=(--readme README.md)
 {
   echo "# Bench results"
   echo
@@ -280,5 +282,5 @@ readme=()
   fi
 } > "$out.tmp"
 mv "$out.tmp" "$out"
-echo "compare.sh: wrote $out$([ "$quick" = 1 ] || echo ' and the summary block of README.md')" \
+echo "compare.sh: wrote $out$([ ${#readme[@]} = 0 ] || echo ' and the summary block of README.md')" \
   "in $(((SECONDS - began) / 60)) min $(((SECONDS - began) % 60)) s; $failed_runs of $total side-by-side runs failed"

@@ -489,6 +489,7 @@ fn format_unit(x: f64, unit: Unit) -> String {
         Unit::Count if x >= 1e4 => format!("{:.0}k", x / 1e3),
         Unit::Count if x >= 1e3 => format!("{:.1}k", x / 1e3),
         Unit::Count => format!("{x:.0}"),
+        Unit::Micros if x >= 1e6 => format!("{:.2} s", x / 1e6),
         Unit::Micros if x >= 10_000.0 => format!("{:.1} ms", x / 1e3),
         Unit::Micros if x >= 1000.0 => format!("{:.2} ms", x / 1e3),
         Unit::Micros if x >= 100.0 => format!("{x:.0} µs"),
@@ -569,6 +570,7 @@ mod tests {
         assert_eq!(format_unit(957_858.0, Unit::Count), "958k");
         assert_eq!(format_unit(0.654, Unit::Micros), "0.65 µs");
         assert_eq!(format_unit(18_220.0, Unit::Micros), "18.2 ms");
+        assert_eq!(format_unit(1_098_900.0, Unit::Micros), "1.10 s");
         assert_eq!(format_unit(136_610.0, Unit::Bytes), "133.4 KiB");
         assert_eq!(format_unit(0.995, Unit::Percent), "100%");
         assert_eq!(case_label(16384, 200, 1), "16 KiB x 200 conns, pipeline 1");
