@@ -501,7 +501,10 @@ pub fn stat_cpu_time(pid: u32) -> io::Result<Duration> {
 fn schedstat_ns(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let text = fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        // A thread that exits between the listing and the read is left out, as exited
+        // threads are; failing the whole sum would fall back to 10 ms ticks for nothing.
+        let Ok(task) = task else { continue };
+        let Ok(text) = fs::read_to_string(task.path().join("schedstat")) else { continue };
         total += text.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)
