@@ -65,9 +65,16 @@ fi
 # RINGPUSH_* variables would override the generated configuration.
 for v in $(compgen -e | grep '^RINGPUSH_' || true); do unset "$v"; done
 
+for tool in taskset node npm; do
+  command -v "$tool" > /dev/null || {
+    echo "compare.sh: needs $tool (Debian: apt-get install util-linux nodejs npm)" >&2
+    exit 2
+  }
+done
 echo "compare.sh: building ringpush, the bench and the peers"
 cargo build --release --workspace -q
-cargo build --release -q --manifest-path bench/peers/Cargo.toml
+# --locked: the peers' versions are the ones in bench/peers/Cargo.lock and package-lock.json.
+cargo build --release -q --locked --manifest-path bench/peers/Cargo.toml
 npm ci --prefix bench/peers/node --no-audit --no-fund --loglevel=error > /dev/null
 bench=target/release/ringpush-bench
 peers=bench/peers/target/release
