@@ -11,6 +11,13 @@
 //! | `stats`       | `stats open O hello H pings P pongs Q closed C` |
 //! | `burst BYTES` | `burst ok K failed F ms T`: each open connection sent one binary message of BYTES and read its echo back whole and intact |
 //! | `exit` or EOF | exits; the kernel closes the sockets |
+//! | `ping MS`     | each open connection sends one ping (for servers that send none); once every pong is back, or after MS: `pinged ok K missing M ms T` |
+//! | `echo SIZE DEPTH OPCODE START END` | the echo load of [`crate::pipe`]: after END and the drain, `echoed rt R rt_win W sent S errors E inflight I`, then `hist rtt ...` |
+//! | `churn START END` | upgrade churn ([`crate::pipe`]): every slot is reset and reconnects, over and over; after END, `churned ok K ok_win W failed F failed_win FW`, then `hist upgrade ...` |
+//! | `storm`       | every connection is reset at once and all reconnect at once (no cap on handshakes in flight): `connected K failed F ms T` again, then `hist back ...` (each connection's time from the storm to up) |
+//!
+//! With `--raw` the server is a plain TCP echo: the upgrade request counts as answered
+//! once it has come back whole, and so does a ping or an echo frame, byte for byte.
 //!
 //! With `--chat` (the IM scenarios; [`crate::chat`]) a connection counts as connected
 //! once it has synced its conversations, and these come on top:
@@ -33,6 +40,8 @@ use std::time::{Duration, Instant};
 
 use crate::chat::{self, Chat, ChatArgs, Peer, Stamp};
 use crate::error::Error;
+use crate::latency::Latency;
+use crate::pipe::{Churn, EchoRun, Pipe};
 use crate::ws::{self, opcode, Decoder, Event, Rng};
 
 /// The WebSocket endpoint a fleet connects to.
@@ -97,6 +106,9 @@ pub struct FleetArgs {
     /// receiver's wake-up), at the price of this process's CPU.
     #[arg(long)]
     pub spin: bool,
+    /// The server is a plain TCP echo (no WebSocket): requests and frames come back as sent.
+    #[arg(long)]
+    pub raw: bool,
     #[command(flatten)]
     pub chat: ChatArgs,
 }
@@ -115,6 +127,9 @@ const READS_PER_WAKE: usize = 8;
 
 /// The first bytes of a text message kept to recognise the `hello` frame.
 const PREFIX: usize = 16;
+
+/// A masked ping without payload: what a raw echo sends back per ping.
+const PING_LEN: u64 = 6;
 
 /// Byte `offset` of every burst message: varied, so a misplaced or dropped piece shows.
 fn pattern(offset: u64) -> u8 {
@@ -187,6 +202,14 @@ struct Conn {
     peer: Option<Box<Peer>>,
     /// The text message being read was handed over whole from its one piece.
     handled: bool,
+    /// Messages in flight of an echo load.
+    pipe: Option<Box<Pipe>>,
+    /// Pings sent by the client whose pongs have not come back.
+    pings_out: u32,
+    /// `--raw`: bytes of the request still to come back while upgrading, then bytes come
+    /// back and not yet accounted for.
+    raw_want: u32,
+    raw_in: u64,
 }
 
 impl Conn {
@@ -213,6 +236,10 @@ impl Conn {
             burst: None,
             peer: None,
             handled: false,
+            pipe: None,
+            pings_out: 0,
+            raw_want: 0,
+            raw_in: 0,
         }
     }
 
@@ -276,6 +303,7 @@ impl Conn {
         stats: &mut Stats,
         rng: &mut Rng,
         chat: &mut Option<Chat>,
+        echo: &mut Option<EchoRun>,
         at: Stamp,
     ) -> Result<(), String> {
         loop {
@@ -305,6 +333,9 @@ impl Conn {
                         let at = self.ctl_len as usize;
                         self.ctl[at..at + p.len()].copy_from_slice(p);
                         self.ctl_len += p.len() as u8;
+                    } else if let (Some(run), true) = (echo.as_ref(), self.pipe.is_some()) {
+                        run.check(self.msg_opcode, self.msg_len, p)?;
+                        self.msg_len += p.len() as u64;
                     } else if let (Some(chat), Some(peer)) = (chat.as_mut(), self.peer.as_deref_mut()) {
                         if self.msg_opcode != opcode::TEXT {
                             return Err("unexpected binary message".into());
@@ -329,6 +360,10 @@ impl Conn {
                         self.queue_control(opcode::PONG, &payload[..self.ctl_len as usize], rng);
                         stats.pongs += 1;
                     }
+                    opcode::PONG if self.pings_out > 0 => {
+                        self.pings_out -= 1;
+                        stats.client_pongs += 1;
+                    }
                     opcode::PONG => {}
                     opcode::CLOSE => {
                         if !self.close_sent {
@@ -345,6 +380,14 @@ impl Conn {
                         };
                         return Err(format!("closed by the server with {code}"));
                     }
+                    _ if self.frame.fin && self.pipe.is_some() => {
+                        if let Some(run) = echo.as_mut() {
+                            if self.msg_len != run.size {
+                                return Err(format!("echo of {} bytes, {} sent", self.msg_len, run.size));
+                            }
+                            self.on_echo(run, rng, at.read)?;
+                        }
+                    }
                     _ if self.frame.fin => match (chat.as_mut(), self.peer.as_deref_mut()) {
                         (Some(chat), Some(peer)) => {
                             if !self.handled {
@@ -359,6 +402,69 @@ impl Conn {
                 },
             }
         }
+    }
+
+    /// One echo came back whole at `now`: its round trip ends, and while the load lasts
+    /// the next message goes out in its place.
+    fn on_echo(&mut self, run: &mut EchoRun, rng: &mut Rng, now: u64) -> Result<(), String> {
+        let Some(pipe) = self.pipe.as_deref_mut() else { return Ok(()) };
+        let Some(sent) = pipe.sent_at.pop_front() else {
+            return Err("an echo of a message never sent".into());
+        };
+        run.echoed(sent, now);
+        if run.sending(now) {
+            pipe.send(run, &mut self.out, rng.mask(), now);
+        }
+        Ok(())
+    }
+
+    /// `--raw`: bytes from a plain TCP echo. While upgrading, the request coming back
+    /// whole stands for the `101`; after it, see [`Conn::on_raw`].
+    fn raw_read(
+        &mut self,
+        data: &[u8],
+        stats: &mut Stats,
+        rng: &mut Rng,
+        echo: &mut Option<EchoRun>,
+        now: u64,
+    ) -> Result<(), String> {
+        let mut n = data.len() as u64;
+        if self.state == State::Upgrading {
+            let take = n.min(u64::from(self.raw_want));
+            self.raw_want -= take as u32;
+            n -= take;
+            if self.raw_want > 0 {
+                return Ok(());
+            }
+            self.state = State::Open;
+            self.ready = true;
+            self.key = String::new();
+        }
+        self.on_raw(n, stats, rng, echo, now)
+    }
+
+    /// `--raw`: `n` more bytes came back; whole echo frames and pings are accounted for.
+    fn on_raw(
+        &mut self,
+        n: u64,
+        stats: &mut Stats,
+        rng: &mut Rng,
+        echo: &mut Option<EchoRun>,
+        now: u64,
+    ) -> Result<(), String> {
+        self.raw_in += n;
+        if let (Some(run), true) = (echo.as_mut(), self.pipe.is_some()) {
+            while self.raw_in >= run.frame_len {
+                self.raw_in -= run.frame_len;
+                self.on_echo(run, rng, now)?;
+            }
+        }
+        while self.pings_out > 0 && self.raw_in >= PING_LEN {
+            self.raw_in -= PING_LEN;
+            self.pings_out -= 1;
+            stats.client_pongs += 1;
+        }
+        Ok(())
     }
 
     fn on_payload(&mut self, p: &[u8]) -> Result<(), String> {
@@ -411,6 +517,18 @@ struct Stats {
     pongs: u64,
     /// Connections that were counted and later ended.
     closed: u64,
+    /// Pongs read for the client's own pings.
+    client_pongs: u64,
+}
+
+/// The pings in progress (`ping MS`).
+#[derive(Debug)]
+struct PingRun {
+    started: Instant,
+    /// Done when `Stats::client_pongs` reaches this.
+    want: u64,
+    base: u64,
+    deadline: Instant,
 }
 
 /// The burst in progress.
@@ -453,6 +571,18 @@ struct Fleet {
     wait: Option<SeqWait>,
     /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, for kernel receive stamps.
     realtime_offset: i64,
+    /// Handshakes in flight at most: `--concurrency`, unbounded during a storm.
+    concurrency: usize,
+    /// The echo load in progress (`echo`).
+    echo: Option<EchoRun>,
+    /// The upgrade churn in progress (`churn`), and the slots to start again.
+    churn: Option<Churn>,
+    respawn: Vec<usize>,
+    /// When the storm in progress began, and each connection's time back up.
+    storm: Option<Instant>,
+    back: Latency,
+    /// The client pings in progress (`ping`).
+    ping: Option<PingRun>,
 }
 
 /// A load phase (`go RATE WINDOW MS`).
@@ -542,7 +672,15 @@ pub fn run(args: FleetArgs) -> Result<(), Error> {
         load: None,
         wait: None,
         realtime_offset: chat::realtime_offset(),
+        concurrency: 0,
+        echo: None,
+        churn: None,
+        respawn: Vec::new(),
+        storm: None,
+        back: Latency::new(),
+        ping: None,
     };
+    fleet.concurrency = fleet.args.concurrency.max(1);
     fleet.run_loop()
 }
 
@@ -552,6 +690,7 @@ impl Fleet {
         let mut last_sweep = Instant::now();
         while !self.exit {
             self.start_more();
+            self.respawn();
             // Wake for the next paced send (to the nanosecond: epoll_pwait2), else for the sweeps.
             let wait = match self.args.spin {
                 true => Duration::ZERO,
@@ -600,7 +739,7 @@ impl Fleet {
 
     /// Starts connections while fewer than `concurrency` handshakes are in flight.
     fn start_more(&mut self) {
-        while self.next < self.conns.len() && self.in_flight < self.args.concurrency.max(1) {
+        while self.next < self.conns.len() && self.in_flight < self.concurrency {
             let i = self.next;
             self.next += 1;
             self.conns[i].started = Instant::now();
@@ -706,7 +845,9 @@ impl Fleet {
         let key = ws::new_key(&mut self.rng);
         let host = self.args.addr.to_string();
         let conn = &mut self.conns[i];
-        conn.out.extend_from_slice(ws::upgrade_request(&host, &target, &key).as_bytes());
+        let request = ws::upgrade_request(&host, &target, &key);
+        conn.raw_want = request.len() as u32;
+        conn.out.extend_from_slice(request.as_bytes());
         conn.key = key;
         conn.state = State::Upgrading;
         self.flush(i);
@@ -763,19 +904,21 @@ impl Fleet {
             if n == 0 {
                 return self.fail(i, "closed by the server (EOF)".into());
             }
-            let at = match &self.chat {
-                Some(_) => Stamp {
+            let at = match self.chat.is_some() || self.echo.is_some() {
+                true => Stamp {
                     read: chat::now_ns(),
                     arrival: arrival.map(|real| (real as i64 - self.realtime_offset).max(0) as u64),
                 },
-                None => Stamp::default(),
+                false => Stamp::default(),
             };
             // A short read emptied the socket: epoll (level-triggered) reports more when it
             // comes, so the read that would only say EAGAIN is saved.
             let drained = n < self.read_buf.len();
             let data = &self.read_buf[..n];
             let conn = &mut self.conns[i];
-            let result = if conn.state == State::Upgrading {
+            let result = if self.args.raw {
+                conn.raw_read(data, &mut self.stats, &mut self.rng, &mut self.echo, at.read)
+            } else if conn.state == State::Upgrading {
                 conn.head.extend_from_slice(data);
                 match ws::check_response(&conn.head, &conn.key) {
                     Ok(None) => Ok(()),
@@ -786,12 +929,20 @@ impl Fleet {
                         if self.args.path == Endpoint::Echo {
                             conn.ready = true;
                         }
-                        conn.on_frames(&head[head_len..], &mut self.stats, &mut self.rng, &mut self.chat, at)
+                        let rest = &head[head_len..];
+                        conn.on_frames(
+                            rest,
+                            &mut self.stats,
+                            &mut self.rng,
+                            &mut self.chat,
+                            &mut self.echo,
+                            at,
+                        )
                     }
                     Err(e) => Err(format!("handshake: {e}")),
                 }
             } else {
-                conn.on_frames(data, &mut self.stats, &mut self.rng, &mut self.chat, at)
+                conn.on_frames(data, &mut self.stats, &mut self.rng, &mut self.chat, &mut self.echo, at)
             };
             if let Err(why) = result {
                 // Best effort: the close (or pong) queued before the error goes out now.
@@ -809,6 +960,13 @@ impl Fleet {
     fn after_progress(&mut self, i: usize) {
         let conn = &mut self.conns[i];
         if conn.state == State::Open && conn.ready && !conn.up {
+            if let Some(churn) = self.churn.as_mut() {
+                churn.upgraded(chat::now_ns(), conn.started.elapsed().as_nanos() as u64);
+                return self.recycle(i);
+            }
+            if let Some(storm) = self.storm {
+                self.back.record_ns(storm.elapsed().as_nanos() as u64);
+            }
             conn.up = true;
             self.in_flight -= 1;
             self.connect_ok += 1;
@@ -841,6 +999,21 @@ impl Fleet {
         conn.head = Vec::new();
         conn.out = Vec::new();
         conn.held = Vec::new();
+        if conn.pipe.take().is_some() {
+            if let Some(run) = self.echo.as_mut() {
+                run.errors += 1;
+            }
+            eprintln!("idle-worker: connection {} ended during the echo load: {why}", self.args.first + i);
+        }
+        if let Some(ping) = self.ping.as_mut() {
+            ping.want -= u64::from(conn.pings_out);
+        }
+        conn.pings_out = 0;
+        if let Some(churn) = self.churn.as_mut() {
+            churn.failed(chat::now_ns());
+            *self.failures.entry(why).or_default() += 1;
+            return self.recycle(i);
+        }
         if conn.burst.take().is_some() {
             if let Some(run) = self.burst.as_mut() {
                 run.pending -= 1;
@@ -864,11 +1037,13 @@ impl Fleet {
 
     /// Fails handshakes past their timeout, and the whole connect phase past its bound.
     fn sweep(&mut self) {
-        if self.connect_done {
+        let churning = self.churn.is_some();
+        if self.connect_done && !churning {
             return;
         }
         let limit = Duration::from_millis(self.args.handshake_timeout_ms);
-        let phase_over = self.started.elapsed() > Duration::from_secs(self.args.connect_timeout_secs);
+        let phase_over =
+            !churning && self.started.elapsed() > Duration::from_secs(self.args.connect_timeout_secs);
         for i in 0..self.next {
             let c = &self.conns[i];
             let waiting = matches!(c.state, State::Connecting | State::Upgrading | State::Open) && !c.up;
@@ -893,8 +1068,13 @@ impl Fleet {
             }
             let ms = self.started.elapsed().as_millis();
             say(&format!("connected {} failed {} ms {ms}", self.connect_ok, self.connect_failed))?;
+            if self.storm.take().is_some() {
+                say(&self.back.line("back"))?;
+                self.concurrency = self.args.concurrency.max(1);
+            }
         }
         self.report_chat()?;
+        self.report_load()?;
         if let Some(run) = &self.burst {
             let over = run.started.elapsed() > Duration::from_secs(self.args.burst_timeout_secs);
             if run.pending == 0 || over {
@@ -960,6 +1140,12 @@ impl Fleet {
                 ))?;
             }
             (Some("burst"), &[size]) => self.start_burst(size),
+            (Some("ping"), &[ms]) => self.start_ping(ms),
+            (Some("echo"), &[size, depth, op, start, end]) => {
+                self.start_echo(size, depth, op as u8, start, end)
+            }
+            (Some("churn"), &[start, end]) => self.start_churn(start, end),
+            (Some("storm"), _) => self.start_storm(),
             _ => return Err(Error::Worker(format!("unknown command {line:?}"))),
         }
         Ok(())
@@ -986,6 +1172,154 @@ impl Fleet {
         for i in open {
             self.flush(i);
         }
+    }
+}
+
+/// The `ping`, `echo`, `churn` and `storm` commands ([`crate::pipe`]).
+impl Fleet {
+    /// `ping MS`: one ping on every open connection; the answer once all pongs are back.
+    fn start_ping(&mut self, ms: u64) {
+        let mut sent = 0;
+        for i in 0..self.conns.len() {
+            let conn = &mut self.conns[i];
+            if conn.state == State::Open && conn.up {
+                conn.queue_control(opcode::PING, &[], &mut self.rng);
+                conn.pings_out += 1;
+                sent += 1;
+                self.flush(i);
+            }
+        }
+        let base = self.stats.client_pongs;
+        let now = Instant::now();
+        self.ping = Some(PingRun {
+            started: now,
+            want: base + sent,
+            base,
+            deadline: now + Duration::from_millis(ms),
+        });
+    }
+
+    /// `echo SIZE DEPTH OPCODE START END`: DEPTH messages in flight on every open connection.
+    fn start_echo(&mut self, size: u64, depth: u64, op: u8, start: u64, end: u64) {
+        let mut run = EchoRun::new(size as usize, op, start, end);
+        let now = chat::now_ns();
+        for i in 0..self.conns.len() {
+            let conn = &mut self.conns[i];
+            if conn.state != State::Open || !conn.up {
+                continue;
+            }
+            let mut pipe = Box::<Pipe>::default();
+            for _ in 0..depth {
+                pipe.send(&mut run, &mut conn.out, self.rng.mask(), now);
+            }
+            conn.pipe = Some(pipe);
+            self.flush(i);
+        }
+        self.echo = Some(run);
+    }
+
+    /// `churn START END`: every slot is reset and starts over.
+    fn start_churn(&mut self, start: u64, end: u64) {
+        self.churn = Some(Churn::new(start, end));
+        self.failures.clear();
+        for i in 0..self.conns.len() {
+            if self.conns[i].up {
+                self.stats.open -= 1;
+            }
+            self.recycle(i);
+        }
+    }
+
+    /// A churn slot is done with its connection: reset it (dropping the socket resets
+    /// the TCP connection, `SO_LINGER` 0), and start it again while the churn goes on.
+    fn recycle(&mut self, i: usize) {
+        let going = self.churn.as_ref().is_some_and(|c| c.going(chat::now_ns()));
+        let conn = &mut self.conns[i];
+        *conn = Conn::new();
+        if going {
+            self.respawn.push(i);
+        } else {
+            conn.state = State::Done;
+        }
+    }
+
+    /// Starts the churn slots that were recycled.
+    fn respawn(&mut self) {
+        if self.respawn.is_empty() {
+            return;
+        }
+        let going = self.churn.as_ref().is_some_and(|c| c.going(chat::now_ns()));
+        for i in std::mem::take(&mut self.respawn) {
+            if !going {
+                self.conns[i].state = State::Done;
+                continue;
+            }
+            self.conns[i].started = Instant::now();
+            if let Err(e) = self.start(i) {
+                self.fail(i, format!("connect: {}", e.kind()));
+            }
+        }
+    }
+
+    /// `storm`: every connection is reset at once, then all reconnect at once.
+    fn start_storm(&mut self) {
+        for conn in &mut self.conns {
+            *conn = Conn::new();
+        }
+        self.stats.open = 0;
+        self.next = 0;
+        self.in_flight = 0;
+        self.connect_ok = 0;
+        self.connect_failed = 0;
+        self.failures.clear();
+        self.connect_done = false;
+        self.started = Instant::now();
+        self.concurrency = usize::MAX;
+        self.back.reset();
+        self.storm = Some(self.started);
+    }
+
+    /// Answers `ping`, `echo` and `churn` once they are over.
+    fn report_load(&mut self) -> Result<(), Error> {
+        if let Some(p) = &self.ping {
+            if self.stats.client_pongs >= p.want || Instant::now() > p.deadline {
+                let ok = self.stats.client_pongs - p.base;
+                let missing = p.want.saturating_sub(self.stats.client_pongs);
+                say(&format!("pinged ok {ok} missing {missing} ms {}", p.started.elapsed().as_millis()))?;
+                self.ping = None;
+            }
+        }
+        let now = chat::now_ns();
+        if let Some(run) = &self.echo {
+            if now >= run.end {
+                let inflight: u64 =
+                    self.conns.iter().filter_map(|c| c.pipe.as_ref()).map(|p| p.sent_at.len() as u64).sum();
+                let drained = Duration::from_nanos(now - run.end) >= DRAIN_LIMIT;
+                if inflight == 0 || drained {
+                    say(&run.line(inflight))?;
+                    say(&run.rtt.line("rtt"))?;
+                    for conn in &mut self.conns {
+                        conn.pipe = None;
+                    }
+                    self.echo = None;
+                }
+            }
+        }
+        if let Some(churn) = &self.churn {
+            let busy = self
+                .conns
+                .iter()
+                .any(|c| matches!(c.state, State::Connecting | State::Upgrading | State::Open));
+            if now >= churn.end && self.respawn.is_empty() && !busy {
+                for (why, n) in &self.failures {
+                    eprintln!("idle-worker: {n} upgrades failed: {why}");
+                }
+                say(&churn.line())?;
+                say(&churn.upgrade.line("upgrade"))?;
+                self.churn = None;
+            }
+        }
+        Ok(())
     }
 }
 

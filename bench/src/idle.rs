@@ -8,6 +8,10 @@
 //! reported beside it, not in it: it is not the server's user space, and on loopback it
 //! holds both ends of every connection.
 //!
+//! With `--client-pings` (servers that send no pings of their own: the peers of
+//! `bench/compare.sh`) the clients ping instead, twice, and the wait ends once every pong
+//! is back. With `--raw` (a plain TCP echo) the same pings come back as bytes.
+//!
 //! With `--burst BYTES` (on /echo) every connection then sends one binary message of that
 //! size and reads its echo back; after two more heartbeats the RSS is measured again, to
 //! show whether the server gave the buffers of the burst back.
@@ -91,6 +95,13 @@ pub struct IdleArgs {
     /// Handshakes in flight per client process.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// The clients send the heartbeats (two pings per connection, each answered before
+    /// the next) instead of waiting for the server's: for servers that send no pings.
+    #[arg(long)]
+    pub client_pings: bool,
+    /// With --url: the server is a plain TCP echo, no WebSocket (implies --client-pings).
+    #[arg(long, requires = "url")]
+    pub raw: bool,
     /// Print one JSON line (after the human summary, which goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -115,6 +126,8 @@ pub struct Report {
     pub connected_status: ProcStatus,
     pub after: ProcStatus,
     pub heartbeat_secs: f64,
+    /// The clients sent the heartbeats (`--client-pings`).
+    pub client_pings: bool,
     pub sockstat_before: Sockstat,
     pub sockstat_after: Sockstat,
     /// Kernel socket objects (machine-wide), when /proc/slabinfo is readable.
@@ -199,8 +212,12 @@ impl Report {
             self.connect_secs,
             self.connect_rate()
         );
+        let beats = match self.client_pings {
+            true => "2 client pings per connection answered",
+            false => "2 per connection answered and read back",
+        };
         s += &format!(
-            "  heartbeats  2 per connection answered and read back within {:.1} s; {} connection(s) dropped\n",
+            "  heartbeats  {beats} within {:.1} s; {} connection(s) dropped\n",
             self.heartbeat_secs, self.dropped
         );
         s += &format!(
@@ -296,6 +313,7 @@ impl Report {
             "bytes_per_conn": round(self.bytes_per_conn()),
             "anon_bytes_per_conn": round(self.anon_bytes_per_conn()),
             "heartbeat_secs": round(self.heartbeat_secs),
+            "client_pings": self.client_pings,
             "sockstat": {
                 "before": sock(&self.sockstat_before),
                 "after": sock(&self.sockstat_after),
@@ -349,7 +367,7 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
             Server::start(&args.server_bin, &setup)?
         }
     };
-    let server_cpu = if args.url.is_some() { None } else { server_cpu };
+    let server_cpu = if args.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
     let result = measure(&args, &mut server, server_cpu, client_cpu);
     if result.is_err() {
         let tail = server.log_tail(15);
@@ -366,6 +384,9 @@ fn check(args: &IdleArgs) -> Result<(), Error> {
     }
     if args.procs == Some(0) {
         return Err(Error::Usage("--procs must be at least 1".into()));
+    }
+    if args.raw && args.burst > 0 {
+        return Err(Error::Usage("--burst needs a WebSocket server, not --raw".into()));
     }
     if args.burst > 0 && args.path != Endpoint::Echo {
         return Err(Error::Usage("--burst needs --path echo (/ws refuses binary messages with 1003)".into()));
@@ -424,7 +445,7 @@ fn measure(
         )));
     }
 
-    let beat = Heartbeats::new(args.ping_interval_ms);
+    let beat = Heartbeats { limit: Heartbeats::limit(args.ping_interval_ms), by_clients: client_pings(args) };
     let waited = beat.wait(server, &mut workers)?;
     let after = server.status()?;
     let sockstat_after = server::sockstat()?;
@@ -475,6 +496,7 @@ fn measure(
         connected_status,
         after,
         heartbeat_secs: waited.secs,
+        client_pings: client_pings(args),
         sockstat_before,
         sockstat_after,
         slab_before,
@@ -521,6 +543,9 @@ fn worker_args(args: &IdleArgs, addr: SocketAddr, procs: usize, cpu: Option<usiz
                 "--burst-timeout-secs".into(),
                 BURST_TIMEOUT_SECS.to_string().into(),
             ];
+            if args.raw {
+                v.push("--raw".into());
+            }
             if let Some(cpu) = cpu {
                 v.push("--cpu".into());
                 v.push(cpu.to_string().into());
@@ -531,9 +556,15 @@ fn worker_args(args: &IdleArgs, addr: SocketAddr, procs: usize, cpu: Option<usiz
         .collect()
 }
 
+fn client_pings(args: &IdleArgs) -> bool {
+    args.client_pings || args.raw
+}
+
 /// Waits for two heartbeats per open connection, seen from both sides.
 struct Heartbeats {
     limit: Duration,
+    /// The clients send them (`--client-pings`).
+    by_clients: bool,
 }
 
 /// What a heartbeat wait found.
@@ -544,15 +575,18 @@ struct Waited {
 }
 
 impl Heartbeats {
-    fn new(ping_interval_ms: u64) -> Heartbeats {
+    fn limit(ping_interval_ms: u64) -> Duration {
         // Two intervals are enough in principle; the rest is room for a busy machine.
-        Heartbeats { limit: Duration::from_millis(5 * ping_interval_ms) + Duration::from_secs(20) }
+        Duration::from_millis(5 * ping_interval_ms) + Duration::from_secs(20)
     }
 
     /// Until the server's `ringpush_pings_sent_total` and `ringpush_frames_in_total` (the
     /// pongs read back) and the clients' pong count have each risen by twice the open
     /// connections. Without /metrics, the clients' count alone.
     fn wait(&self, server: &Server, workers: &mut Workers) -> Result<Waited, Error> {
+        if self.by_clients {
+            return self.ping(workers);
+        }
         let started = Instant::now();
         let stats_limit = Duration::from_secs(10);
         let base_metrics = server.metrics()?;
@@ -582,6 +616,27 @@ impl Heartbeats {
             // Counters are polled: neither side pushes an event when they move.
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Heartbeats {
+    /// Two rounds of client pings; every pong must come back within the bound.
+    fn ping(&self, workers: &mut Workers) -> Result<Waited, Error> {
+        let started = Instant::now();
+        let ms = self.limit.as_millis() as u64;
+        for _ in 0..2 {
+            let pinged =
+                workers.ask(&format!("ping {ms}"), "pinged", self.limit + Duration::from_secs(10))?;
+            let missing = total(&pinged, "missing");
+            if missing > 0 {
+                return Err(Error::Timeout {
+                    what: format!("{missing} pong(s) of the clients' pings"),
+                    secs: self.limit.as_secs(),
+                });
+            }
+        }
+        let stats = workers.ask("stats", "stats", Duration::from_secs(10))?;
+        Ok(Waited { open: total(&stats, "open"), secs: started.elapsed().as_secs_f64() })
     }
 }
 

@@ -6,6 +6,10 @@
 //! - `idle`: the `idle` scenario: server memory per idle connection (and after a burst).
 //! - `im`: the `im` scenario: many conversations and senders; deliveries/s, latency, CPU.
 //! - `fanout`: the `fanout` scenario: one conversation to many members.
+//! - `echo`: the `echo` scenario: round trips, latency and server CPU per message of any
+//!   echo server (ringpush's `/echo`, a peer, a plain TCP echo).
+//! - `upgrades`: the `upgrades` scenario: new upgrades a second, a reconnect storm.
+//! - `tabulate`: the side-by-side tables of `bench/compare.sh` from its runs' JSON lines.
 //! - `target`: the IM scenarios' server options: start (tuned config) or attach, pinning.
 //! - `crowd`: the IM scenarios' client processes: command lines, connect phase, CPU time.
 //! - `plan`: who is in which conversation and who sends, the same in every process.
@@ -13,6 +17,7 @@
 //!   the admin API.
 //! - `workers`: the parent's side of the client processes: spawn, command lines, stop.
 //! - `fleet`: one client process: its connections on an epoll loop (`idle-worker`).
+//! - `pipe`: the echo load and the upgrade churn inside a client process.
 //! - `chat`: the IM protocol inside a client process: sync, sends, receipts (`--chat`).
 //! - `scan`: cheap reads of the server's JSON frames.
 //! - `latency`: HdrHistogram latencies and how they cross process boundaries.
@@ -28,16 +33,20 @@
 
 mod chat;
 mod crowd;
+mod echo;
 mod error;
 mod fanout;
 mod fleet;
 mod idle;
 mod im;
 mod latency;
+mod pipe;
 mod plan;
 mod scan;
 mod server;
+mod tabulate;
 mod target;
+mod upgrades;
 mod workers;
 mod ws;
 
@@ -62,6 +71,13 @@ enum Command {
     Im(im::ImArgs),
     /// Fan-out of one conversation to many members: time to the first and last receiver.
     Fanout(fanout::FanoutArgs),
+    /// Echo round trips of any server: N connections x size x pipeline depth; rate,
+    /// latency, server CPU per message.
+    Echo(echo::EchoArgs),
+    /// New WebSocket upgrades a second, and a reconnect storm of N clients at once.
+    Upgrades(upgrades::UpgradesArgs),
+    /// Side-by-side tables (Markdown) from the JSON lines bench/compare.sh collects.
+    Tabulate(tabulate::TabulateArgs),
     /// One client process of a scenario (started by the scenario itself).
     #[command(hide = true)]
     IdleWorker(fleet::FleetArgs),
@@ -72,6 +88,9 @@ fn main() -> ExitCode {
         Command::Idle(args) => idle::run(args).map(|_| ()),
         Command::Im(args) => im::run(args).map(|_| ()),
         Command::Fanout(args) => fanout::run(args).map(|_| ()),
+        Command::Echo(args) => echo::run(args).map(|_| ()),
+        Command::Upgrades(args) => upgrades::run(args).map(|_| ()),
+        Command::Tabulate(args) => tabulate::run(args),
         Command::IdleWorker(args) => fleet::run(args),
     };
     match result {

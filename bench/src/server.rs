@@ -360,6 +360,24 @@ pub fn print_report(human: &str, json: &str, as_json: bool) {
     }
 }
 
+/// The one CPU process `pid` is pinned to, if it is pinned to exactly one (an attached
+/// server started with `taskset -c N`, say).
+pub fn pinned_cpu(pid: u32) -> Option<usize> {
+    // SAFETY: as in `allowed_cpus`, for another process.
+    let cpus: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(pid as libc::pid_t, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+        {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    };
+    match cpus[..] {
+        [cpu] => Some(cpu),
+        _ => None,
+    }
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: as in `pin_current`.
@@ -472,10 +490,21 @@ pub fn cpu_time(pid: u32) -> io::Result<Duration> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat"))
 }
 
+/// utime + stime of `/proc/PID/stat` (clock ticks, 10 ms here): the kernel's own count,
+/// which keeps the time of threads that have exited. The echo scenario reports it beside
+/// [`cpu_time`] as a cross-check.
+pub fn stat_cpu_time(pid: u32) -> io::Result<Duration> {
+    parse_stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat"))
+}
+
 fn schedstat_ns(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let text = fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        // A thread that exits between the listing and the read is left out, as exited
+        // threads are; failing the whole sum would fall back to 10 ms ticks for nothing.
+        let Ok(task) = task else { continue };
+        let Ok(text) = fs::read_to_string(task.path().join("schedstat")) else { continue };
         total += text.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)

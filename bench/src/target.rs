@@ -80,7 +80,8 @@ impl TargetArgs {
                 Server::start(&self.server_bin, &setup)?
             }
         };
-        let server_cpu = if self.url.is_some() { None } else { server_cpu };
+        // An attached server: the CPU it was pinned to by whoever started it, if one.
+        let server_cpu = if self.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
         Ok(Target { server, server_cpu, client_cpu })
     }
 }
@@ -88,4 +89,68 @@ impl TargetArgs {
 /// `cpu N` or `unpinned`.
 pub fn pin_name(cpu: Option<usize>) -> String {
     cpu.map_or("unpinned".to_string(), |c| format!("cpu {c}"))
+}
+
+/// The server of the `echo` and `upgrades` scenarios: a ringpush this bench starts (one
+/// shard, `diagnostics.echo`), or any server named by `--url`/`--pid` that echoes on
+/// `/echo` (ringpush or a peer; see `bench/peers/`), or with `--raw` a plain TCP echo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EchoTargetArgs {
+    /// The ringpush binary to start (with a generated config: one shard, /echo on, port 0).
+    #[arg(long, value_name = "PATH", default_value = "target/release/ringpush")]
+    pub server_bin: PathBuf,
+    /// Measure a running server instead: its listener, e.g. ws://127.0.0.1:8080. The
+    /// clients upgrade on /echo.
+    #[arg(long, value_name = "URL", requires = "pid")]
+    pub url: Option<String>,
+    /// With --url: the server's process id (its CPU time is read from /proc).
+    #[arg(long, requires = "url")]
+    pub pid: Option<u32>,
+    /// With --url, for a ringpush: its admin listener, to wait for /readyz first.
+    #[arg(long, value_name = "HOST:PORT", requires = "url")]
+    pub admin: Option<SocketAddr>,
+    /// With --url: the server is a plain TCP echo, no WebSocket (the ceiling).
+    #[arg(long, requires = "url")]
+    pub raw: bool,
+    /// Keep the started server's log (stderr) in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
+    /// Pin the started server to this CPU [default: the first allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_server: Option<usize>,
+    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_client: Option<usize>,
+    /// Pin nothing.
+    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
+    pub no_pin: bool,
+}
+
+impl EchoTargetArgs {
+    /// Starts or attaches to the server; a started one takes messages of
+    /// `max_message_bytes` (at least its default of 64 KiB).
+    pub fn open(&self, max_message_bytes: usize) -> Result<Target, Error> {
+        let (server_cpu, client_cpu) = server::pick_cpus(self.no_pin, self.pin_server, self.pin_client)?;
+        let server = match (&self.url, self.pid) {
+            (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, self.admin)?,
+            _ => {
+                let setup = ServerSetup {
+                    secret: "ringpush-bench-secret".into(),
+                    // The server's defaults: heartbeats stay out of the figures.
+                    ping_interval_ms: 25_000,
+                    idle_timeout_ms: 60_000,
+                    echo: true,
+                    max_message_bytes: max_message_bytes.max(64 * 1024),
+                    send_rate_per_sec: None,
+                    outbound_queue_bytes: None,
+                    cpu: server_cpu,
+                    log: self.server_log.clone(),
+                };
+                Server::start(&self.server_bin, &setup)?
+            }
+        };
+        // An attached server: the CPU it was pinned to by whoever started it, if one.
+        let server_cpu = if self.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
+        Ok(Target { server, server_cpu, client_cpu })
+    }
 }

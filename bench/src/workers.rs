@@ -63,6 +63,58 @@ pub fn shares(total: usize, procs: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The command lines of plain client processes (`idle-worker` without `--chat`): `conns`
+/// connections split over `procs` processes, rotating over `source_ips` addresses.
+#[derive(Debug, Clone)]
+pub struct FleetPlan {
+    pub addr: std::net::SocketAddr,
+    pub path: crate::fleet::Endpoint,
+    pub conns: usize,
+    pub procs: usize,
+    pub source_ips: u8,
+    pub cpu: Option<usize>,
+    /// Handshakes in flight per process while connecting.
+    pub concurrency: usize,
+    /// A plain TCP echo (`--raw`).
+    pub raw: bool,
+    pub connect_timeout_secs: u64,
+}
+
+impl FleetPlan {
+    pub fn arg_lists(&self) -> Vec<Vec<OsString>> {
+        shares(self.conns, self.procs)
+            .into_iter()
+            .map(|(first, count)| {
+                let mut v: Vec<String> = vec![
+                    "idle-worker".into(),
+                    "--addr".into(),
+                    self.addr.to_string(),
+                    "--path".into(),
+                    self.path.as_str().into(),
+                    "--count".into(),
+                    count.to_string(),
+                    "--first".into(),
+                    first.to_string(),
+                    "--source-ips".into(),
+                    self.source_ips.to_string(),
+                    "--concurrency".into(),
+                    self.concurrency.to_string(),
+                    "--connect-timeout-secs".into(),
+                    self.connect_timeout_secs.to_string(),
+                ];
+                if self.raw {
+                    v.push("--raw".into());
+                }
+                if let Some(cpu) = self.cpu {
+                    v.push("--cpu".into());
+                    v.push(cpu.to_string());
+                }
+                v.into_iter().map(OsString::from).collect()
+            })
+            .collect()
+    }
+}
+
 /// Sums `name` over the answers of every process.
 pub fn total(replies: &[Reply], name: &str) -> u64 {
     replies.iter().map(|r| r.get(name)).sum()

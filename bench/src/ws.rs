@@ -166,14 +166,16 @@ pub fn write_header(out: &mut Vec<u8>, fin: bool, opcode: u8, payload_len: u64, 
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: u64) {
     let rot = (offset % 4) as usize;
     let key = [key[rot], key[(rot + 1) % 4], key[(rot + 2) % 4], key[(rot + 3) % 4]];
-    let word = u32::from_ne_bytes(key);
-    let mut chunks = buf.chunks_exact_mut(4);
+    // Eight bytes at a time: the echo load masks every payload it sends.
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        let v = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
-        chunk.copy_from_slice(&v.to_ne_bytes());
+        let mut v = [0u8; 8];
+        v.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(v) ^ word).to_ne_bytes());
     }
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
-        *b ^= key[i];
+        *b ^= key[i % 4];
     }
 }
 
