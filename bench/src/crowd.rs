@@ -26,6 +26,9 @@ const CONNECT_TIMEOUT_SECS: u64 = 180;
 #[derive(Debug, Clone)]
 pub struct CrowdSetup<'a> {
     pub addr: SocketAddr,
+    /// The other nodes' client listeners: users are spread over `addr` and these by
+    /// index (user `i` on the `i % (1 + len)`-th), so every conversation spans nodes.
+    pub also: Vec<SocketAddr>,
     pub plan: &'a Plan,
     pub secret: &'a str,
     pub cpu: Option<usize>,
@@ -76,6 +79,7 @@ impl ClientArgs {
     ) -> CrowdSetup<'a> {
         CrowdSetup {
             addr,
+            also: Vec::new(),
             plan,
             secret,
             cpu,
@@ -141,6 +145,10 @@ impl Crowd {
                     "--body-bytes".into(),
                     setup.body_bytes.to_string(),
                 ];
+                if !setup.also.is_empty() {
+                    v.push("--also".into());
+                    v.push(setup.also.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","));
+                }
                 if setup.per_seq {
                     v.push("--per-seq".into());
                 }

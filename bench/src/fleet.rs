@@ -68,6 +68,10 @@ pub struct FleetArgs {
     /// The server's client listener.
     #[arg(long)]
     pub addr: SocketAddr,
+    /// More client listeners (the other nodes of a cluster): connection `first + i` goes
+    /// to the `(first + i) % (1 + len)`-th of `addr` and these.
+    #[arg(long, value_delimiter = ',')]
+    pub also: Vec<SocketAddr>,
     #[arg(long, value_enum)]
     pub path: Endpoint,
     /// Connections this process opens.
@@ -750,8 +754,17 @@ impl Fleet {
         }
     }
 
+    /// Where connection `i` goes.
+    fn dest(&self, i: usize) -> SocketAddr {
+        match (self.args.first + i) % (1 + self.args.also.len()) {
+            0 => self.args.addr,
+            k => self.args.also[k - 1],
+        }
+    }
+
     fn start(&mut self, i: usize) -> io::Result<()> {
-        let ip = match self.args.addr {
+        let dest = self.dest(i);
+        let ip = match dest {
             SocketAddr::V4(_) => libc::AF_INET,
             SocketAddr::V6(_) => libc::AF_INET6,
         };
@@ -785,7 +798,7 @@ impl Fleet {
                 return Err(io::Error::last_os_error());
             }
         }
-        let (storage, len) = sockaddr(&self.args.addr);
+        let (storage, len) = sockaddr(&dest);
         // SAFETY: as above.
         let rc = unsafe { libc::connect(raw, (&storage as *const libc::sockaddr_storage).cast(), len) };
         if rc != 0 {
@@ -843,7 +856,7 @@ impl Fleet {
             }
         };
         let key = ws::new_key(&mut self.rng);
-        let host = self.args.addr.to_string();
+        let host = self.dest(i).to_string();
         let conn = &mut self.conns[i];
         let request = ws::upgrade_request(&host, &target, &key);
         conn.raw_want = request.len() as u32;

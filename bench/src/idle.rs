@@ -363,6 +363,8 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
                 outbound_queue_bytes: None,
                 cpu: server_cpu,
                 log: args.server_log.clone(),
+                node_id: "bench".into(),
+                extra_toml: String::new(),
             };
             Server::start(&args.server_bin, &setup)?
         }

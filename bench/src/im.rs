@@ -285,7 +285,8 @@ impl Report {
 pub fn run(args: ImArgs) -> Result<Report, Error> {
     check(&args)?;
     let mut target = args.target.open()?;
-    let result = measure(&args, &mut target.server, target.server_cpu, target.client_cpu);
+    let result =
+        measure(&args, std::slice::from_mut(&mut target.server), target.server_cpu, target.client_cpu);
     if result.is_err() {
         let tail = target.server.log_tail(15);
         if !tail.is_empty() {
@@ -322,12 +323,16 @@ fn senders(args: &ImArgs) -> usize {
     args.senders.unwrap_or(args.convs.min(args.conns))
 }
 
-fn measure(
+/// Runs the scenario's phases against `servers`: one, or the nodes of a cluster (users
+/// spread over them by index, memberships set through the first; CPU time and counters
+/// are their sums).
+pub fn measure(
     args: &ImArgs,
-    server: &mut Server,
+    servers: &mut [Server],
     server_cpu: Option<usize>,
     client_cpu: Option<usize>,
 ) -> Result<Report, Error> {
+    let server = &servers[0];
     let plan = Plan {
         users: args.conns,
         convs: args.convs,
@@ -338,8 +343,10 @@ fn measure(
     let started = Instant::now();
     crowd::set_memberships(server, &args.target.api_key, &plan)?;
     let setup_secs = started.elapsed().as_secs_f64();
-    let mut crowd =
-        Crowd::start(&args.clients.crowd(server.client, &plan, &args.target.secret, client_cpu, false))?;
+    let mut setup = args.clients.crowd(server.client, &plan, &args.target.secret, client_cpu, false);
+    setup.also = servers[1..].iter().map(|s| s.client).collect();
+    setup.procs = setup.procs.max(servers.len());
+    let mut crowd = Crowd::start(&setup)?;
     eprintln!(
         "ringpush-bench im: {} connections up and synced in {:.1} s",
         crowd.connected, crowd.connect_secs
@@ -348,21 +355,22 @@ fn measure(
     let mut phases = Vec::new();
     let duration = Duration::from_secs(args.duration);
     match args.rate {
-        Some(rate) => phases.push(phase(server, &mut crowd, &plan, Mode::Open { rate }, duration)?),
+        Some(rate) => phases.push(phase(servers, &mut crowd, &plan, Mode::Open { rate }, duration)?),
         None => {
-            let sat = phase(server, &mut crowd, &plan, Mode::Closed { window: args.window }, duration)?;
+            let sat = phase(servers, &mut crowd, &plan, Mode::Closed { window: args.window }, duration)?;
             let half = ((sat.acks_per_sec() / 2.0).round() as u64).max(1);
             let rate = args.latency_rate.unwrap_or(half);
             phases.push(sat);
             if !args.no_latency_phase {
-                phases.push(phase(server, &mut crowd, &plan, Mode::Open { rate }, duration)?);
+                phases.push(phase(servers, &mut crowd, &plan, Mode::Open { rate }, duration)?);
             }
         }
     }
     crowd.workers.stop();
-    if !server.alive() {
-        return Err(Error::Server("the server exited during the run".into()));
+    if !servers.iter_mut().all(|s| s.alive()) {
+        return Err(Error::Server("a server exited during the run".into()));
     }
+    let server = &servers[0];
     let report = Report {
         plan,
         body_bytes: args.clients.body_bytes,
@@ -378,13 +386,23 @@ fn measure(
     Ok(report)
 }
 
+/// Every server's `/metrics`.
+fn all_metrics(servers: &[Server]) -> Result<Vec<Option<Metrics>>, Error> {
+    servers.iter().map(|s| s.metrics()).collect()
+}
+
+/// The servers' CPU time together.
+fn all_cpu(servers: &[Server]) -> Result<Duration, Error> {
+    servers.iter().map(|s| s.cpu_time()).sum()
+}
+
 /// Bound on the wait for a phase's answers after its window: the clients' drain bound
 /// (5 s) and room for a loaded machine.
 const PHASE_ANSWER_LIMIT: Duration = Duration::from_secs(20);
 
 /// Runs one load phase and gathers what every client process measured.
 fn phase(
-    server: &Server,
+    servers: &[Server],
     crowd: &mut Crowd,
     plan: &Plan,
     mode: Mode,
@@ -401,16 +419,16 @@ fn phase(
         Mode::Closed { window } => (0, window),
         Mode::Open { rate } => (rate, 0),
     };
-    let metrics_before = server.metrics()?;
-    let server_cpu_before = server.cpu_time()?;
+    let metrics_before = all_metrics(servers)?;
+    let server_cpu_before = all_cpu(servers)?;
     let client_cpu_before = crowd.cpu_time();
     let started = Instant::now();
     crowd.workers.send(&format!("go {rate} {window} {}", duration.as_millis()))?;
     // The clients time the window themselves; the parent samples the CPU over the same span.
     thread::sleep(duration);
-    let server_cpu = server.cpu_time()?.saturating_sub(server_cpu_before);
+    let server_cpu = all_cpu(servers)?.saturating_sub(server_cpu_before);
     let client_cpu = crowd.cpu_time().saturating_sub(client_cpu_before);
-    let metrics_window = server.metrics()?;
+    let metrics_window = all_metrics(servers)?;
     let secs = started.elapsed().as_secs_f64();
 
     let done = crowd.workers.expect("done", PHASE_ANSWER_LIMIT)?;
@@ -427,9 +445,12 @@ fn phase(
             }
         }
     }
-    let metrics_after = server.metrics()?;
-    let rise = |a: &Option<Metrics>, b: &Option<Metrics>, name: &str| match (a, b) {
-        (Some(a), Some(b)) => Some(b.sum(name).saturating_sub(a.sum(name))),
+    let metrics_after = all_metrics(servers)?;
+    let sum = |m: &[Option<Metrics>], name: &str| -> Option<u64> {
+        m.iter().map(|m| m.as_ref().map(|m| m.sum(name))).sum()
+    };
+    let rise = |a: &[Option<Metrics>], b: &[Option<Metrics>], name: &str| match (sum(a, name), sum(b, name)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
     let acks = total(&done, "acks");

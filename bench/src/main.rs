@@ -32,6 +32,7 @@
 //! stdin/stdout.
 
 mod chat;
+mod cluster;
 mod crowd;
 mod echo;
 mod error;
@@ -71,6 +72,9 @@ enum Command {
     Im(im::ImArgs),
     /// Fan-out of one conversation to many members: time to the first and last receiver.
     Fanout(fanout::FanoutArgs),
+    /// The IM load across a cluster (redis-server + N nodes over ZeroMQ), users spread
+    /// over the nodes so that sends cross them.
+    Cluster(cluster::ClusterArgs),
     /// Echo round trips of any server: N connections x size x pipeline depth; rate,
     /// latency, server CPU per message.
     Echo(echo::EchoArgs),
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::Idle(args) => idle::run(args).map(|_| ()),
         Command::Im(args) => im::run(args).map(|_| ()),
         Command::Fanout(args) => fanout::run(args).map(|_| ()),
+        Command::Cluster(args) => cluster::run(args).map(|_| ()),
         Command::Echo(args) => echo::run(args).map(|_| ()),
         Command::Upgrades(args) => upgrades::run(args).map(|_| ()),
         Command::Tabulate(args) => tabulate::run(args),

@@ -76,6 +76,8 @@ impl TargetArgs {
                     outbound_queue_bytes: Some(OUTBOUND_QUEUE_BYTES),
                     cpu: server_cpu,
                     log: self.server_log.clone(),
+                    node_id: "bench".into(),
+                    extra_toml: String::new(),
                 };
                 Server::start(&self.server_bin, &setup)?
             }
@@ -145,6 +147,8 @@ impl EchoTargetArgs {
                     outbound_queue_bytes: None,
                     cpu: server_cpu,
                     log: self.server_log.clone(),
+                    node_id: "bench".into(),
+                    extra_toml: String::new(),
                 };
                 Server::start(&self.server_bin, &setup)?
             }
