@@ -314,3 +314,29 @@ fn a_drain_is_not_held_up_by_an_open_event_stream() {
         assert!(Instant::now() < deadline, "the stream did not end with the server");
     }
 }
+
+#[test]
+fn event_streams_are_capped() {
+    let server = Server::start("");
+    // Each stream counts once its first snapshot is out.
+    let mut open: Vec<Events> = (0..32).map(|_| Events::open(&server, "?interval_ms=60000")).collect();
+    for e in &mut open {
+        e.next();
+    }
+    let mut extra = raw_connect(server.admin_addr());
+    extra.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+    let (status, head) = read_response_head(&mut extra);
+    assert_eq!(status, 503, "{head}");
+    assert_eq!(header_value(&head, "retry-after").as_deref(), Some("10"));
+    // One ends: a place frees up.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut s = raw_connect(server.admin_addr());
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+        if read_response_head(&mut s).0 == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stream place freed after one closed");
+    }
+}

@@ -37,6 +37,14 @@ const MAX_INTERVAL_MS: u64 = 60_000;
 /// The latency percentiles cover the last this-many snapshots.
 const WINDOW_SNAPSHOTS: usize = 10;
 
+/// Event streams served at once; more get `503` (each renders the metrics once per
+/// interval on the control thread, which also serves the API).
+pub const MAX_STREAMS: usize = 32;
+
+/// A snapshot not written within this long ends the stream (a client that stopped
+/// reading would otherwise hold its task and connection forever).
+const WRITE_LIMIT: Duration = Duration::from_secs(10);
+
 /// The histogram behind the fan-out percentiles.
 const FANOUT: &str = "ringpush_fanout_seconds";
 
@@ -69,6 +77,12 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = String>,
 {
+    if STREAMS.with(|s| s.get()) >= MAX_STREAMS {
+        const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+            Content-Length: 24\r\nRetry-After: 10\r\nConnection: close\r\n\r\ntoo many event streams\r\n";
+        let _ = stream.write_all(BUSY.as_bytes()).await;
+        return;
+    }
     let _counted = StreamGuard::new();
     let interval = query_param(query, "interval_ms")
         .and_then(|v| v.parse::<u64>().ok())
@@ -95,7 +109,11 @@ where
         };
         let snapshot = sampler.snapshot(&text, &info, Instant::now());
         let event = format!("data: {snapshot}\n\n");
-        if stream.write_all(event.as_bytes()).await.is_err() {
+        let written = glommio::timer::timeout(WRITE_LIMIT, async {
+            Ok(stream.write_all(event.as_bytes()).await.is_ok())
+        })
+        .await;
+        if !matches!(written, Ok(true)) {
             return;
         }
         // The client never sends anything on an event stream: a read that ends means it
