@@ -213,17 +213,6 @@ impl Holdback {
 pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessage) {
     let started = std::time::Instant::now();
     msg.ts = crate::session::unix_ms();
-    if let Origin::Session(session) = origin {
-        match shard.store.is_member(&conv, &msg.from).await {
-            Ok(true) => {}
-            Ok(false) => {
-                shard.metrics.refused_send(ErrorCode::NotMember);
-                let frame = protocol::error_json(msg.cid.as_deref(), ErrorCode::NotMember, "not a member");
-                return to_session(shard, session, codec::text_frame(&frame));
-            }
-            Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
-        }
-    }
     let encode = |seq: u64| {
         let json = protocol::msg_json(&MsgFields {
             conv: &conv,
@@ -238,8 +227,22 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
     };
     // The highest seq this node has seen: a Redis that lost its data continues above it.
     let floor = shard.order.borrow().get(&conv).map_or(0, |h| h.highest());
-    let appended = match shard.store.append(&conv, &msg, floor, &encode).await {
-        Ok(appended) => appended,
+    // A client must be a member (checked with the append, in one store call); the API
+    // posts as anyone.
+    let appended = match origin {
+        Origin::Session(_) => shard.store.append_if_member(&conv, &msg, floor, &encode).await,
+        Origin::Api(_) => shard.store.append(&conv, &msg, floor, &encode).await.map(Some),
+    };
+    let appended = match appended {
+        Ok(Some(appended)) => appended,
+        Ok(None) => {
+            shard.metrics.refused_send(ErrorCode::NotMember);
+            let frame = protocol::error_json(msg.cid.as_deref(), ErrorCode::NotMember, "not a member");
+            if let Origin::Session(session) = origin {
+                to_session(shard, session, codec::text_frame(&frame));
+            }
+            return;
+        }
         Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
     };
     if appended.duplicate {
@@ -342,10 +345,11 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, r
 /// that shard those conversations' messages from now on.
 pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>) {
     let mut member_of = Vec::with_capacity(convs.len());
-    for conv in convs {
-        // A store error here leaves the conversation out; the client's `sync` after
-        // `hello` joins it again once the store answers.
-        if let Ok(Some(last)) = shard.store.member_last_seq(&conv, &user).await {
+    // A store error leaves the conversations out; the client's `sync` after `hello`
+    // joins them again once the store answers.
+    let lasts = shard.store.member_last_seqs(&convs, &user).await.unwrap_or_default();
+    for (conv, last) in convs.into_iter().zip(lasts) {
+        if let Some(last) = last {
             shard.want(&conv, from);
             shard.saw_last_seq(&conv, last);
             member_of.push(conv);

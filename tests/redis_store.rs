@@ -396,6 +396,18 @@ fn members_and_user_conversations() {
         assert_eq!(bounded(s.member_last_seq("c", "d")).await.unwrap(), Some(2));
         let (members, last) = bounded(s.conversation("c")).await.unwrap();
         assert_eq!((sorted(members), last), (users(&["c", "d"]), 2));
+        // Many conversations in one call, in the order asked.
+        let convs: Vec<Arc<str>> = vec!["c".into(), "none".into(), "c".into()];
+        assert_eq!(bounded(s.member_last_seqs(&convs, "d")).await.unwrap(), vec![Some(2), None, Some(2)]);
+        // A client's append is refused for a non-member and stores nothing; a member's
+        // goes in, as does the API's (no check).
+        let enc = |seq| encoded("c", &message("b", None, 3, "{}"), seq);
+        let refused = bounded(s.append_if_member("c", &message("b", Some("x"), 3, "{}"), 0, &enc)).await;
+        assert!(refused.unwrap().is_none());
+        assert_eq!(bounded(s.conversation("c")).await.unwrap().1, 2, "nothing stored for a non-member");
+        let enc = |seq| encoded("c", &message("d", None, 4, "{}"), seq);
+        let ok = bounded(s.append_if_member("c", &message("d", None, 4, "{}"), 0, &enc)).await.unwrap();
+        assert_eq!(ok.map(|a| a.seq), Some(3));
         assert_eq!(bounded(s.conversation("none")).await.unwrap(), (Vec::new(), 0));
 
         let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2:x".into());

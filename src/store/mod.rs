@@ -116,6 +116,14 @@ pub trait Store {
     /// `Some(last seq of conv)` when `user` is a member, `None` when not (one round trip:
     /// the cluster takes its ordering baseline from it).
     async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError>;
+    /// [`Store::member_last_seq`] for each of `convs` (a networked store: one round trip).
+    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut out = Vec::with_capacity(convs.len());
+        for conv in convs {
+            out.push(self.member_last_seq(conv, user).await?);
+        }
+        Ok(out)
+    }
     /// Members of `conv` (any order) and its last seq.
     async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError>;
     /// Changes the member set of `conv`.
@@ -136,6 +144,20 @@ pub trait Store {
         floor: u64,
         encode: &dyn Fn(u64) -> Bytes,
     ) -> Result<Appended, StoreError>;
+    /// Like [`Store::append`] for a member of `conv` only: `None` (and nothing stored)
+    /// when `msg.from` is not one. A networked store checks in the same round trip.
+    async fn append_if_member(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Option<Appended>, StoreError> {
+        if !self.is_member(conv, &msg.from).await? {
+            return Ok(None);
+        }
+        self.append(conv, msg, floor, encode).await.map(Some)
+    }
     /// Stored messages of `conv` after `after`, at most `limit`.
     async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError>;
 
@@ -164,6 +186,13 @@ impl Store for NodeStore {
         match self {
             NodeStore::Memory(s) => s.member_last_seq(conv, user).await,
             NodeStore::Redis(s) => s.member_last_seq(conv, user).await,
+        }
+    }
+
+    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.member_last_seqs(convs, user).await,
+            NodeStore::Redis(s) => s.member_last_seqs(convs, user).await,
         }
     }
 
@@ -196,6 +225,19 @@ impl Store for NodeStore {
         match self {
             NodeStore::Memory(s) => s.append(conv, msg, floor, encode).await,
             NodeStore::Redis(s) => s.append(conv, msg, floor, encode).await,
+        }
+    }
+
+    async fn append_if_member(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Option<Appended>, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.append_if_member(conv, msg, floor, encode).await,
+            NodeStore::Redis(s) => s.append_if_member(conv, msg, floor, encode).await,
         }
     }
 

@@ -125,13 +125,18 @@ fn presence_index_key(node: &str, epoch: u64) -> String {
     format!("rp:pn:{{{node}}}:{epoch}")
 }
 
-/// KEYS: seq, history, [dedupe]. ARGV: floor, max_per_conv, ts, dedupe window ms, then the
-/// stream fields as name/value pairs. Answers `{seq, ts, duplicate (0/1), fields of the
-/// first message or nil}`; seq and ts as decimal strings (Lua numbers would print as
-/// floats past 14 digits).
+/// KEYS: seq, history, members, [dedupe]. ARGV: floor, max_per_conv, ts, dedupe window
+/// ms, check membership ('1'/'0'), then the stream fields as name/value pairs, the first
+/// pair being `f`, the sender. Answers `{}` when the sender must be a member and is not
+/// (nothing stored), else `{seq, ts, duplicate (0/1), fields of the first message or
+/// nil}`; seq and ts as decimal strings (Lua numbers would print as floats past 14
+/// digits). The membership check rides in the same round trip as the append.
 const APPEND: &str = r#"
-if KEYS[3] then
-  local seen = redis.call('GET', KEYS[3])
+if ARGV[5] == '1' and redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 0 then
+  return {}
+end
+if KEYS[4] then
+  local seen = redis.call('GET', KEYS[4])
   if seen then
     local at = string.find(seen, ':', 1, true)
     local seq = string.sub(seen, 1, at - 1)
@@ -156,9 +161,9 @@ if cur < floor then
   redis.call('SET', KEYS[1], string.format('%d', floor))
 end
 local seq = string.format('%d', redis.call('INCR', KEYS[1]))
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', unpack(ARGV, 5))
-if KEYS[3] and tonumber(ARGV[4]) > 0 then
-  redis.call('SET', KEYS[3], seq .. ':' .. ARGV[3], 'PX', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', unpack(ARGV, 6))
+if KEYS[4] and tonumber(ARGV[4]) > 0 then
+  redis.call('SET', KEYS[4], seq .. ':' .. ARGV[3], 'PX', ARGV[4])
 end
 return {seq, ARGV[3], 0}
 "#;
@@ -519,6 +524,32 @@ impl Store for RedisStore {
         }
     }
 
+    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmds = Vec::with_capacity(2 * convs.len());
+        for conv in convs {
+            let mut member = ::redis::cmd("SISMEMBER");
+            member.arg(members_key(conv)).arg(user);
+            let mut seq = ::redis::cmd("GET");
+            seq.arg(seq_key(conv));
+            cmds.push(member);
+            cmds.push(seq);
+        }
+        let values = self.inner.pool.query(cmds).await?;
+        if values.len() != 2 * convs.len() {
+            return Err(StoreError::Unavailable("redis: short reply to member_last_seqs".into()));
+        }
+        values
+            .chunks(2)
+            .map(|pair| match parse::<bool>(&pair[0])? {
+                true => Ok(Some(parse::<Option<u64>>(&pair[1])?.unwrap_or(0))),
+                false => Ok(None),
+            })
+            .collect()
+    }
+
     async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
         let mut members = ::redis::cmd("SMEMBERS");
         members.arg(members_key(conv));
@@ -556,37 +587,18 @@ impl Store for RedisStore {
         floor: u64,
         encode: &dyn Fn(u64) -> Bytes,
     ) -> Result<Appended, StoreError> {
-        let me = &*self.inner;
-        let dedupe = msg.cid.as_ref().map(|cid| dedupe_key(conv, &msg.from, cid));
-        let mut cmd = me.scripts.append.cmd(if dedupe.is_some() { 3 } else { 2 });
-        cmd.arg(seq_key(conv)).arg(history_key(conv));
-        if let Some(key) = &dedupe {
-            cmd.arg(key);
-        }
-        cmd.arg(floor).arg(me.max_per_conv).arg(msg.ts).arg(me.dedupe_window_ms);
-        cmd.arg("f").arg(&*msg.from).arg("t").arg(msg.ts).arg("b").arg(&msg.body[..]);
-        if let Some(dev) = &msg.dev {
-            cmd.arg("d").arg(&**dev);
-        }
-        if let Some(cid) = &msg.cid {
-            cmd.arg("c").arg(&**cid);
-        }
-        let Value::Array(reply) = me.pool.query_one(cmd).await? else {
-            return Err(StoreError::Unavailable("redis: unexpected reply to append".into()));
-        };
-        let mut reply = reply.into_iter();
-        let seq: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
-        let ts: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
-        let duplicate: bool = parse(&reply.next().unwrap_or(Value::Nil))?;
-        if !duplicate {
-            return Ok(Appended { seq, ts, frame: encode(seq), duplicate });
-        }
-        // The first message's frame, rebuilt from history (empty when trimmed away).
-        let frame = match reply.next() {
-            Some(fields @ Value::Array(_)) => Entry::from_fields(seq, &fields)?.frame(conv),
-            _ => Bytes::new(),
-        };
-        Ok(Appended { seq, ts, frame, duplicate })
+        let appended = self.append_checked(conv, msg, floor, false, encode).await?;
+        appended.ok_or_else(|| StoreError::Unavailable("redis: append refused without a check".into()))
+    }
+
+    async fn append_if_member(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Option<Appended>, StoreError> {
+        self.append_checked(conv, msg, floor, true, encode).await
     }
 
     async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError> {
@@ -686,6 +698,55 @@ fn unexpected(e: serde_json::Error) -> StoreError {
 }
 
 impl RedisStore {
+    /// The append script; with `check`, only if the sender is a member (`None` if not).
+    async fn append_checked(
+        &self,
+        conv: &str,
+        msg: &NewMessage,
+        floor: u64,
+        check: bool,
+        encode: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Option<Appended>, StoreError> {
+        let me = &*self.inner;
+        let dedupe = msg.cid.as_ref().map(|cid| dedupe_key(conv, &msg.from, cid));
+        let mut cmd = me.scripts.append.cmd(if dedupe.is_some() { 4 } else { 3 });
+        cmd.arg(seq_key(conv)).arg(history_key(conv)).arg(members_key(conv));
+        if let Some(key) = &dedupe {
+            cmd.arg(key);
+        }
+        cmd.arg(floor).arg(me.max_per_conv).arg(msg.ts).arg(me.dedupe_window_ms).arg(if check {
+            "1"
+        } else {
+            "0"
+        });
+        cmd.arg("f").arg(&*msg.from).arg("t").arg(msg.ts).arg("b").arg(&msg.body[..]);
+        if let Some(dev) = &msg.dev {
+            cmd.arg("d").arg(&**dev);
+        }
+        if let Some(cid) = &msg.cid {
+            cmd.arg("c").arg(&**cid);
+        }
+        let Value::Array(reply) = me.pool.query_one(cmd).await? else {
+            return Err(StoreError::Unavailable("redis: unexpected reply to append".into()));
+        };
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        let mut reply = reply.into_iter();
+        let seq: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
+        let ts: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
+        let duplicate: bool = parse(&reply.next().unwrap_or(Value::Nil))?;
+        if !duplicate {
+            return Ok(Some(Appended { seq, ts, frame: encode(seq), duplicate }));
+        }
+        // The first message's frame, rebuilt from history (empty when trimmed away).
+        let frame = match reply.next() {
+            Some(fields @ Value::Array(_)) => Entry::from_fields(seq, &fields)?.frame(conv),
+            _ => Bytes::new(),
+        };
+        Ok(Some(Appended { seq, ts, frame, duplicate }))
+    }
+
     /// The last seq of each of `convs` (0 for one never written), in one round trip: the
     /// cluster's tail checks.
     pub async fn last_seqs(&self, convs: &[Arc<str>]) -> Result<Vec<u64>, StoreError> {
