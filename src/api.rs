@@ -169,52 +169,19 @@ async fn read_request(
 ) -> Result<(Request, bool), Option<Response>> {
     let mut chunk = [0u8; 4096];
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let mut content_length = 0usize;
-                let mut authorization = None;
-                let mut close = req.version == Some(0);
-                for h in req.headers.iter() {
-                    let value = std::str::from_utf8(h.value).unwrap_or("").trim();
-                    if h.name.eq_ignore_ascii_case("content-length") {
-                        content_length = value
-                            .parse()
-                            .map_err(|_| Some(Response::error(400, "bad_request", "bad Content-Length")))?;
-                    } else if h.name.eq_ignore_ascii_case("authorization") {
-                        authorization = Some(value.to_string());
-                    } else if h.name.eq_ignore_ascii_case("connection") {
-                        close |= value.eq_ignore_ascii_case("close");
-                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                        return Err(Some(Response::error(
-                            400,
-                            "bad_request",
-                            "chunked bodies are not supported",
-                        )));
-                    }
+        if let Some(head) = parse_head(buf).map_err(|e| Some(e.response()))? {
+            let end = head.head_len + head.content_length;
+            while buf.len() < end {
+                let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+                if n == 0 {
+                    return Err(None);
                 }
-                if content_length > MAX_BODY {
-                    return Err(Some(Response::error(413, "too_large", "request body too large")));
-                }
-                let method = req.method.unwrap_or("").to_string();
-                let path = req.path.unwrap_or("/").to_string();
-                while buf.len() < head_len + content_length {
-                    let n = stream.read(&mut chunk).await.map_err(|_| None)?;
-                    if n == 0 {
-                        return Err(None);
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body = buf[head_len..head_len + content_length].to_vec();
-                buf.drain(..head_len + content_length);
-                return Ok((Request { method, path, authorization, body }, !close));
+                buf.extend_from_slice(&chunk[..n]);
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(Some(Response::error(400, "bad_request", "request head too large")))
-            }
-            Err(_) => return Err(Some(Response::error(400, "bad_request", "malformed HTTP request"))),
+            let body = buf[head.head_len..end].to_vec();
+            buf.drain(..end);
+            let RequestHead { method, path, authorization, keep_alive, .. } = head;
+            return Ok((Request { method, path, authorization, body }, keep_alive));
         }
         let n = stream.read(&mut chunk).await.map_err(|_| None)?;
         if n == 0 {
@@ -222,6 +189,81 @@ async fn read_request(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// An admin request's head: what reading the body and routing need.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    /// The body's length (`Content-Length`, at most `MAX_BODY`); it starts at `head_len`.
+    pub content_length: usize,
+    pub head_len: usize,
+    /// HTTP/1.1 without `Connection: close`.
+    pub keep_alive: bool,
+}
+
+/// Why a request head is refused: answered with 400 (413 for a body too large), then the
+/// connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    Malformed,
+    HeadTooLarge,
+    BadContentLength,
+    Chunked,
+    BodyTooLarge,
+}
+
+impl HeadError {
+    fn response(self) -> Response {
+        match self {
+            HeadError::Malformed => Response::error(400, "bad_request", "malformed HTTP request"),
+            HeadError::HeadTooLarge => Response::error(400, "bad_request", "request head too large"),
+            HeadError::BadContentLength => Response::error(400, "bad_request", "bad Content-Length"),
+            HeadError::Chunked => Response::error(400, "bad_request", "chunked bodies are not supported"),
+            HeadError::BodyTooLarge => Response::error(413, "too_large", "request body too large"),
+        }
+    }
+}
+
+/// Parses the head of the request at the start of `buf`. `Ok(None)`: incomplete, read more.
+/// Pure (the connection loop and the fuzz target both call it); the body is not looked at.
+pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err(HeadError::HeadTooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let mut content_length = 0usize;
+    let mut authorization = None;
+    let mut close = req.version == Some(0);
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = value.parse().map_err(|_| HeadError::BadContentLength)?;
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close |= value.eq_ignore_ascii_case("close");
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HeadError::Chunked);
+        }
+    }
+    if content_length > MAX_BODY {
+        return Err(HeadError::BodyTooLarge);
+    }
+    Ok(Some(RequestHead {
+        method: req.method.unwrap_or("").to_string(),
+        path: req.path.unwrap_or("/").to_string(),
+        authorization,
+        content_length,
+        head_len,
+        keep_alive: !close,
+    }))
 }
 
 async fn route(admin: &Admin, req: &Request) -> Response {
@@ -489,4 +531,38 @@ fn authorized(admin: &Admin, req: &Request) -> bool {
     let expected = admin.node.config.api_key.as_bytes();
     let given = given.trim().as_bytes();
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_then_keep_alive_and_refusals() {
+        let two =
+            b"POST /api/v1/push HTTP/1.1\r\nContent-Length: 2\r\nAuthorization: Bearer k\r\n\r\n{}GET /x";
+        let head = parse_head(two).unwrap().unwrap();
+        assert_eq!((head.method.as_str(), head.path.as_str()), ("POST", "/api/v1/push"));
+        assert_eq!(
+            (head.content_length, head.authorization.as_deref(), head.keep_alive),
+            (2, Some("Bearer k"), true)
+        );
+        assert_eq!(parse_head(&two[head.head_len + 2..]), Ok(None));
+        assert!(!parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().keep_alive);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(HeadError::BadContentLength)
+        );
+        let big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        assert_eq!(parse_head(big.as_bytes()), Err(HeadError::BodyTooLarge));
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::Chunked)
+        );
+        assert_eq!(parse_head(b"\x00garbage\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(
+            parse_head(&[b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat()),
+            Err(HeadError::HeadTooLarge)
+        );
+    }
 }
