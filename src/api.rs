@@ -74,13 +74,18 @@ struct Request {
 }
 
 /// One response, written with `Content-Length`.
-struct Response {
+pub struct Response {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
 }
 
 impl Response {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
     fn text(status: u16, body: impl Into<String>) -> Response {
         Response { status, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
     }
@@ -292,10 +297,7 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             if !authorized(admin, req) {
                 return Response::error(401, "unauthorized", "missing or wrong API key");
             }
-            let segments: Vec<&str> = p.trim_start_matches("/api/v1/").split('/').collect();
-            if !p.starts_with("/api/v1/") {
-                return not_found();
-            }
+            let Some(segments) = api_path(p) else { return not_found() };
             match api(admin, &req.method, &segments, &req.body).await {
                 Ok(response) => response,
                 Err(response) => response,
@@ -378,22 +380,61 @@ struct BroadcastBody<'a> {
     body: &'a RawValue,
 }
 
-/// The `/api/v1` calls of PROTOCOL.md. `Err` carries an error response.
-async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<Response, Response> {
-    match (method, path) {
+/// The segments of an `/api/v1/...` path (its query already cut off); `None` for any
+/// other path under `/api/`.
+pub fn api_path(path: &str) -> Option<Vec<&str>> {
+    path.strip_prefix("/api/v1/").map(|rest| rest.split('/').collect())
+}
+
+/// An `/api/v1` call of PROTOCOL.md with its path and body checked: what `api` acts on.
+/// Parsing needs no state, so the fuzz target runs it on any request.
+pub enum Call<'a> {
+    Members { conv: Key, op: MemberOp, users: Vec<Key> },
+    Conversation { conv: Key },
+    Message { conv: Key, from: Key, body: &'a RawValue },
+    Push { users: Vec<Key>, body: &'a RawValue },
+    Broadcast { body: &'a RawValue },
+    Presence { user: Key },
+    Disconnect { user: Key },
+}
+
+/// Parses an `/api/v1` call from its method, path segments and body. `Err` is the error
+/// response (400 for a bad id or body, 404 for no such call).
+pub fn parse_call<'a>(method: &str, path: &[&str], body: &'a [u8]) -> Result<Call<'a>, Response> {
+    let one_user = |user: &str| user_ids(&[user.to_string()]).map(|mut u| u.remove(0));
+    Ok(match (method, path) {
         ("PUT" | "POST", ["conversations", conv, "members"]) => {
             let conv = conv_id(conv)?;
             let users = user_ids(&parse::<UsersBody>(body)?.users)?;
             let op = if method == "PUT" { MemberOp::Replace } else { MemberOp::Add };
-            members(admin, conv, op, users).await
+            Call::Members { conv, op, users }
         }
         ("DELETE", ["conversations", conv, "members", user]) => {
             let conv = conv_id(conv)?;
-            let users = user_ids(&[user.to_string()])?;
-            members(admin, conv, MemberOp::Remove, users).await
+            Call::Members { conv, op: MemberOp::Remove, users: vec![one_user(user)?] }
         }
-        ("GET", ["conversations", conv]) => {
+        ("GET", ["conversations", conv]) => Call::Conversation { conv: conv_id(conv)? },
+        ("POST", ["conversations", conv, "messages"]) => {
             let conv = conv_id(conv)?;
+            let posted: MessageBody = parse(body)?;
+            Call::Message { conv, from: one_user(&posted.from)?, body: posted.body }
+        }
+        ("POST", ["push"]) => {
+            let push: PushBody = parse(body)?;
+            Call::Push { users: user_ids(&push.users)?, body: push.body }
+        }
+        ("POST", ["broadcast"]) => Call::Broadcast { body: parse::<BroadcastBody>(body)?.body },
+        ("GET", ["presence", user]) => Call::Presence { user: one_user(user)? },
+        ("POST", ["users", user, "disconnect"]) => Call::Disconnect { user: one_user(user)? },
+        _ => return Err(not_found()),
+    })
+}
+
+/// The `/api/v1` calls of PROTOCOL.md. `Err` carries an error response.
+async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<Response, Response> {
+    match parse_call(method, path, body)? {
+        Call::Members { conv, op, users } => members(admin, conv, op, users).await,
+        Call::Conversation { conv } => {
             let owner = shard_for(&conv, admin.shards());
             let ask = |reply| ShardMsg::Conversation { reply, conv: conv.clone() };
             match admin.ask(owner, ask).await {
@@ -408,16 +449,13 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 _ => Err(unavailable()),
             }
         }
-        ("POST", ["conversations", conv, "messages"]) => {
-            let conv = conv_id(conv)?;
-            let posted: MessageBody = parse(body)?;
-            let from = user_ids(&[posted.from])?.remove(0);
+        Call::Message { conv, from, body } => {
             let msg = NewMessage {
                 from,
                 dev: None,
                 cid: None,
                 ts: 0,
-                body: Bytes::copy_from_slice(posted.body.get().as_bytes()),
+                body: Bytes::copy_from_slice(body.get().as_bytes()),
             };
             let owner = shard_for(&conv, admin.shards());
             let ask = |reply| ShardMsg::Send { origin: Origin::Api(reply), conv: conv.clone(), msg };
@@ -426,10 +464,9 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 _ => Err(unavailable()),
             }
         }
-        ("POST", ["push"]) => {
-            let push: PushBody = parse(body)?;
-            let users: Arc<[Key]> = user_ids(&push.users)?.into();
-            let text = protocol::push_json(push.body.get().as_bytes());
+        Call::Push { users, body } => {
+            let users: Arc<[Key]> = users.into();
+            let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
@@ -451,9 +488,8 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
-        ("POST", ["broadcast"]) => {
-            let b: BroadcastBody = parse(body)?;
-            let text = protocol::push_json(b.body.get().as_bytes());
+        Call::Broadcast { body } => {
+            let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Broadcast { frame: frame.clone() });
@@ -463,8 +499,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
-        ("GET", ["presence", user]) => {
-            let user = user_ids(&[user.to_string()])?.remove(0);
+        Call::Presence { user } => {
             // Every shard answers from its live sessions of the user.
             let mut list = Vec::new();
             for shard in 0..admin.shards() {
@@ -492,8 +527,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 .collect();
             Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
         }
-        ("POST", ["users", user, "disconnect"]) => {
-            let user = user_ids(&[user.to_string()])?.remove(0);
+        Call::Disconnect { user } => {
             if let Some(links) = &admin.node.cluster {
                 links.bus.publish(Topic::user(&user), ClusterMsg::Disconnect { user: user.clone() });
             }
@@ -508,7 +542,6 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(200, serde_json::json!({ "ok": true })))
         }
-        _ => Err(not_found()),
     }
 }
 
@@ -536,6 +569,21 @@ fn authorized(admin: &Admin, req: &Request) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_are_checked_before_any_shard_is_asked() {
+        let call = |m, p: &str, b: &str| {
+            parse_call(m, &api_path(p).unwrap(), b.as_bytes()).map(|_| ()).map_err(|r| r.status())
+        };
+        assert_eq!(call("PUT", "/api/v1/conversations/c1/members", r#"{"users":["a","b"]}"#), Ok(()));
+        assert_eq!(call("PUT", "/api/v1/conversations/c 1/members", r#"{"users":["a"]}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/push", r#"{"users":["a/b"],"body":1}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/push", r#"{"users":["a"]}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/conversations/c1/messages", r#"{"from":"a","body":null}"#), Ok(()));
+        assert_eq!(call("DELETE", "/api/v1/conversations/c1/members/", ""), Err(400));
+        assert_eq!(call("GET", "/api/v1/nothing", ""), Err(404));
+        assert!(api_path("/api/v2/push").is_none());
+    }
 
     #[test]
     fn head_then_keep_alive_and_refusals() {
