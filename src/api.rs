@@ -74,13 +74,18 @@ struct Request {
 }
 
 /// One response, written with `Content-Length`.
-struct Response {
+pub struct Response {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
 }
 
 impl Response {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
     fn text(status: u16, body: impl Into<String>) -> Response {
         Response { status, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
     }
@@ -169,52 +174,19 @@ async fn read_request(
 ) -> Result<(Request, bool), Option<Response>> {
     let mut chunk = [0u8; 4096];
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let mut content_length = 0usize;
-                let mut authorization = None;
-                let mut close = req.version == Some(0);
-                for h in req.headers.iter() {
-                    let value = std::str::from_utf8(h.value).unwrap_or("").trim();
-                    if h.name.eq_ignore_ascii_case("content-length") {
-                        content_length = value
-                            .parse()
-                            .map_err(|_| Some(Response::error(400, "bad_request", "bad Content-Length")))?;
-                    } else if h.name.eq_ignore_ascii_case("authorization") {
-                        authorization = Some(value.to_string());
-                    } else if h.name.eq_ignore_ascii_case("connection") {
-                        close |= value.eq_ignore_ascii_case("close");
-                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                        return Err(Some(Response::error(
-                            400,
-                            "bad_request",
-                            "chunked bodies are not supported",
-                        )));
-                    }
+        if let Some(head) = parse_head(buf).map_err(|e| Some(e.response()))? {
+            let end = head.head_len + head.content_length;
+            while buf.len() < end {
+                let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+                if n == 0 {
+                    return Err(None);
                 }
-                if content_length > MAX_BODY {
-                    return Err(Some(Response::error(413, "too_large", "request body too large")));
-                }
-                let method = req.method.unwrap_or("").to_string();
-                let path = req.path.unwrap_or("/").to_string();
-                while buf.len() < head_len + content_length {
-                    let n = stream.read(&mut chunk).await.map_err(|_| None)?;
-                    if n == 0 {
-                        return Err(None);
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body = buf[head_len..head_len + content_length].to_vec();
-                buf.drain(..head_len + content_length);
-                return Ok((Request { method, path, authorization, body }, !close));
+                buf.extend_from_slice(&chunk[..n]);
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(Some(Response::error(400, "bad_request", "request head too large")))
-            }
-            Err(_) => return Err(Some(Response::error(400, "bad_request", "malformed HTTP request"))),
+            let body = buf[head.head_len..end].to_vec();
+            buf.drain(..end);
+            let RequestHead { method, path, authorization, keep_alive, .. } = head;
+            return Ok((Request { method, path, authorization, body }, keep_alive));
         }
         let n = stream.read(&mut chunk).await.map_err(|_| None)?;
         if n == 0 {
@@ -222,6 +194,81 @@ async fn read_request(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// An admin request's head: what reading the body and routing need.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    /// The body's length (`Content-Length`, at most `MAX_BODY`); it starts at `head_len`.
+    pub content_length: usize,
+    pub head_len: usize,
+    /// HTTP/1.1 without `Connection: close`.
+    pub keep_alive: bool,
+}
+
+/// Why a request head is refused: answered with 400 (413 for a body too large), then the
+/// connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    Malformed,
+    HeadTooLarge,
+    BadContentLength,
+    Chunked,
+    BodyTooLarge,
+}
+
+impl HeadError {
+    fn response(self) -> Response {
+        match self {
+            HeadError::Malformed => Response::error(400, "bad_request", "malformed HTTP request"),
+            HeadError::HeadTooLarge => Response::error(400, "bad_request", "request head too large"),
+            HeadError::BadContentLength => Response::error(400, "bad_request", "bad Content-Length"),
+            HeadError::Chunked => Response::error(400, "bad_request", "chunked bodies are not supported"),
+            HeadError::BodyTooLarge => Response::error(413, "too_large", "request body too large"),
+        }
+    }
+}
+
+/// Parses the head of the request at the start of `buf`. `Ok(None)`: incomplete, read more.
+/// Pure (the connection loop and the fuzz target both call it); the body is not looked at.
+pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err(HeadError::HeadTooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let mut content_length = 0usize;
+    let mut authorization = None;
+    let mut close = req.version == Some(0);
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = value.parse().map_err(|_| HeadError::BadContentLength)?;
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_string());
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close |= value.eq_ignore_ascii_case("close");
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(HeadError::Chunked);
+        }
+    }
+    if content_length > MAX_BODY {
+        return Err(HeadError::BodyTooLarge);
+    }
+    Ok(Some(RequestHead {
+        method: req.method.unwrap_or("").to_string(),
+        path: req.path.unwrap_or("/").to_string(),
+        authorization,
+        content_length,
+        head_len,
+        keep_alive: !close,
+    }))
 }
 
 async fn route(admin: &Admin, req: &Request) -> Response {
@@ -250,10 +297,7 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             if !authorized(admin, req) {
                 return Response::error(401, "unauthorized", "missing or wrong API key");
             }
-            let segments: Vec<&str> = p.trim_start_matches("/api/v1/").split('/').collect();
-            if !p.starts_with("/api/v1/") {
-                return not_found();
-            }
+            let Some(segments) = api_path(p) else { return not_found() };
             match api(admin, &req.method, &segments, &req.body).await {
                 Ok(response) => response,
                 Err(response) => response,
@@ -336,22 +380,61 @@ struct BroadcastBody<'a> {
     body: &'a RawValue,
 }
 
-/// The `/api/v1` calls of PROTOCOL.md. `Err` carries an error response.
-async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<Response, Response> {
-    match (method, path) {
+/// The segments of an `/api/v1/...` path (its query already cut off); `None` for any
+/// other path under `/api/`.
+pub fn api_path(path: &str) -> Option<Vec<&str>> {
+    path.strip_prefix("/api/v1/").map(|rest| rest.split('/').collect())
+}
+
+/// An `/api/v1` call of PROTOCOL.md with its path and body checked: what `api` acts on.
+/// Parsing needs no state, so the fuzz target runs it on any request.
+pub enum Call<'a> {
+    Members { conv: Key, op: MemberOp, users: Vec<Key> },
+    Conversation { conv: Key },
+    Message { conv: Key, from: Key, body: &'a RawValue },
+    Push { users: Vec<Key>, body: &'a RawValue },
+    Broadcast { body: &'a RawValue },
+    Presence { user: Key },
+    Disconnect { user: Key },
+}
+
+/// Parses an `/api/v1` call from its method, path segments and body. `Err` is the error
+/// response (400 for a bad id or body, 404 for no such call).
+pub fn parse_call<'a>(method: &str, path: &[&str], body: &'a [u8]) -> Result<Call<'a>, Response> {
+    let one_user = |user: &str| user_ids(&[user.to_string()]).map(|mut u| u.remove(0));
+    Ok(match (method, path) {
         ("PUT" | "POST", ["conversations", conv, "members"]) => {
             let conv = conv_id(conv)?;
             let users = user_ids(&parse::<UsersBody>(body)?.users)?;
             let op = if method == "PUT" { MemberOp::Replace } else { MemberOp::Add };
-            members(admin, conv, op, users).await
+            Call::Members { conv, op, users }
         }
         ("DELETE", ["conversations", conv, "members", user]) => {
             let conv = conv_id(conv)?;
-            let users = user_ids(&[user.to_string()])?;
-            members(admin, conv, MemberOp::Remove, users).await
+            Call::Members { conv, op: MemberOp::Remove, users: vec![one_user(user)?] }
         }
-        ("GET", ["conversations", conv]) => {
+        ("GET", ["conversations", conv]) => Call::Conversation { conv: conv_id(conv)? },
+        ("POST", ["conversations", conv, "messages"]) => {
             let conv = conv_id(conv)?;
+            let posted: MessageBody = parse(body)?;
+            Call::Message { conv, from: one_user(&posted.from)?, body: posted.body }
+        }
+        ("POST", ["push"]) => {
+            let push: PushBody = parse(body)?;
+            Call::Push { users: user_ids(&push.users)?, body: push.body }
+        }
+        ("POST", ["broadcast"]) => Call::Broadcast { body: parse::<BroadcastBody>(body)?.body },
+        ("GET", ["presence", user]) => Call::Presence { user: one_user(user)? },
+        ("POST", ["users", user, "disconnect"]) => Call::Disconnect { user: one_user(user)? },
+        _ => return Err(not_found()),
+    })
+}
+
+/// The `/api/v1` calls of PROTOCOL.md. `Err` carries an error response.
+async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<Response, Response> {
+    match parse_call(method, path, body)? {
+        Call::Members { conv, op, users } => members(admin, conv, op, users).await,
+        Call::Conversation { conv } => {
             let owner = shard_for(&conv, admin.shards());
             let ask = |reply| ShardMsg::Conversation { reply, conv: conv.clone() };
             match admin.ask(owner, ask).await {
@@ -366,16 +449,13 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 _ => Err(unavailable()),
             }
         }
-        ("POST", ["conversations", conv, "messages"]) => {
-            let conv = conv_id(conv)?;
-            let posted: MessageBody = parse(body)?;
-            let from = user_ids(&[posted.from])?.remove(0);
+        Call::Message { conv, from, body } => {
             let msg = NewMessage {
                 from,
                 dev: None,
                 cid: None,
                 ts: 0,
-                body: Bytes::copy_from_slice(posted.body.get().as_bytes()),
+                body: Bytes::copy_from_slice(body.get().as_bytes()),
             };
             let owner = shard_for(&conv, admin.shards());
             let ask = |reply| ShardMsg::Send { origin: Origin::Api(reply), conv: conv.clone(), msg };
@@ -384,10 +464,9 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 _ => Err(unavailable()),
             }
         }
-        ("POST", ["push"]) => {
-            let push: PushBody = parse(body)?;
-            let users: Arc<[Key]> = user_ids(&push.users)?.into();
-            let text = protocol::push_json(push.body.get().as_bytes());
+        Call::Push { users, body } => {
+            let users: Arc<[Key]> = users.into();
+            let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
@@ -409,9 +488,8 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
-        ("POST", ["broadcast"]) => {
-            let b: BroadcastBody = parse(body)?;
-            let text = protocol::push_json(b.body.get().as_bytes());
+        Call::Broadcast { body } => {
+            let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
                 admin.mesh.send(shard, ShardMsg::Broadcast { frame: frame.clone() });
@@ -421,8 +499,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(202, serde_json::json!({ "ok": true })))
         }
-        ("GET", ["presence", user]) => {
-            let user = user_ids(&[user.to_string()])?.remove(0);
+        Call::Presence { user } => {
             // Every shard answers from its live sessions of the user.
             let mut list = Vec::new();
             for shard in 0..admin.shards() {
@@ -450,8 +527,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 .collect();
             Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
         }
-        ("POST", ["users", user, "disconnect"]) => {
-            let user = user_ids(&[user.to_string()])?.remove(0);
+        Call::Disconnect { user } => {
             if let Some(links) = &admin.node.cluster {
                 links.bus.publish(Topic::user(&user), ClusterMsg::Disconnect { user: user.clone() });
             }
@@ -466,7 +542,6 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             Ok(json(200, serde_json::json!({ "ok": true })))
         }
-        _ => Err(not_found()),
     }
 }
 
@@ -489,4 +564,53 @@ fn authorized(admin: &Admin, req: &Request) -> bool {
     let expected = admin.node.config.api_key.as_bytes();
     let given = given.trim().as_bytes();
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_checked_before_any_shard_is_asked() {
+        let call = |m, p: &str, b: &str| {
+            parse_call(m, &api_path(p).unwrap(), b.as_bytes()).map(|_| ()).map_err(|r| r.status())
+        };
+        assert_eq!(call("PUT", "/api/v1/conversations/c1/members", r#"{"users":["a","b"]}"#), Ok(()));
+        assert_eq!(call("PUT", "/api/v1/conversations/c 1/members", r#"{"users":["a"]}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/push", r#"{"users":["a/b"],"body":1}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/push", r#"{"users":["a"]}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/conversations/c1/messages", r#"{"from":"a","body":null}"#), Ok(()));
+        assert_eq!(call("DELETE", "/api/v1/conversations/c1/members/", ""), Err(400));
+        assert_eq!(call("GET", "/api/v1/nothing", ""), Err(404));
+        assert!(api_path("/api/v2/push").is_none());
+    }
+
+    #[test]
+    fn head_then_keep_alive_and_refusals() {
+        let two =
+            b"POST /api/v1/push HTTP/1.1\r\nContent-Length: 2\r\nAuthorization: Bearer k\r\n\r\n{}GET /x";
+        let head = parse_head(two).unwrap().unwrap();
+        assert_eq!((head.method.as_str(), head.path.as_str()), ("POST", "/api/v1/push"));
+        assert_eq!(
+            (head.content_length, head.authorization.as_deref(), head.keep_alive),
+            (2, Some("Bearer k"), true)
+        );
+        assert_eq!(parse_head(&two[head.head_len + 2..]), Ok(None));
+        assert!(!parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().keep_alive);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(HeadError::BadContentLength)
+        );
+        let big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        assert_eq!(parse_head(big.as_bytes()), Err(HeadError::BodyTooLarge));
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::Chunked)
+        );
+        assert_eq!(parse_head(b"\x00garbage\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(
+            parse_head(&[b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; MAX_HEAD]].concat()),
+            Err(HeadError::HeadTooLarge)
+        );
+    }
 }

@@ -31,7 +31,7 @@ use tracing::debug;
 
 use crate::mesh::{Key, Origin, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::protocol::{self, ClientFrame, ErrorCode, ServerFrame};
+use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
 use crate::shard::Shard;
 use crate::store::{History, NewMessage};
 use crate::web::demo;
@@ -646,63 +646,38 @@ impl Session {
     /// shard; answers that need no owner (errors) go straight into `replies`.
     fn on_client_text(&self, shard: &Shard, text: &[u8], replies: &mut Vec<u8>) {
         let Kind::Client { user, device } = &self.kind else { return };
-        // One JSON object: serde would also read an array positionally into the fields.
-        let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        let frame = match serde_json::from_slice::<ClientFrame>(text) {
-            Ok(frame) if is_object => frame,
-            _ => {
-                // Still answer with the request's cid when one can be read.
-                let cid = serde_json::from_slice::<protocol::CidOnly>(text).ok().filter(|_| is_object);
-                let cid = cid.as_ref().and_then(|c| c.cid.as_deref());
-                return refuse(shard, replies, cid, ErrorCode::BadRequest, "not a valid request frame");
-            }
-        };
-        let cid = frame.cid.as_deref();
-        let op = match frame.op.as_deref() {
-            Some(op) => op,
-            None => return refuse(shard, replies, cid, ErrorCode::BadRequest, "missing op"),
-        };
-        if !matches!(op, "send" | "sync") {
-            return refuse(shard, replies, cid, ErrorCode::UnknownOp, "unknown op");
-        }
-        let conv = match frame.conv.as_deref() {
-            Some(c) if crate::auth::valid_id(c, protocol::MAX_CONV_CHARS) => c,
-            _ => {
-                let why = "conv must be 1-128 characters of [A-Za-z0-9._:@-]";
-                return refuse(shard, replies, cid, ErrorCode::BadRequest, why);
-            }
+        let request = match protocol::parse_request(text) {
+            Ok(request) => request,
+            Err(r) => return refuse(shard, replies, r.cid.as_deref(), r.code, r.message),
         };
         let me = SessionRef { shard: shard.id, id: self.id };
-        let owner = shard.owner_of(conv);
-        if op == "sync" {
-            let cap = shard.config.history.max_per_conv;
-            let limit = frame.limit.unwrap_or(cap).clamp(1, cap);
-            let after = frame.after.unwrap_or(0);
-            let conv: Key = Arc::from(conv);
-            self.start_sync(&conv);
-            shard.loading_started();
-            let reply = SyncReply { after, limit, cid: cid.map(Key::from) };
-            let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
-            return shard.route(owner, sync);
-        }
-        let cid = match cid {
-            Some(c) if !c.is_empty() && c.chars().count() <= protocol::MAX_CID_CHARS => c,
-            _ => return refuse(shard, replies, cid, ErrorCode::BadRequest, "cid must be 1-64 characters"),
-        };
-        let Some(body) = frame.body else {
-            return refuse(shard, replies, Some(cid), ErrorCode::BadRequest, "missing body");
+        let (cid, conv, body) = match request {
+            ClientRequest::Sync { cid, conv, after, limit } => {
+                let owner = shard.owner_of(&conv);
+                let cap = shard.config.history.max_per_conv;
+                let limit = limit.unwrap_or(cap).clamp(1, cap);
+                let after = after.unwrap_or(0);
+                let conv: Key = Arc::from(&*conv);
+                self.start_sync(&conv);
+                shard.loading_started();
+                let reply = SyncReply { after, limit, cid: cid.as_deref().map(Key::from) };
+                let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
+                return shard.route(owner, sync);
+            }
+            ClientRequest::Send { cid, conv, body } => (cid, conv, body),
         };
         if !self.take_token(shard) {
-            return refuse(shard, replies, Some(cid), ErrorCode::RateLimited, "too many sends; slow down");
+            return refuse(shard, replies, Some(&cid), ErrorCode::RateLimited, "too many sends; slow down");
         }
+        let owner = shard.owner_of(&conv);
         let msg = NewMessage {
             from: user.clone(),
             dev: Some(device.clone()),
-            cid: Some(Arc::from(cid)),
+            cid: Some(Arc::from(&*cid)),
             ts: 0,
             body: Bytes::copy_from_slice(body.get().as_bytes()),
         };
-        shard.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(conv), msg });
+        shard.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(&*conv), msg });
     }
 
     /// The per-connection token bucket of `limits.send_rate_per_sec` (bursts of twice that).

@@ -93,6 +93,64 @@ pub const MAX_CID_CHARS: usize = 64;
 /// The longest conversation id accepted.
 pub const MAX_CONV_CHARS: usize = 128;
 
+/// A client request that passed every check needing no session state: one JSON object,
+/// a known `op`, a valid `conv`, and for `send` a valid `cid` and a `body`.
+#[derive(Debug)]
+pub enum ClientRequest<'a> {
+    Send { cid: Cow<'a, str>, conv: Cow<'a, str>, body: &'a RawValue },
+    Sync { cid: Option<Cow<'a, str>>, conv: Cow<'a, str>, after: Option<u64>, limit: Option<usize> },
+}
+
+/// Why a client frame is answered with an `error` frame instead of being acted on.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused<'a> {
+    /// The request's `cid` when one could be read, to answer with it.
+    pub cid: Option<Cow<'a, str>>,
+    pub code: ErrorCode,
+    pub message: &'static str,
+}
+
+/// Parses and checks the text of a client message (what a session does with every text
+/// frame before any state is touched). Pure: the server and the fuzz target both call it.
+pub fn parse_request(text: &[u8]) -> Result<ClientRequest<'_>, Refused<'_>> {
+    let refused = |cid, code, message| Refused { cid, code, message };
+    // One JSON object: serde would also read an array positionally into the fields.
+    let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let frame = match serde_json::from_slice::<ClientFrame>(text) {
+        Ok(frame) if is_object => frame,
+        _ => {
+            // Still answer with the request's cid when one can be read.
+            let cid = serde_json::from_slice::<CidOnly>(text).ok().filter(|_| is_object);
+            let cid = cid.and_then(|c| c.cid);
+            return Err(refused(cid, ErrorCode::BadRequest, "not a valid request frame"));
+        }
+    };
+    let ClientFrame { op, cid, conv, body, after, limit } = frame;
+    let op = match op.as_deref() {
+        Some(op @ ("send" | "sync")) => op == "send",
+        Some(_) => return Err(refused(cid, ErrorCode::UnknownOp, "unknown op")),
+        None => return Err(refused(cid, ErrorCode::BadRequest, "missing op")),
+    };
+    let conv = match conv {
+        Some(c) if crate::auth::valid_id(&c, MAX_CONV_CHARS) => c,
+        _ => {
+            let why = "conv must be 1-128 characters of [A-Za-z0-9._:@-]";
+            return Err(refused(cid, ErrorCode::BadRequest, why));
+        }
+    };
+    if !op {
+        return Ok(ClientRequest::Sync { cid, conv, after, limit });
+    }
+    let cid = match cid {
+        Some(c) if !c.is_empty() && c.chars().count() <= MAX_CID_CHARS => c,
+        cid => return Err(refused(cid, ErrorCode::BadRequest, "cid must be 1-64 characters")),
+    };
+    match body {
+        Some(body) => Ok(ClientRequest::Send { cid, conv, body }),
+        None => Err(refused(Some(cid), ErrorCode::BadRequest, "missing body")),
+    }
+}
+
 /// Appends `s` as a JSON string.
 fn put_str(out: &mut Vec<u8>, s: &str) {
     // Writing a &str into a Vec cannot fail.
@@ -249,6 +307,24 @@ mod tests {
         assert_eq!(f.body.map(|b| b.get()), Some("null"));
         let f: ClientFrame = serde_json::from_str(r#"{"op":"send"}"#).unwrap();
         assert!(f.body.is_none());
+    }
+
+    #[test]
+    fn requests_are_checked_in_order() {
+        fn refused(t: &str) -> Refused<'_> {
+            parse_request(t.as_bytes()).unwrap_err()
+        }
+        let r = refused(r#"{"op":"send","conv":"c 1","cid":"k2","body":1}"#);
+        assert_eq!((r.cid.as_deref(), r.code), (Some("k2"), ErrorCode::BadRequest));
+        assert_eq!(refused(r#"{"op":"x","cid":"u"}"#).code, ErrorCode::UnknownOp);
+        assert_eq!(refused(r#"{"cid":"m"}"#).message, "missing op");
+        assert_eq!(refused(r#"["send","c1"]"#).cid, None);
+        assert_eq!(refused(r#"{"op":"send","conv":"c1","cid":"b"}"#).message, "missing body");
+        assert_eq!(refused(r#"{"op":5,"cid":"n"}"#).cid.as_deref(), Some("n"));
+        let ok = parse_request(br#" {"op":"send","conv":"c1","cid":"a","body":null}"#).unwrap();
+        assert!(matches!(ok, ClientRequest::Send { body, .. } if body.get() == "null"));
+        let ok = parse_request(br#"{"op":"sync","conv":"c1","after":3}"#).unwrap();
+        assert!(matches!(ok, ClientRequest::Sync { cid: None, after: Some(3), limit: None, .. }));
     }
 
     #[test]
