@@ -6,7 +6,10 @@
 //! shard's part of the data on that shard (no locks); a networked store (Redis, with the
 //! cluster) answers asynchronously from its own threads. Every call may fail with
 //! [`StoreError::Unavailable`]: the caller then refuses the operation (`error
-//! unavailable`, HTTP 503) and nothing is half-applied.
+//! unavailable`, HTTP 503) and nothing is half-applied. A networked call that failed
+//! after it was sent may still have been applied whole: retrying is safe, because an
+//! append is de-duplicated on `(from, cid)` and a de-duplicated append is delivered again
+//! (delivery is idempotent by seq).
 //!
 //! # Promises every implementation keeps
 //! - `append` assigns `last_seq + 1` (1 for a new conversation) with no gaps, unless the
@@ -32,7 +35,8 @@ pub use memory::MemoryStore;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    /// The store cannot be reached right now; nothing was changed. Retry later.
+    /// The store cannot be reached right now; nothing was changed, or (a networked store
+    /// whose call failed after it was sent) the call was applied whole. Retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
 }
