@@ -151,6 +151,19 @@ impl ShardMetrics {
     }
 }
 
+/// Writes counter `ringpush_{name}`: `get` summed over the shards, with its help line.
+fn write_total(
+    out: &mut String,
+    shards: &[Arc<ShardMetrics>],
+    name: &str,
+    help: &str,
+    get: &dyn Fn(&ShardMetrics) -> u64,
+) {
+    let sum: u64 = shards.iter().map(|m| get(m)).sum();
+    let _ =
+        writeln!(out, "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}");
+}
+
 /// Renders every shard's counters in the Prometheus text format (version 0.0.4).
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(4096);
@@ -213,11 +226,7 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         let _ = writeln!(out, "ringpush_closes_sent_total{{code=\"{code}\"}} {sum}");
     }
     let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
-        let sum: u64 = shards.iter().map(|m| get(m)).sum();
-        let _ = writeln!(
-            out,
-            "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}"
-        );
+        write_total(out, shards, name, help, get)
     };
     total(&mut out, "messages_accepted_total", "Messages sequenced and stored.", &|m| m.accepted.get());
     total(&mut out, "messages_deduplicated_total", "Sends answered from the dedupe window.", &|m| {
@@ -279,11 +288,7 @@ pub fn render_node(node: &crate::server::Node, shards: &[Arc<ShardMetrics>], out
     );
     if node.redis.is_some() {
         let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
-            let sum: u64 = shards.iter().map(|m| get(m)).sum();
-            let _ = writeln!(
-                out,
-                "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}"
-            );
+            write_total(out, shards, name, help, get)
         };
         total(out, "cluster_ignored_total", "Messages from other nodes with no session here.", &|m| {
             m.cluster_ignored.get()

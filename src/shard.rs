@@ -383,7 +383,7 @@ impl Shard {
             if ops.is_empty() {
                 continue;
             }
-            if let Err(e) = redis.presence_write(ops.clone()).await {
+            if let Err(e) = redis.presence_write(&ops).await {
                 debug!(shard = self.id, error = %e, "presence not written; keeping it");
                 let mut out = self.presence_out.borrow_mut();
                 let newer = std::mem::replace(&mut *out, ops);
@@ -406,6 +406,17 @@ impl Shard {
                 out.push(PresenceOp::Add { user: user.clone(), entry: self.presence(&s) });
             }
         }
+    }
+
+    /// Closes every session of `user` on this shard with 4001; returns how many.
+    fn kick(&self, user: &str) -> usize {
+        let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
+        let mut closed = 0;
+        for s in ids.into_iter().filter_map(|id| self.session(id)) {
+            s.request_close(codec::close::KICKED, "disconnected by the server");
+            closed += 1;
+        }
+        closed
     }
 
     /// Handles a message from another node.
@@ -639,23 +650,11 @@ impl Shard {
                 }
             }
             ShardMsg::Disconnect { reply, user } => {
-                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
-                let mut closed = 0;
-                for id in ids {
-                    if let Some(s) = self.session(id) {
-                        s.request_close(codec::close::KICKED, "disconnected by the server");
-                        closed += 1;
-                    }
-                }
+                let closed = self.kick(&user);
                 self.mesh.reply(reply, Reply::Closed(closed));
             }
             ShardMsg::Kick { user } => {
-                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
-                for id in ids {
-                    if let Some(s) = self.session(id) {
-                        s.request_close(codec::close::KICKED, "disconnected by the server");
-                    }
-                }
+                self.kick(&user);
             }
             ShardMsg::Missed { conv, from, to } => {
                 let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();

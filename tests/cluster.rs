@@ -99,25 +99,15 @@ fn post_until_live(node: &Server, ws: &mut Ws, conv: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seq = node.post_message(conv, "system", &json!({"probe": true}));
-        ws.get_mut().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
         let got = loop {
-            match ws.read() {
-                Ok(tungstenite::Message::Text(t)) => {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
-                    if v["op"] == "msg" && v["conv"] == conv {
-                        break Some(v["seq"].as_u64().expect("seq"));
-                    }
+            match read_json_within(ws, Duration::from_millis(300)) {
+                Some(v) if v["op"] == "msg" && v["conv"] == conv => {
+                    break Some(v["seq"].as_u64().expect("seq"))
                 }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-                {
-                    break None
-                }
-                Err(e) => panic!("reading: {e}"),
+                Some(_) => {}
+                None => break None,
             }
         };
-        ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         if let Some(got) = got {
             // Everything up to the last probe arrives in order from here.
             if got < seq {
@@ -415,21 +405,32 @@ fn follow(ws: &mut Ws, conv: &str, after: u64, until: u64) -> Vec<u64> {
 /// Calls `act` until `ws` receives a text frame (bounded), which is returned.
 fn repeat_until_frame(ws: &mut Ws, act: impl Fn()) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
-    ws.get_mut().set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
     loop {
         act();
-        match ws.read() {
-            Ok(tungstenite::Message::Text(t)) => {
-                ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-                return serde_json::from_str(t.as_str()).expect("json");
-            }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => panic!("reading: {e}"),
+        if let Some(frame) = read_json_within(ws, Duration::from_millis(300)) {
+            return frame;
         }
         assert!(Instant::now() < deadline, "nothing arrived within 10 s");
     }
+}
+
+/// The next JSON text frame if one arrives within `wait` (control frames are skipped).
+fn read_json_within(ws: &mut Ws, wait: Duration) -> Option<serde_json::Value> {
+    ws.get_mut().set_read_timeout(Some(wait)).expect("timeout");
+    let frame = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => break Some(serde_json::from_str(t.as_str()).expect("json")),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                break None
+            }
+            Err(e) => panic!("reading: {e}"),
+        }
+    };
+    ws.get_mut().set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    frame
 }
 
 #[test]

@@ -431,19 +431,19 @@ fn presence_is_written_read_and_removed() {
     on_shard(move || async move {
         let n1 = store(&pool, "n1", 7);
         let n2 = store(&pool, "n2", 9);
-        bounded(n1.presence_write(vec![
+        bounded(n1.presence_write(&[
             add("u", presence("phone", "k1", "n1")),
             add("v", presence("pc", "k2", "n1")),
         ]))
         .await
         .unwrap();
-        bounded(n2.presence_write(vec![add("u", presence("pc", "k3", "n2"))])).await.unwrap();
-        bounded(n2.presence_write(Vec::new())).await.unwrap();
+        bounded(n2.presence_write(&[add("u", presence("pc", "k3", "n2"))])).await.unwrap();
+        bounded(n2.presence_write(&[])).await.unwrap();
         let mut got = bounded(n1.presence_of("u")).await.unwrap();
         got.sort_by(|a, b| a.conn.cmp(&b.conn));
         assert_eq!(got, vec![presence("phone", "k1", "n1"), presence("pc", "k3", "n2")]);
 
-        bounded(n1.presence_write(vec![PresenceOp::Remove { user: "u".into(), conn: "k1".into() }]))
+        bounded(n1.presence_write(&[PresenceOp::Remove { user: "u".into(), conn: "k1".into() }]))
             .await
             .unwrap();
         assert_eq!(bounded(n2.presence_of("u")).await.unwrap(), vec![presence("pc", "k3", "n2")]);
@@ -491,13 +491,15 @@ fn sweep_purges_an_expired_node_and_never_a_live_one() {
         // Long enough for the checks below on a loaded machine, short enough to wait for.
         assert!(!bounded(dead.renew_lease(Some("tcp://dead:1"), 1500)).await.unwrap());
         assert!(!bounded(live.renew_lease(Some("tcp://live:1"), 30_000)).await.unwrap());
-        bounded(dead.presence_write(vec![
-            add("u", presence("a", "k1", "dead")),
-            add("w", presence("a", "k2", "dead")),
-        ]))
+        bounded(
+            dead.presence_write(&[
+                add("u", presence("a", "k1", "dead")),
+                add("w", presence("a", "k2", "dead")),
+            ]),
+        )
         .await
         .unwrap();
-        bounded(live.presence_write(vec![add("u", presence("b", "k3", "live"))])).await.unwrap();
+        bounded(live.presence_write(&[add("u", presence("b", "k3", "live"))])).await.unwrap();
         // While both leases hold, nothing is swept and both are peers.
         assert!(bounded(live.sweep()).await.unwrap().is_empty());
         assert_eq!(
@@ -535,10 +537,10 @@ fn sweep_purges_an_expired_node_and_never_a_live_one() {
         // A restarted node (new epoch, lease live) has its old run purged, not its new one.
         let old = store(&pool, "n", 10);
         bounded(old.renew_lease(Some("tcp://n:1"), 30_000)).await.unwrap();
-        bounded(old.presence_write(vec![add("x", presence("a", "old", "n"))])).await.unwrap();
+        bounded(old.presence_write(&[add("x", presence("a", "old", "n"))])).await.unwrap();
         let new = store(&pool, "n", 11);
         bounded(new.renew_lease(Some("tcp://n:2"), 30_000)).await.unwrap();
-        bounded(new.presence_write(vec![add("x", presence("a", "new", "n"))])).await.unwrap();
+        bounded(new.presence_write(&[add("x", presence("a", "new", "n"))])).await.unwrap();
         assert_eq!(bounded(live.sweep()).await.unwrap(), vec!["n:10".to_owned()]);
         assert_eq!(bounded(live.presence_of("x")).await.unwrap(), vec![presence("a", "new", "n")]);
         assert_eq!(bounded(live.peers()).await.unwrap(), vec![(Arc::from("n"), "tcp://n:2".to_owned())]);
@@ -560,7 +562,7 @@ fn two_concurrent_sweeps_purge_each_run_once() {
         for i in 0..20 {
             let gone = store(&pool_a, &format!("g{i}"), 5);
             bounded(gone.renew_lease(None, 30_000)).await.unwrap();
-            bounded(gone.presence_write(vec![add("u", presence("d", &format!("k{i}"), &format!("g{i}")))]))
+            bounded(gone.presence_write(&[add("u", presence("d", &format!("k{i}"), &format!("g{i}")))]))
                 .await
                 .unwrap();
             redis::cmd("DEL")
@@ -570,7 +572,7 @@ fn two_concurrent_sweeps_purge_each_run_once() {
         }
         bounded(a.renew_lease(None, 30_000)).await.unwrap();
         bounded(b.renew_lease(None, 30_000)).await.unwrap();
-        bounded(a.presence_write(vec![add("u", presence("d", "ka", "a"))])).await.unwrap();
+        bounded(a.presence_write(&[add("u", presence("d", "ka", "a"))])).await.unwrap();
         let (ra, rb) = futures_lite::future::zip(bounded(a.sweep()), bounded(b.sweep())).await;
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         let mut all: Vec<String> = ra.iter().chain(rb.iter()).cloned().collect();
@@ -591,7 +593,7 @@ fn leave_drops_lease_presence_and_registration() {
         let n2 = store(&pool, "n2", 4);
         bounded(n1.renew_lease(Some("tcp://n1:1"), 30_000)).await.unwrap();
         bounded(n2.renew_lease(Some("tcp://n2:1"), 30_000)).await.unwrap();
-        bounded(n1.presence_write(vec![add("u", presence("p", "k1", "n1"))])).await.unwrap();
+        bounded(n1.presence_write(&[add("u", presence("p", "k1", "n1"))])).await.unwrap();
         assert_eq!(bounded(n2.peers()).await.unwrap().len(), 1);
         bounded(n1.leave()).await.unwrap();
         assert!(bounded(n2.presence_of("u")).await.unwrap().is_empty());

@@ -342,13 +342,13 @@ impl RedisStore {
     }
 
     /// Applies `ops` to this node's presence, in order, in one round trip.
-    pub async fn presence_write(&self, ops: Vec<PresenceOp>) -> Result<(), StoreError> {
+    pub async fn presence_write(&self, ops: &[PresenceOp]) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
         }
         let me = &*self.inner;
         let mut cmds = Vec::with_capacity(ops.len() * 2);
-        for op in &ops {
+        for op in ops {
             match op {
                 PresenceOp::Add { user, entry } => {
                     let field = format!("{}/{}", me.node, entry.conn);
