@@ -13,13 +13,12 @@
 //! `redis-server`'s own CPU over the run is reported beside it (it runs on the server
 //! CPU too).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::im::{self, ImArgs};
+use crate::redis::{free_port, Redis};
 use crate::server::{self, Server, ServerSetup};
 
 /// `limits.send_rate_per_sec` of the nodes: never the limit of a run.
@@ -38,69 +37,13 @@ pub struct ClusterArgs {
     pub im: ImArgs,
 }
 
-/// A `redis-server` of the run, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-    pid: u32,
-    dir: PathBuf,
-}
-
-impl Redis {
-    fn start(bin: &PathBuf, cpu: Option<usize>) -> Result<Redis, Error> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("ringpush-bench-redis-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let mut cmd = match cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let child = cmd
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error::io(format!("start {} (apt-get install redis-server)", bin.display()), e))?;
-        let pid = child.id();
-        let redis = Redis { child, port, pid, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err(Error::Server(format!("redis-server did not listen on port {port}")));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(redis)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| Error::io("local addr", e))
-}
-
 pub fn run(args: ClusterArgs) -> Result<im::Report, Error> {
     if args.nodes == 0 || args.nodes > 16 {
         return Err(Error::Usage("--nodes must be 1..=16".into()));
     }
     let t = &args.im.target;
     let (server_cpu, client_cpu) = server::pick_cpus(t.no_pin, t.pin_server, t.pin_client)?;
-    let redis = Redis::start(&args.redis_server, server_cpu)?;
+    let redis = Redis::start(&args.redis_server, server_cpu, false)?;
     let mut nodes = Vec::with_capacity(args.nodes);
     for i in 0..args.nodes {
         let mut extra = format!("\n[redis]\nurl = \"redis://127.0.0.1:{}/0\"\n", redis.port);
@@ -122,6 +65,7 @@ pub fn run(args: ClusterArgs) -> Result<im::Report, Error> {
             log: None,
             node_id: format!("bench-n{}", i + 1),
             extra_toml: extra,
+            ports: (0, 0),
         };
         nodes.push(Server::start(&t.server_bin, &setup)?);
     }

@@ -9,6 +9,9 @@
 //! - `echo`: the `echo` scenario: round trips, latency and server CPU per message of any
 //!   echo server (ringpush's `/echo`, a peer, a plain TCP echo).
 //! - `upgrades`: the `upgrades` scenario: new upgrades a second, a reconnect storm.
+//! - `soak`: the `soak` scenario: a 3-node cluster under churn, rogues and faults, then
+//!   the account of loss, order, memory, files and panics (`conn`, `device`, `rogue`).
+//! - `redis`: a redis-server of the bench's own (`cluster`, `soak`).
 //! - `tabulate`: the side-by-side tables of `bench/compare.sh` from its runs' JSON lines.
 //! - `target`: the IM scenarios' server options: start (tuned config) or attach, pinning.
 //! - `crowd`: the IM scenarios' client processes: command lines, connect phase, CPU time.
@@ -43,8 +46,10 @@ mod im;
 mod latency;
 mod pipe;
 mod plan;
+mod redis;
 mod scan;
 mod server;
+mod soak;
 mod tabulate;
 mod target;
 mod upgrades;
@@ -78,6 +83,9 @@ enum Command {
     /// Echo round trips of any server: N connections x size x pipeline depth; rate,
     /// latency, server CPU per message.
     Echo(echo::EchoArgs),
+    /// Three nodes and Redis under churn, misbehaving clients and faults for a set time;
+    /// then 0 lost / out of order / duplicated, no memory growth, no fd leak, no panic.
+    Soak(soak::SoakArgs),
     /// New WebSocket upgrades a second, and a reconnect storm of N clients at once.
     Upgrades(upgrades::UpgradesArgs),
     /// Side-by-side tables (Markdown) from the JSON lines bench/compare.sh collects.
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         Command::Fanout(args) => fanout::run(args).map(|_| ()),
         Command::Cluster(args) => cluster::run(args).map(|_| ()),
         Command::Echo(args) => echo::run(args).map(|_| ()),
+        Command::Soak(args) => soak::run(args),
         Command::Upgrades(args) => upgrades::run(args).map(|_| ()),
         Command::Tabulate(args) => tabulate::run(args),
         Command::IdleWorker(args) => fleet::run(args),

@@ -78,6 +78,7 @@ impl TargetArgs {
                     log: self.server_log.clone(),
                     node_id: "bench".into(),
                     extra_toml: String::new(),
+                    ports: (0, 0),
                 };
                 Server::start(&self.server_bin, &setup)?
             }
@@ -149,6 +150,7 @@ impl EchoTargetArgs {
                     log: self.server_log.clone(),
                     node_id: "bench".into(),
                     extra_toml: String::new(),
+                    ports: (0, 0),
                 };
                 Server::start(&self.server_bin, &setup)?
             }
