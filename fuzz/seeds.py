@@ -191,3 +191,52 @@ wire = [
     env(5, blob("") + b"")[:-1] + b"\xff", b"a", b"c0000", b"u0fff", b"c00g0",
 ]
 write("cluster_wire", wire)
+
+
+# --- jwt: claims as src/auth.rs's tests sign them; the first byte picks the mode -----------
+# (bit 0: sign the rest as claims inside the target; bits 1-3: which header; 4-7: leeway).
+import base64, hmac, json
+
+JWT_SECRET = b"fuzz-secret-0123456789"  # the secret of fuzz_targets/jwt.rs
+FAR = 4102444800  # 2100-01-01
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=")
+
+def jwt(claims, header=b'{"alg":"HS256","typ":"JWT"}'):
+    signing = b64url(header) + b"." + b64url(claims.encode())
+    return (signing + b"." + b64url(hmac.new(JWT_SECRET, signing, "sha256").digest())).decode()
+
+claims = [
+    {"sub": "alice", "dev": "phone", "exp": FAR},
+    {"sub": "alice@example.com", "dev": "phone-1", "exp": FAR, "nbf": 1},
+    {"sub": "u", "dev": "d", "exp": FAR + 0.5, "iat": 1, "aud": "x"},
+    {"sub": "u" * 128, "dev": "d" * 64, "exp": FAR},
+    {"sub": "u" * 129, "dev": "d", "exp": FAR},
+    {"sub": "has space", "dev": "d", "exp": FAR},
+    {"sub": 7, "dev": "d", "exp": FAR},
+    {"sub": "u", "dev": "d", "exp": "soon"},
+    {"sub": "u", "dev": "d", "exp": -5},
+    {"sub": "u", "dev": "d", "exp": 1000},
+    {"sub": "u", "dev": "d", "exp": FAR, "nbf": FAR - 1},
+    {"dev": "d", "exp": FAR},
+]
+texts = [json.dumps(c, separators=(",", ":")) for c in claims]
+texts += ['{"sub":"u","dev":"d","exp":1e400}', '{"sub":"u","dev":"d","exp":' + "[" * 200 + "]" * 200 + "}",
+          "[]", "null", "{", ""]
+jwt_seeds = [bytes([1]) + t.encode() for t in texts]
+jwt_seeds += [bytes([1 | (h << 1)]) + texts[0].encode() for h in range(1, 6)]
+jwt_seeds += [bytes([0x31]) + texts[9].encode()]
+jwt_seeds += [bytes([0]) + t.encode() for t in [jwt(texts[0]), jwt(texts[1]), jwt(texts[4]),
+              jwt(texts[0])[:-3] + "AAA", jwt(texts[0], b'{"alg":"none"}'), "x", "a.b", "a.b.c", "....",
+              "eyJhbGciOiJIUzI1NiJ9.e30"]]
+write("jwt", jwt_seeds)
+
+
+# --- dashboard_query: request targets of GET /events (tests/web.rs) and /demo/token ------
+write("dashboard_query", [
+    "/events", "/events?interval_ms=250", "/events?interval_ms=5", "/events?interval_ms=99999999",
+    "/events?interval_ms=%32%35%30", "/events?x=1&interval_ms=100&interval_ms=7", "/events?interval_ms=",
+    "/events?interval_ms=-1", "/events?interval_ms=1e3", "/events?interval_ms=%zz", "/events?interval_ms=%4",
+    "/demo/token?user=alice&device=lap%20top&ttl=60", "/demo/token?user=%C3%A9&device=+", "/?=&&=x&user",
+])

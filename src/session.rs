@@ -60,6 +60,12 @@ const NOT_STALLED: u64 = u64::MAX;
 /// Reads handled in one poll before the session yields to the rest of the shard.
 const READS_PER_POLL: usize = 16;
 
+/// Most `sync`s one connection may have in flight, over all its conversations; one more
+/// is answered `error rate_limited` (a client syncs each conversation once after `hello`
+/// and waits for `synced`). Each costs a history read and a replay, and a connection's
+/// replays of one conversation are counted in a `Mode::Syncing(u8)`.
+pub const MAX_SYNCS_IN_FLIGHT: usize = 16;
+
 thread_local! {
     /// The shard's read buffer. Borrowed only inside a synchronous poll, never across an
     /// await, so every session of the shard can use it in turn.
@@ -653,6 +659,10 @@ impl Session {
         let me = SessionRef { shard: shard.id, id: self.id };
         let (cid, conv, body) = match request {
             ClientRequest::Sync { cid, conv, after, limit } => {
+                if self.inner.borrow().syncs_in_flight() >= MAX_SYNCS_IN_FLIGHT {
+                    let why = "too many syncs in flight; wait for synced";
+                    return refuse(shard, replies, cid.as_deref(), ErrorCode::RateLimited, why);
+                }
                 let owner = shard.owner_of(&conv);
                 let cap = shard.config.history.max_per_conv;
                 let limit = limit.unwrap_or(cap).clamp(1, cap);
@@ -707,6 +717,11 @@ fn refuse(shard: &Shard, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCo
 impl Inner {
     fn mode(&self, conv: &str) -> Option<Mode> {
         self.modes.iter().find(|(c, _)| &**c == conv).map(|(_, m)| *m)
+    }
+
+    /// `sync`s asked for and not yet answered, over all conversations.
+    fn syncs_in_flight(&self) -> usize {
+        self.modes.iter().map(|(_, m)| if let Mode::Syncing(n) = m { *n as usize } else { 0 }).sum()
     }
 
     fn end_sync(&mut self, conv: &Key) {
@@ -1061,5 +1076,21 @@ mod tests {
     fn session_record_stays_small() {
         let size = std::mem::size_of::<Session>();
         assert!(size <= 320, "Session grew to {size} bytes");
+    }
+
+    #[test]
+    fn syncs_in_flight_count_every_conversation_until_answered() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
+        for _ in 0..MAX_SYNCS_IN_FLIGHT - 1 {
+            session.start_sync(&a);
+        }
+        session.start_sync(&b);
+        let mut inner = session.inner.borrow_mut();
+        assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT);
+        inner.end_sync(&a);
+        inner.end_sync(&b);
+        assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT - 2);
+        assert_eq!(inner.mode("b"), None);
     }
 }

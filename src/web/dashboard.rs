@@ -69,6 +69,15 @@ impl Drop for StreamGuard {
     }
 }
 
+/// The time between snapshots that the query of `GET /events` asks for: `interval_ms`,
+/// held to 100 ms-60 s; absent or not a number, one second. Pure (the fuzz target runs it).
+pub fn events_interval(query: &str) -> Duration {
+    query_param(query, "interval_ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS)))
+        .unwrap_or(DEFAULT_INTERVAL)
+}
+
 /// Serves `GET /events[?interval_ms=N]` until the client goes away: the response head,
 /// then one `data: <snapshot JSON>` event per interval. `scrape` renders the `/metrics`
 /// text.
@@ -84,10 +93,7 @@ where
         return;
     }
     let _counted = StreamGuard::new();
-    let interval = query_param(query, "interval_ms")
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|ms| Duration::from_millis(ms.clamp(MIN_INTERVAL_MS, MAX_INTERVAL_MS)))
-        .unwrap_or(DEFAULT_INTERVAL);
+    let interval = events_interval(query);
     const HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n\
         X-Accel-Buffering: no\r\nConnection: close\r\n\r\nretry: 2000\n\n";
     if stream.write_all(HEAD.as_bytes()).await.is_err() {
@@ -585,6 +591,16 @@ mod tests {
         assert_eq!(empty["p50_us"], Value::Null);
         let beyond = percentiles(&[(0.001, 0.0), (f64::INFINITY, 5.0)], 1.0);
         assert_eq!(beyond["p99_us"], json!(1000), "the +Inf bucket reports the highest bound");
+    }
+
+    #[test]
+    fn the_events_interval_is_held_to_its_bounds() {
+        assert_eq!(events_interval(""), DEFAULT_INTERVAL);
+        assert_eq!(events_interval("interval_ms=250"), Duration::from_millis(250));
+        assert_eq!(events_interval("x=1&interval_ms=5"), Duration::from_millis(MIN_INTERVAL_MS));
+        assert_eq!(events_interval("interval_ms=99999999999999999999"), DEFAULT_INTERVAL);
+        assert_eq!(events_interval("interval_ms=%36%30%30%30%30%30"), Duration::from_millis(MAX_INTERVAL_MS));
+        assert_eq!(events_interval("interval_ms=-1"), DEFAULT_INTERVAL);
     }
 
     #[test]

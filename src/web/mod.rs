@@ -49,8 +49,8 @@ fn error(status: u16, code: &str, message: &str) -> Vec<u8> {
 }
 
 /// The value of `name` in a query string (`a=1&b=2`), percent-decoded; `None` when absent
-/// or not valid UTF-8 once decoded.
-fn query_param(query: &str, name: &str) -> Option<String> {
+/// or not valid UTF-8 once decoded. Pure (the `dashboard_query` fuzz target runs it).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
     let raw = query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then_some(v)

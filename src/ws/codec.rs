@@ -84,6 +84,13 @@ impl Codec {
         let mut io = Io { input, out };
         match ctx.read(&mut io) {
             Ok(msg) => Next::Message(msg),
+            // A control frame announcing more than 125 bytes is refused from its header,
+            // without waiting for (and buffering) a payload that is refused anyway.
+            Err(WsError::Io(e))
+                if e.kind() == io::ErrorKind::WouldBlock && self.boundary.oversized_control =>
+            {
+                Next::Fail(close::PROTOCOL, "control frame over 125 bytes")
+            }
             Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Next::NeedMore,
             Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => Next::Closed,
             Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
@@ -177,7 +184,13 @@ pub struct FrameBoundary {
     remaining: u64,
     /// A data frame without FIN was seen and its final continuation has not ended yet.
     in_message: bool,
+    /// A control frame's header announced more than [`MAX_CONTROL_PAYLOAD`] bytes
+    /// (RFC 6455, 5.5): the connection is failed with 1002 whatever follows.
+    pub oversized_control: bool,
 }
+
+/// The largest payload of a control frame (RFC 6455, section 5.5).
+pub const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 impl FrameBoundary {
     pub fn advance(&mut self, mut input: &[u8]) {
@@ -233,6 +246,8 @@ impl FrameBoundary {
         if opcode <= 2 {
             // Text or binary opens a message, continuation carries it on; FIN ends it.
             self.in_message = !fin;
+        } else if opcode >= 8 && len > MAX_CONTROL_PAYLOAD {
+            self.oversized_control = true;
         }
         self.remaining = len;
         self.header_len = 0;
@@ -393,6 +408,21 @@ mod tests {
         let long = text_frame(&[b'a'; 200]);
         assert_eq!(&long[..4], &[0x81, 126, 0, 200]);
         assert_eq!(&close_frame(1001, "bye")[..], &[0x88, 5, 0x03, 0xe9, b'b', b'y', b'e']);
+    }
+
+    #[test]
+    fn an_oversized_control_frame_fails_from_its_header() {
+        // A ping announcing 126 bytes (within the message limit), none of them sent: 1002
+        // now, not once the payload has arrived and been buffered.
+        let ping = masked(true, 9, &[b'p'; 126]);
+        let (seen, _) = drain(&mut Codec::default(), &ping[..8]);
+        assert!(matches!(seen[..], [Next::Fail(1002, _)]), "{seen:?}");
+        // 125 bytes is a good ping, even when it arrives in pieces.
+        let mut codec = Codec::default();
+        let ping = masked(true, 9, &[b'p'; 125]);
+        assert!(drain(&mut codec, &ping[..8]).0.is_empty());
+        let (seen, _) = drain(&mut codec, &ping[8..]);
+        assert!(matches!(seen[..], [Next::Message(Message::Ping(_))]), "{seen:?}");
     }
 
     #[test]
