@@ -380,6 +380,11 @@ struct BroadcastBody<'a> {
     body: &'a RawValue,
 }
 
+/// A `body` the API forwards to clients: the checks of a client's `send`.
+fn forwardable(body: &RawValue) -> Result<&RawValue, Response> {
+    protocol::check_body(body.get()).map(|()| body).map_err(bad)
+}
+
 /// The segments of an `/api/v1/...` path (its query already cut off); `None` for any
 /// other path under `/api/`.
 pub fn api_path(path: &str) -> Option<Vec<&str>> {
@@ -417,13 +422,13 @@ pub fn parse_call<'a>(method: &str, path: &[&str], body: &'a [u8]) -> Result<Cal
         ("POST", ["conversations", conv, "messages"]) => {
             let conv = conv_id(conv)?;
             let posted: MessageBody = parse(body)?;
-            Call::Message { conv, from: one_user(&posted.from)?, body: posted.body }
+            Call::Message { conv, from: one_user(&posted.from)?, body: forwardable(posted.body)? }
         }
         ("POST", ["push"]) => {
             let push: PushBody = parse(body)?;
-            Call::Push { users: user_ids(&push.users)?, body: push.body }
+            Call::Push { users: user_ids(&push.users)?, body: forwardable(push.body)? }
         }
-        ("POST", ["broadcast"]) => Call::Broadcast { body: parse::<BroadcastBody>(body)?.body },
+        ("POST", ["broadcast"]) => Call::Broadcast { body: forwardable(parse::<BroadcastBody>(body)?.body)? },
         ("GET", ["presence", user]) => Call::Presence { user: one_user(user)? },
         ("POST", ["users", user, "disconnect"]) => Call::Disconnect { user: one_user(user)? },
         _ => return Err(not_found()),

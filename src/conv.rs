@@ -18,7 +18,7 @@ use crate::mesh::{Key, Origin, Reply, ReplyTo, SessionRef, ShardMsg};
 use crate::protocol::{self, ErrorCode, MsgFields};
 use crate::session::SyncReply;
 use crate::shard::Shard;
-use crate::store::{MemberOp, NewMessage, Store};
+use crate::store::{History, MemberOp, NewMessage, Store, StoreError};
 use crate::ws::codec;
 
 /// A set of shard indexes, one bit each.
@@ -330,7 +330,10 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, r
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
                 }
-                Ok(history)
+                match catch_up(shard, &conv, &mut history, reply.limit).await {
+                    Ok(()) => Ok(history),
+                    Err(_) => Err(ErrorCode::Unavailable),
+                }
             }
             Err(_) => Err(ErrorCode::Unavailable),
         },
@@ -339,6 +342,41 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, r
     };
     shard.metrics.sync_replays.inc();
     shard.route(session.shard, ShardMsg::Synced { session: session.id, conv, reply, result });
+}
+
+/// Extends a sync's replay to every seq this node has delivered by the time the answer
+/// leaves. The syncing session drops the conversation's live messages until its answer
+/// (the replay carries them), and with Redis the owner delivers other nodes' messages
+/// while it waits for the store: a seq delivered after the history read would otherwise
+/// reach the session neither live nor in the replay. Each round reads what the store holds
+/// past the replay; past `limit` the answer's `gap` covers the rest.
+async fn catch_up(shard: &Shard, conv: &Key, history: &mut History, limit: usize) -> Result<(), StoreError> {
+    loop {
+        let Some(delivered) = shard.delivered_seq(conv) else { return Ok(()) };
+        if delivered <= history.last_seq {
+            return Ok(());
+        }
+        let room = limit.saturating_sub(history.messages.len());
+        if room == 0 {
+            history.last_seq = delivered;
+            return Ok(());
+        }
+        let tail = shard.store.history(conv, history.last_seq, room).await?;
+        // Only what was delivered: later seqs reach the session live, after the answer.
+        let upto = shard.delivered_seq(conv).unwrap_or(delivered);
+        let before = history.messages.len();
+        for m in tail.messages.into_iter().take_while(|m| m.seq <= upto) {
+            if m.seq > history.last_seq {
+                history.last_seq = m.seq;
+                history.messages.push(m);
+            }
+        }
+        if history.messages.len() == before {
+            // Delivered, yet gone from the store already (trimmed in the same instant):
+            // nothing more to replay.
+            return Ok(());
+        }
+    }
 }
 
 /// A shard has sessions of `user`: answer which of `convs` it is a member of, and send

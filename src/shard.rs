@@ -223,6 +223,13 @@ impl Shard {
         delivered
     }
 
+    /// The last seq of `conv` this node has handed to its shards, with Redis (the
+    /// embedded store delivers each seq as it assigns it: `None`).
+    pub fn delivered_seq(&self, conv: &Key) -> Option<u64> {
+        self.redis()?;
+        self.order.borrow().get(conv).map(|h| h.delivered())
+    }
+
     /// Hands a sequenced message to the shards that want it, in seq order: at once with
     /// the embedded store; through the conversation's [`Holdback`] with Redis.
     pub fn deliver_in_order(&self, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {

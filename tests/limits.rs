@@ -173,17 +173,17 @@ fn a_control_frame_over_125_bytes_is_1002_from_its_header() {
 }
 
 #[test]
-fn deeply_nested_json_bodies_are_passed_on_as_they_are() {
+fn bodies_nested_past_64_levels_or_with_infinite_numbers_are_bad_requests() {
     let server = Server::start(LIMITS);
     server.set_members("deep", &["alice", "bob"]);
     let (mut alice, _) = connect_client(&server, "alice", "phone");
     let (mut bob, _) = connect_client(&server, "bob", "phone");
     send_text(&mut bob, r#"{"op":"sync","conv":"deep","cid":"s"}"#);
     assert_eq!(read_json(&mut bob)["op"], "synced");
-    // 30 000 levels (60 KB, under the 64 KiB message limit): no tree is built on the
-    // server, so depth costs no stack; the body is checked and forwarded byte for byte.
-    let depth = 30_000;
-    let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    // Bodies are forwarded byte for byte, so every receiving client parses them: 64
+    // levels pass (under the ~128 of common parsers), 65 do not.
+    let nest = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+    let body = nest(64);
     send_text(&mut alice, &format!(r#"{{"op":"send","conv":"deep","cid":"d1","body":{body}}}"#));
     let ack = read_json(&mut alice);
     assert_eq!((ack["op"].as_str(), ack["cid"].as_str()), (Some("ack"), Some("d1")), "{ack}");
@@ -191,13 +191,27 @@ fn deeply_nested_json_bodies_are_passed_on_as_they_are() {
         Message::Text(text) => assert!(text.as_str().contains(&body), "bob got another body"),
         other => panic!("bob got {other:?}"),
     }
-    // Deep nesting in an unknown field is skipped; unbalanced nesting is a bad_request.
-    let junk = format!(r#"{{"op":"nope","cid":"j","x":{body}}}"#);
+    for (cid, body) in [("d2", nest(65)), ("d3", nest(30_000)), ("d4", "[1,-3e4449]".to_string())] {
+        send_text(&mut alice, &format!(r#"{{"op":"send","conv":"deep","cid":"{cid}","body":{body}}}"#));
+        let error = read_json(&mut alice);
+        assert_eq!(
+            (error["code"].as_str(), error["cid"].as_str()),
+            (Some("bad_request"), Some(cid)),
+            "{error}"
+        );
+    }
+    // 30 000 levels (60 KB, under the 64 KiB message limit) in an unknown field are
+    // skipped without recursion; unbalanced nesting is a bad_request.
+    let junk = format!(r#"{{"op":"nope","cid":"j","x":{}}}"#, nest(30_000));
     send_text(&mut alice, &junk);
     assert_eq!(read_json(&mut alice)["code"], "unknown_op");
-    let unbalanced = format!(r#"{{"op":"send","conv":"deep","cid":"u","body":{}}}"#, "[".repeat(depth));
+    let unbalanced = format!(r#"{{"op":"send","conv":"deep","cid":"u","body":{}}}"#, "[".repeat(30_000));
     send_text(&mut alice, &unbalanced);
     assert_eq!(read_json(&mut alice)["code"], "bad_request");
+    // The API's bodies get the same check.
+    let posted = format!(r#"{{"from":"sys","body":{}}}"#, nest(65));
+    let answer = server.api_expect("POST", "/api/v1/conversations/deep/messages", Some(&posted), 400);
+    assert_eq!(answer["error"], "bad_request", "{answer}");
     assert_still_serves(&server, "deep JSON");
 }
 

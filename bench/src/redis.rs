@@ -4,6 +4,7 @@
 //! keeps every acknowledged message.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,6 +99,11 @@ fn spawn(bin: &Path, cpu: Option<usize>, port: u16, dir: &Path, durable: bool) -
     };
     let persistence: &[&str] =
         if durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        // redis-server must not outlive the bench, even one killed outright.
+        cmd.pre_exec(|| crate::server::die_with_parent(libc::SIGTERM));
+    }
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
         .args(persistence)
         .arg("--dir")

@@ -146,9 +146,58 @@ pub fn parse_request(text: &[u8]) -> Result<ClientRequest<'_>, Refused<'_>> {
         cid => return Err(refused(cid, ErrorCode::BadRequest, "cid must be 1-64 characters")),
     };
     match body {
-        Some(body) => Ok(ClientRequest::Send { cid, conv, body }),
+        Some(body) => match check_body(body.get()) {
+            Ok(()) => Ok(ClientRequest::Send { cid, conv, body }),
+            Err(why) => Err(refused(Some(cid), ErrorCode::BadRequest, why)),
+        },
         None => Err(refused(Some(cid), ErrorCode::BadRequest, "missing body")),
     }
+}
+
+/// The deepest nesting of arrays and objects a `body` may have. Bodies are forwarded
+/// as they are, so every receiving client parses them: common parsers stop at about
+/// 128 levels (serde_json's default) and some sooner.
+pub const MAX_BODY_DEPTH: usize = 64;
+
+/// Checks that a `body` (valid JSON: its grammar is checked already) is one every
+/// receiving client can parse: nested at most [`MAX_BODY_DEPTH`] levels, and no number
+/// beyond the range of a double (JSON allows them; many parsers refuse them). One pass,
+/// no recursion. The message is the `bad_request` error's.
+pub fn check_body(json: &str) -> Result<(), &'static str> {
+    let bytes = json.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_BODY_DEPTH {
+                    return Err("body nested deeper than 64 levels");
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i + 1 < bytes.len()
+                    && matches!(bytes[i + 1], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                if !json[start..=i].parse::<f64>().is_ok_and(f64::is_finite) {
+                    return Err("body has a number beyond the range of a double");
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// Appends `s` as a JSON string.
@@ -298,6 +347,28 @@ mod tests {
         assert_eq!(v["complete"], false);
         let v: serde_json::Value = serde_json::from_slice(&gap_json("c", 2, 5)).unwrap();
         assert_eq!((v["from"].as_u64(), v["to"].as_u64()), (Some(2), Some(5)));
+    }
+
+    #[test]
+    fn bodies_deeper_than_the_limit_or_with_infinite_numbers_are_refused() {
+        let nest = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        assert_eq!(check_body(&nest(MAX_BODY_DEPTH)), Ok(()));
+        assert!(check_body(&nest(MAX_BODY_DEPTH + 1)).is_err());
+        // Brackets and quotes inside strings are text.
+        let inside = format!(r#"{{"a":"{}\"[{{","b":[1]}}"#, "[".repeat(100));
+        assert_eq!(check_body(&inside), Ok(()));
+        for ok in
+            ["0", "-0.5", "1e308", "-1.7976931348623157e308", "444444444444444444444", r#"{"n":2.5E-3}"#]
+        {
+            assert_eq!(check_body(ok), Ok(()), "{ok}");
+        }
+        for bad in ["1e309", "-3e4449", r#"[0,{"x":[1E400]}]"#] {
+            assert!(check_body(bad).is_err(), "{bad}");
+        }
+        // The fuzzer's input: refused as a request, and so never forwarded.
+        let text = br#"{"op":"send","conv":"c1","cid":"c","body":[0,-3e4449,true]}"#;
+        let refused = parse_request(text).unwrap_err();
+        assert_eq!((refused.code, refused.cid.as_deref()), (ErrorCode::BadRequest, Some("c")));
     }
 
     #[test]
