@@ -61,10 +61,11 @@ const NOT_STALLED: u64 = u64::MAX;
 const READS_PER_POLL: usize = 16;
 
 /// Most `sync`s one connection may have in flight, over all its conversations; one more
-/// is answered `error rate_limited` (a client syncs each conversation once after `hello`
-/// and waits for `synced`). Each costs a history read and a replay, and a connection's
-/// replays of one conversation are counted in a `Mode::Syncing(u8)`.
-pub const MAX_SYNCS_IN_FLIGHT: usize = 16;
+/// is answered `error rate_limited`. A client syncs each of its conversations once after
+/// `hello`, all at once, so this is sized for a user in hundreds of conversations; each
+/// costs a history read and a replay (which the outbound budget bounds), and a
+/// connection's replays of one conversation are counted in a `Mode::Syncing(u16)`.
+pub const MAX_SYNCS_IN_FLIGHT: usize = 512;
 
 thread_local! {
     /// The shard's read buffer. Borrowed only inside a synchronous poll, never across an
@@ -142,7 +143,7 @@ struct Inner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// This many `sync`s are in flight; their replay carries these messages.
-    Syncing(u8),
+    Syncing(u16),
     /// A `gap` was sent; the client's `sync` from its start will carry these messages.
     Gapped,
     /// Synced while the connection's grace still holds its other conversations: sent.

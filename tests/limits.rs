@@ -221,8 +221,9 @@ fn syncs_past_the_in_flight_bound_get_rate_limited_and_live_traffic_resumes() {
     server.set_members("c1", &["alice"]);
     let mut stream =
         raw_upgrade(server.client_addr(), &format!("/ws?token={}", server.token("alice", "phone", 3600)));
-    // 300 syncs in one write: the session reads them all before any is answered.
-    let n = 300;
+    // 1200 syncs in one write (about 50 KB): the session reads them all before any is
+    // answered.
+    let n = 1200;
     let mut bytes = Vec::new();
     for i in 0..n {
         bytes.extend(client_frame(

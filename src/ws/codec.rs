@@ -87,7 +87,7 @@ impl Codec {
             // A control frame announcing more than 125 bytes is refused from its header,
             // without waiting for (and buffering) a payload that is refused anyway.
             Err(WsError::Io(e))
-                if e.kind() == io::ErrorKind::WouldBlock && self.boundary.oversized_control =>
+                if e.kind() == io::ErrorKind::WouldBlock && self.boundary.oversized_control() =>
             {
                 Next::Fail(close::PROTOCOL, "control frame over 125 bytes")
             }
@@ -182,17 +182,32 @@ pub struct FrameBoundary {
     header_len: u8,
     /// Payload bytes of the current frame still to come.
     remaining: u64,
+    /// Between messages, inside a fragmented one, or failed (one byte: every connection
+    /// holds this record).
+    stream: Stream,
+}
+
+/// Where a [`FrameBoundary`] is between frames.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    #[default]
+    Between,
     /// A data frame without FIN was seen and its final continuation has not ended yet.
-    in_message: bool,
+    InMessage,
     /// A control frame's header announced more than [`MAX_CONTROL_PAYLOAD`] bytes
     /// (RFC 6455, 5.5): the connection is failed with 1002 whatever follows.
-    pub oversized_control: bool,
+    OversizedControl,
 }
 
 /// The largest payload of a control frame (RFC 6455, section 5.5).
 pub const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 impl FrameBoundary {
+    /// A control frame announced more than 125 bytes: the connection must fail (1002).
+    pub fn oversized_control(&self) -> bool {
+        self.stream == Stream::OversizedControl
+    }
+
     pub fn advance(&mut self, mut input: &[u8]) {
         while !input.is_empty() {
             if self.remaining > 0 {
@@ -215,7 +230,7 @@ impl FrameBoundary {
 
     /// True when the stream sits between frames and outside any fragmented message.
     pub fn quiet(&self) -> bool {
-        self.header_len == 0 && self.remaining == 0 && !self.in_message
+        self.header_len == 0 && self.remaining == 0 && self.stream == Stream::Between
     }
 
     /// Header length as far as the bytes collected so far tell (2 until the second byte).
@@ -243,11 +258,13 @@ impl FrameBoundary {
         };
         let fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0f;
-        if opcode <= 2 {
+        if self.stream == Stream::OversizedControl {
+            // Failed for good.
+        } else if opcode <= 2 {
             // Text or binary opens a message, continuation carries it on; FIN ends it.
-            self.in_message = !fin;
+            self.stream = if fin { Stream::Between } else { Stream::InMessage };
         } else if opcode >= 8 && len > MAX_CONTROL_PAYLOAD {
-            self.oversized_control = true;
+            self.stream = Stream::OversizedControl;
         }
         self.remaining = len;
         self.header_len = 0;
