@@ -245,6 +245,21 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         }
         Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
     };
+    // The ack goes first: delivering this seq can release later ones held behind it
+    // (with Redis, appends may answer out of order), and the sender must know its seq
+    // before it sees a later one, or it would take its own seq for a hole.
+    let exclude = match origin {
+        Origin::Session(session) => {
+            let cid = msg.cid.as_deref().unwrap_or("");
+            let ack = protocol::ack_json(&conv, cid, appended.seq, appended.ts);
+            to_session(shard, session, codec::text_frame(&ack));
+            Some(session)
+        }
+        Origin::Api(reply) => {
+            shard.mesh.reply(reply, Reply::Sent { seq: appended.seq });
+            None
+        }
+    };
     if appended.duplicate {
         shard.metrics.deduplicated.inc();
         if shard.redis().is_some() {
@@ -255,20 +270,8 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         }
     } else {
         shard.metrics.accepted.inc();
-        let exclude = match origin {
-            Origin::Session(s) => Some(s),
-            Origin::Api(_) => None,
-        };
         publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), exclude);
         shard.metrics.fanout_latency.record(started.elapsed());
-    }
-    match origin {
-        Origin::Session(session) => {
-            let cid = msg.cid.as_deref().unwrap_or("");
-            let ack = protocol::ack_json(&conv, cid, appended.seq, appended.ts);
-            to_session(shard, session, codec::text_frame(&ack));
-        }
-        Origin::Api(reply) => shard.mesh.reply(reply, Reply::Sent { seq: appended.seq }),
     }
 }
 
@@ -330,7 +333,7 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, r
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
                 }
-                match catch_up(shard, &conv, &mut history, reply.limit).await {
+                match catch_up(shard, &conv, &mut history, reply.after, reply.limit).await {
                     Ok(()) => Ok(history),
                     Err(_) => Err(ErrorCode::Unavailable),
                 }
@@ -350,10 +353,18 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, r
 /// while it waits for the store: a seq delivered after the history read would otherwise
 /// reach the session neither live nor in the replay. Each round reads what the store holds
 /// past the replay; past `limit` the answer's `gap` covers the rest.
-async fn catch_up(shard: &Shard, conv: &Key, history: &mut History, limit: usize) -> Result<(), StoreError> {
+async fn catch_up(
+    shard: &Shard,
+    conv: &Key,
+    history: &mut History,
+    after: u64,
+    limit: usize,
+) -> Result<(), StoreError> {
     loop {
         let Some(delivered) = shard.delivered_seq(conv) else { return Ok(()) };
-        if delivered <= history.last_seq {
+        // The replay never reaches back to what the client holds already.
+        let held = history.last_seq.max(after);
+        if delivered <= held {
             return Ok(());
         }
         let room = limit.saturating_sub(history.messages.len());
@@ -361,12 +372,12 @@ async fn catch_up(shard: &Shard, conv: &Key, history: &mut History, limit: usize
             history.last_seq = delivered;
             return Ok(());
         }
-        let tail = shard.store.history(conv, history.last_seq, room).await?;
+        let tail = shard.store.history(conv, held, room).await?;
         // Only what was delivered: later seqs reach the session live, after the answer.
         let upto = shard.delivered_seq(conv).unwrap_or(delivered);
         let before = history.messages.len();
         for m in tail.messages.into_iter().take_while(|m| m.seq <= upto) {
-            if m.seq > history.last_seq {
+            if m.seq > held && m.seq > history.last_seq {
                 history.last_seq = m.seq;
                 history.messages.push(m);
             }
