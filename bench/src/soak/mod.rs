@@ -293,6 +293,11 @@ impl Cluster {
         Ok(t.elapsed())
     }
 
+    fn heap_in_use(&self) -> Result<Vec<u64>, Error> {
+        let heap = |n: &Server| n.metrics().map(|m| m.map_or(0, |m| m.sum("ringpush_heap_in_use_bytes")));
+        self.nodes.iter().map(heap).collect()
+    }
+
     fn connections(&self, node: usize) -> Result<u64, Error> {
         Ok(self.nodes[node].metrics()?.map_or(0, |m| m.sum("ringpush_connections")))
     }
@@ -457,6 +462,10 @@ struct Account {
     rss_base: Vec<u64>,
     rss_start: Vec<u64>,
     rss_end: Vec<u64>,
+    /// `ringpush_heap_in_use_bytes` (malloc's live bytes) beside the RSS: what the
+    /// program holds, apart from what the allocator keeps.
+    heap_start: Vec<u64>,
+    heap_end: Vec<u64>,
     conns: Vec<u64>,
     fds_before: Vec<u64>,
     fds_after: Vec<u64>,
@@ -481,6 +490,7 @@ fn drive<'s>(
     let conns: Vec<u64> = (0..NODES).map(|n| cluster.connections(n)).collect::<Result<_, _>>()?;
     let rss_start: Vec<u64> =
         cluster.nodes.iter().map(|n| n.status().map(|s| s.vm_rss)).collect::<Result<_, _>>()?;
+    let heap_start = cluster.heap_in_use()?;
     shared.log(format!(
         "start: connections per node {conns:?}, RSS {:?} KiB",
         rss_start.iter().map(|r| r / 1024).collect::<Vec<_>>()
@@ -531,6 +541,7 @@ fn drive<'s>(
     )?;
     let rss_end: Vec<u64> =
         cluster.nodes.iter().map(|n| n.status().map(|s| s.vm_rss)).collect::<Result<_, _>>()?;
+    let heap_end = cluster.heap_in_use()?;
 
     shared.set_phase(Phase::Leave);
     wait_count("devices gone", &stats.left, devices, Duration::from_secs(60))?;
@@ -548,6 +559,8 @@ fn drive<'s>(
         rss_base: before.rss,
         rss_start,
         rss_end,
+        heap_start,
+        heap_end,
         conns,
         fds_before: before.fds,
         fds_after,
@@ -662,7 +675,7 @@ impl Account {
             // What the clients cost: RSS over the node's own before any came, per connection.
             let per_conn = |r: u64| r.saturating_sub(self.rss_base[n]) / self.conns[n].max(1);
             rss.push(format!(
-                "node {} {}->{} KiB ({:+.1}%, {}->{} B/conn over the node's own at {} conns{})",
+                "node {} {}->{} KiB ({:+.1}%, {}->{} B/conn over the node's own at {} conns; heap in use {}->{} KiB{})",
                 n + 1,
                 a / 1024,
                 b / 1024,
@@ -670,6 +683,8 @@ impl Account {
                 per_conn(a),
                 per_conn(b),
                 self.conns[n],
+                self.heap_start[n] / 1024,
+                self.heap_end[n] / 1024,
                 if n == 2 { ", restarted: not judged" } else { "" }
             ));
             // Node 3 was restarted, so its start is not comparable.
