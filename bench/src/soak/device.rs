@@ -354,7 +354,13 @@ impl Device<'_> {
                 // Sends are over: a pending one never got its ack and does not count.
                 self.pending = None;
                 for slot in 0..self.order.len() {
-                    self.sync(conn, slot)?;
+                    if self.order[slot].syncing {
+                        // A second sync with the same `after` would replay it all twice:
+                        // sync again from where this one ends.
+                        self.order[slot].resync = true;
+                    } else {
+                        self.sync(conn, slot)?;
+                    }
                 }
                 self.settling = Some(now);
                 now

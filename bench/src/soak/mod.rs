@@ -513,7 +513,7 @@ fn drive<'s>(
         while run_start.elapsed() < at {
             std::thread::sleep(Duration::from_millis(100));
             if run_start.elapsed() >= next_progress {
-                progress(shared);
+                progress(shared, cluster);
                 next_progress += Duration::from_secs(if args.duration > 600 { 60 } else { 10 });
             }
         }
@@ -522,7 +522,7 @@ fn drive<'s>(
     while run_start.elapsed() < duration {
         std::thread::sleep(Duration::from_millis(100));
     }
-    progress(shared);
+    progress(shared, cluster);
 
     shared.stop_rogues.store(true, Relaxed);
     for handle in rogues {
@@ -583,10 +583,21 @@ fn wait_count(what: &str, counter: &AtomicU64, want: u64, limit: Duration) -> Re
     Ok(())
 }
 
-fn progress(shared: &Shared) {
+fn progress(shared: &Shared, cluster: &Cluster) {
     let s = &shared.stats;
+    // The nodes' memory as it goes (KiB): RSS, and malloc's live bytes.
+    let memory: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let rss = n.status().map_or(0, |s| s.vm_rss / 1024);
+            let heap = n.metrics().ok().flatten().map_or(0, |m| m.sum("ringpush_heap_in_use_bytes") / 1024);
+            format!("{rss}/{heap}")
+        })
+        .collect();
     shared.log(format!(
-        "acked {} delivered {} | reconnects {} gaps {} syncs {} unavailable {} | lost {} duplicated {} out of order {}",
+        "acked {} delivered {} | reconnects {} gaps {} syncs {} unavailable {} | lost {} duplicated {} out of order {} \
+         | RSS/heap KiB {}",
         s.acked.load(Relaxed),
         s.delivered.load(Relaxed),
         s.reconnects.load(Relaxed),
@@ -596,6 +607,7 @@ fn progress(shared: &Shared) {
         s.lost.load(Relaxed),
         s.duplicated.load(Relaxed),
         s.out_of_order.load(Relaxed),
+        memory.join(" "),
     ));
 }
 
