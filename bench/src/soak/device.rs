@@ -259,7 +259,7 @@ impl Device<'_> {
                     conn.close(1000, Duration::from_secs(1));
                     return End::Left;
                 }
-                Phase::Settle if node != self.spec.home => {
+                Phase::Settle | Phase::Gather if node != self.spec.home => {
                     conn.close(1000, Duration::from_secs(1));
                     return End::Moved;
                 }

@@ -95,6 +95,8 @@ pub struct SoakArgs {
 pub enum Phase {
     /// Everyone connected; sends, no churn yet.
     Warmup,
+    /// A pause in the run for the memory baseline: no churn, no rogues, every device home.
+    Gather,
     /// Sends, churn, rogues and faults.
     Run,
     /// No new sends; pending ones get their acks.
@@ -204,6 +206,10 @@ pub struct Shared {
     /// Changes at the start and end of every fault.
     pub fault_epoch: AtomicU64,
     pub stop_rogues: AtomicBool,
+    /// Rogues wait (and cut their attempts short) while this is set.
+    pub hold_rogues: AtomicBool,
+    /// Rogue attempts under way.
+    pub rogues_busy: AtomicU64,
     pub secret: String,
     pub plan: Plan,
     /// Per conversation, the highest seq acknowledged to any sender.
@@ -219,9 +225,10 @@ impl Shared {
     pub fn phase(&self) -> Phase {
         match self.phase.load(Relaxed) {
             0 => Phase::Warmup,
-            1 => Phase::Run,
-            2 => Phase::Quiesce,
-            3 => Phase::Settle,
+            1 => Phase::Gather,
+            2 => Phase::Run,
+            3 => Phase::Quiesce,
+            4 => Phase::Settle,
             _ => Phase::Leave,
         }
     }
@@ -258,6 +265,8 @@ enum Fault {
     Pause,
     /// Restart redis-server.
     Redis,
+    /// Not a fault: the memory baseline (see [`baseline`]).
+    Baseline,
 }
 
 /// The faults of a run of `duration`, by offset from the start of the run phase: node
@@ -274,6 +283,10 @@ fn schedule(duration: Duration) -> Vec<(Duration, Fault)> {
         i += 1;
     }
     plan.push((duration / 2 + every / 4, Fault::Redis));
+    // Between faults, after the warm-up (the timer wheel's first rotation, the queues'
+    // and tables' high-water marks).
+    let k = (duration / 4).as_millis() / every.as_millis().max(1);
+    plan.push((every * (2 * k as u32 + 1) / 2, Fault::Baseline));
     plan.sort_by_key(|(at, _)| *at);
     plan
 }
@@ -385,6 +398,8 @@ pub fn run(args: SoakArgs) -> Result<(), Error> {
         down: (0..NODES).map(|_| AtomicBool::new(false)).collect(),
         fault_epoch: AtomicU64::new(0),
         stop_rogues: AtomicBool::new(false),
+        hold_rogues: AtomicBool::new(false),
+        rogues_busy: AtomicU64::new(0),
         secret,
         acked: plan.convs.iter().map(|_| AtomicU64::new(0)).collect(),
         plan,
@@ -451,6 +466,62 @@ fn wait_peers(cluster: &Cluster) -> Result<(), Error> {
     Ok(())
 }
 
+/// Each node's memory at one moment: RSS, and `ringpush_heap_in_use_bytes` (malloc's
+/// live bytes: what the program holds, apart from what the allocator keeps).
+struct Snapshot {
+    rss: Vec<u64>,
+    heap: Vec<u64>,
+}
+
+impl Snapshot {
+    fn take(cluster: &Cluster) -> Result<Snapshot, Error> {
+        let rss = cluster.nodes.iter().map(|n| n.status().map(|s| s.vm_rss)).collect::<Result<_, _>>()?;
+        Ok(Snapshot { rss, heap: cluster.heap_in_use()? })
+    }
+
+    fn kib(&self) -> String {
+        let each: Vec<String> =
+            self.rss.iter().zip(&self.heap).map(|(r, h)| format!("{}/{}", r / 1024, h / 1024)).collect();
+        each.join(" ")
+    }
+}
+
+/// The memory baseline, part-way through the run: rogues held, churn stopped, every
+/// device home, so each node serves the connections it served at the start; then the
+/// run goes on. Taken after the warm-up (the timer wheel's first rotation, the queues'
+/// and tables' high-water marks), so that the end is compared with a node that holds
+/// what a running node holds, and growth past it is a leak.
+fn gather(shared: &Shared, cluster: &Cluster, conns: &[u64]) -> Result<Snapshot, Error> {
+    shared.hold_rogues.store(true, Relaxed);
+    wait_count_down("rogue attempts to end", &shared.rogues_busy, Duration::from_secs(30))?;
+    shared.set_phase(Phase::Gather);
+    let gathered = cluster.wait_connections(
+        "every device home for the memory baseline",
+        |n| conns[n],
+        Duration::from_secs(60),
+    );
+    let snapshot = gathered.and_then(|()| Snapshot::take(cluster));
+    shared.set_phase(Phase::Run);
+    shared.hold_rogues.store(false, Relaxed);
+    let snapshot = snapshot?;
+    shared.log(format!("memory baseline after the warm-up: RSS/heap KiB {}", snapshot.kib()));
+    Ok(snapshot)
+}
+
+fn wait_count_down(what: &str, counter: &AtomicU64, limit: Duration) -> Result<(), Error> {
+    let deadline = Instant::now() + limit;
+    while counter.load(Relaxed) > 0 {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("{what} ({} left)", counter.load(Relaxed)),
+                secs: limit.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Each node before any client came: open files and RSS.
 struct Before {
     fds: Vec<u64>,
@@ -460,12 +531,12 @@ struct Before {
 /// What the end of the run measured besides the devices' counts.
 struct Account {
     rss_base: Vec<u64>,
-    rss_start: Vec<u64>,
-    rss_end: Vec<u64>,
-    /// `ringpush_heap_in_use_bytes` (malloc's live bytes) beside the RSS: what the
-    /// program holds, apart from what the allocator keeps.
-    heap_start: Vec<u64>,
-    heap_end: Vec<u64>,
+    /// Every device connected, before churn.
+    first: Snapshot,
+    /// The same connections after the warm-up ([`gather`]): what the end is judged against.
+    warm: Snapshot,
+    /// The same connections at the end.
+    end: Snapshot,
     conns: Vec<u64>,
     fds_before: Vec<u64>,
     fds_after: Vec<u64>,
@@ -488,13 +559,8 @@ fn drive<'s>(
     shared.log(format!("all {devices} devices connected and synced; warming up"));
     std::thread::sleep(Duration::from_secs(5));
     let conns: Vec<u64> = (0..NODES).map(|n| cluster.connections(n)).collect::<Result<_, _>>()?;
-    let rss_start: Vec<u64> =
-        cluster.nodes.iter().map(|n| n.status().map(|s| s.vm_rss)).collect::<Result<_, _>>()?;
-    let heap_start = cluster.heap_in_use()?;
-    shared.log(format!(
-        "start: connections per node {conns:?}, RSS {:?} KiB",
-        rss_start.iter().map(|r| r / 1024).collect::<Vec<_>>()
-    ));
+    let first = Snapshot::take(cluster)?;
+    shared.log(format!("start: connections per node {conns:?}, RSS/heap KiB {}", first.kib()));
 
     shared.set_phase(Phase::Run);
     let mut rogues = Vec::new();
@@ -508,6 +574,7 @@ fn drive<'s>(
     let run_start = Instant::now();
     let duration = Duration::from_secs(args.duration);
     let mut faults = Vec::new();
+    let mut baseline = None;
     let mut next_progress = Duration::from_secs(10);
     for (at, fault) in schedule(duration) {
         while run_start.elapsed() < at {
@@ -517,7 +584,10 @@ fn drive<'s>(
                 next_progress += Duration::from_secs(if args.duration > 600 { 60 } else { 10 });
             }
         }
-        faults.push(inject(fault, shared, cluster, redis)?);
+        match fault {
+            Fault::Baseline => baseline = Some(gather(shared, cluster, &conns)?),
+            fault => faults.push(inject(fault, shared, cluster, redis)?),
+        }
     }
     while run_start.elapsed() < duration {
         std::thread::sleep(Duration::from_millis(100));
@@ -539,9 +609,7 @@ fn drive<'s>(
         |n| conns[n],
         Duration::from_secs(30),
     )?;
-    let rss_end: Vec<u64> =
-        cluster.nodes.iter().map(|n| n.status().map(|s| s.vm_rss)).collect::<Result<_, _>>()?;
-    let heap_end = cluster.heap_in_use()?;
+    let end = Snapshot::take(cluster)?;
 
     shared.set_phase(Phase::Leave);
     wait_count("devices gone", &stats.left, devices, Duration::from_secs(60))?;
@@ -557,10 +625,9 @@ fn drive<'s>(
     };
     Ok(Account {
         rss_base: before.rss,
-        rss_start,
-        rss_end,
-        heap_start,
-        heap_end,
+        first,
+        warm: baseline.ok_or_else(|| Error::Usage("the run ended before its memory baseline".into()))?,
+        end,
         conns,
         fds_before: before.fds,
         fds_after,
@@ -634,6 +701,8 @@ fn inject(fault: Fault, shared: &Shared, cluster: &mut Cluster, redis: &mut Redi
             shared.down[1].store(false, Relaxed);
             format!("node 2 paused (SIGSTOP) for {} s", PAUSE.as_secs())
         }
+        // `drive` takes it with `gather`; nothing to inject.
+        Fault::Baseline => "memory baseline".to_string(),
         Fault::Redis => {
             let t = Instant::now();
             redis.restart()?;
@@ -682,24 +751,26 @@ impl Account {
         }
         let mut rss = Vec::new();
         for n in 0..NODES {
-            let (a, b) = (self.rss_start[n], self.rss_end[n]);
+            let (a, b) = (self.warm.rss[n], self.end.rss[n]);
             let change = (b as f64 - a as f64) / a.max(1) as f64;
             // What the clients cost: RSS over the node's own before any came, per connection.
             let per_conn = |r: u64| r.saturating_sub(self.rss_base[n]) / self.conns[n].max(1);
             rss.push(format!(
-                "node {} {}->{} KiB ({:+.1}%, {}->{} B/conn over the node's own at {} conns; heap in use {}->{} KiB{})",
+                "node {} {} KiB at the start, {}->{} KiB from the warm-up to the end ({:+.1}%, {}->{} B/conn over \
+                 the node's own at {} conns; heap in use {}->{} KiB{})",
                 n + 1,
+                self.first.rss[n] / 1024,
                 a / 1024,
                 b / 1024,
                 100.0 * change,
                 per_conn(a),
                 per_conn(b),
                 self.conns[n],
-                self.heap_start[n] / 1024,
-                self.heap_end[n] / 1024,
+                self.warm.heap[n] / 1024,
+                self.end.heap[n] / 1024,
                 if n == 2 { ", restarted: not judged" } else { "" }
             ));
-            // Node 3 was restarted, so its start is not comparable.
+            // Node 3 is restarted, so its baseline is not comparable.
             if n < 2 && change.abs() > RSS_TOLERANCE {
                 failed.push(format!("node {} RSS changed {:+.1}%", n + 1, 100.0 * change));
             }

@@ -62,6 +62,10 @@ pub fn run(id: usize, shared: &Shared) {
     let mut rng = Rng::from_entropy();
     let mut turn = id;
     while !shared.stop_rogues.load(Relaxed) {
+        if shared.hold_rogues.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let kind = KINDS[turn % KINDS.len()];
         turn += 1;
         let up: Vec<usize> = (0..shared.nodes.len()).filter(|&n| !shared.down[n].load(Relaxed)).collect();
@@ -71,7 +75,9 @@ pub fn run(id: usize, shared: &Shared) {
         }
         let node = up[(rng.next_u64() % up.len() as u64) as usize];
         let epoch = shared.fault_epoch.load(Relaxed);
+        shared.rogues_busy.fetch_add(1, Relaxed);
         let outcome = attempt(kind, shared.nodes[node], id, shared, &mut rng);
+        shared.rogues_busy.fetch_sub(1, Relaxed);
         let stats = &shared.stats;
         if shared.fault_epoch.load(Relaxed) != epoch {
             stats.rogue_disturbed.fetch_add(1, Relaxed);
@@ -172,7 +178,7 @@ fn never_reads(addr: SocketAddr, shared: &Shared, id: usize) -> Outcome {
         );
     }
     let until = Instant::now() + NEVER_READ_HOLD;
-    while Instant::now() < until && !shared.stop_rogues.load(Relaxed) {
+    while Instant::now() < until && !shared.stop_rogues.load(Relaxed) && !shared.hold_rogues.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
     }
     Outcome::Expected
