@@ -143,9 +143,10 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
 async fn connection(admin: Rc<Admin>, mut stream: TcpStream) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let read =
-            glommio::timer::timeout(KEEP_ALIVE, async { Ok(read_request(&mut stream, &mut buf).await) })
-                .await;
+        let read = glommio::timer::timeout(KEEP_ALIVE, async {
+            Ok(read_request(&mut stream, &mut buf, &admin.node.config.api_key).await)
+        })
+        .await;
         let (request, keep_alive) = match read {
             Ok(Ok(parsed)) => parsed,
             Ok(Err(Some(refusal))) => {
@@ -168,13 +169,19 @@ async fn connection(admin: Rc<Admin>, mut stream: TcpStream) {
 }
 
 /// Reads one request. `Err(None)`: the peer went away; `Err(Some(r))`: answer `r` and close.
+/// An `/api/` call without the API key is answered 401 from its head: its body is never
+/// read, so no one without the key makes the node buffer up to [`MAX_BODY`].
 async fn read_request(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
+    api_key: &str,
 ) -> Result<(Request, bool), Option<Response>> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(head) = parse_head(buf).map_err(|e| Some(e.response()))? {
+            if head.path.starts_with("/api/") && !key_matches(api_key, head.authorization.as_deref()) {
+                return Err(Some(unauthorized()));
+            }
             let end = head.head_len + head.content_length;
             while buf.len() < end {
                 let n = stream.read(&mut chunk).await.map_err(|_| None)?;
@@ -294,8 +301,8 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             },
         },
         (_, p) if p.starts_with("/api/") => {
-            if !authorized(admin, req) {
-                return Response::error(401, "unauthorized", "missing or wrong API key");
+            if !key_matches(&admin.node.config.api_key, req.authorization.as_deref()) {
+                return unauthorized();
             }
             let Some(segments) = api_path(p) else { return not_found() };
             match api(admin, &req.method, &segments, &req.body).await {
@@ -561,12 +568,16 @@ async fn members(admin: &Admin, conv: Key, op: MemberOp, users: Vec<Key>) -> Res
     }
 }
 
+fn unauthorized() -> Response {
+    Response::error(401, "unauthorized", "missing or wrong API key")
+}
+
 /// `Authorization: Bearer <api_key>`, compared in constant time.
-fn authorized(admin: &Admin, req: &Request) -> bool {
-    let Some(given) = req.authorization.as_deref().and_then(|h| h.strip_prefix("Bearer ")) else {
+fn key_matches(api_key: &str, authorization: Option<&str>) -> bool {
+    let Some(given) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
         return false;
     };
-    let expected = admin.node.config.api_key.as_bytes();
+    let expected = api_key.as_bytes();
     let given = given.trim().as_bytes();
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

@@ -289,3 +289,23 @@ fn api_head_over_16_kib_is_400_and_the_listener_keeps_serving() {
     assert!(answer.starts_with("HTTP/1.1 200 ") && answer.contains("HTTP/1.1 413 "), "{answer}");
     assert_eq!(server.api("GET", "/api/v1/conversations/c1", None).status, 200);
 }
+
+#[test]
+fn an_api_call_without_the_key_is_401_before_its_body_is_read() {
+    let server = Server::start("");
+    // A body of 1 MiB announced and never sent: without the key the answer comes from the
+    // head alone (a server reading the body first would wait for it until KEEP_ALIVE).
+    let mut stream = raw_connect(server.admin_addr());
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let head = format!("POST /api/v1/broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+    // A wrong key too; the right one is served.
+    let wrong = "POST /api/v1/broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\
+                 Content-Length: 10\r\nConnection: close\r\n\r\n";
+    let resp = raw_http(server.admin_addr(), wrong.as_bytes());
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(server.api("GET", "/api/v1/conversations/c1", None).status, 200);
+}

@@ -62,8 +62,12 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                // Two hex digits exactly (`from_str_radix` alone would take a sign: `%+1`).
+                let hex = &bytes[i + 1..i + 3];
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 2;
             }
             b => out.push(b),
@@ -76,6 +80,14 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_percent_escape_is_two_hex_digits() {
+        assert_eq!(query_param("a=%41%7a", "a").as_deref(), Some("Az"));
+        assert_eq!(query_param("a=%+1", "a"), None);
+        assert_eq!(query_param("a=%-1", "a"), None);
+        assert_eq!(query_param("a=%g1", "a"), None);
+    }
 
     #[test]
     fn query_params_are_found_and_decoded() {
