@@ -295,6 +295,9 @@ fn a_paused_node_gets_every_acked_message_in_order_after_it_resumes() {
     let (mut on_n3, _) = connect_synced(&nodes[2], "u3", "phone", &[conv]);
     let warm = post_until_live(&nodes[0], &mut on_n3, conv);
     let repairs_before = nodes[2].metric("ringpush_cluster_gap_repairs_total");
+    // Its presence is visible before the pause (on a loaded machine the first write can
+    // lag), so that its disappearance below is the lease running out.
+    nodes[0].wait_presence("u3", Duration::from_secs(5), |d| d.len() == 1);
 
     nodes[2].pause();
     let paused = Instant::now();
