@@ -358,10 +358,18 @@ impl Session {
         reply: SyncReply,
         result: Result<History, ErrorCode>,
     ) {
-        self.inner.borrow_mut().end_sync(conv);
         let history = match result {
-            Ok(history) => history,
+            Ok(history) => {
+                self.inner.borrow_mut().end_sync(conv);
+                history
+            }
             Err(code) => {
+                // Not a member: nothing of it is delivered here, and nothing may stay
+                // behind per conversation a client merely asked about.
+                match code {
+                    ErrorCode::NotMember => self.inner.borrow_mut().end_sync(conv),
+                    _ => self.inner.borrow_mut().sync_failed(conv),
+                }
                 let message = match code {
                     ErrorCode::NotMember => "not a member",
                     _ => "the store is unavailable; retry",
@@ -737,6 +745,17 @@ impl Inner {
         }
     }
 
+    /// A `sync` of `conv` was answered with an error, not a replay. The live messages it
+    /// held back are in no replay now: like after a `gap`, the conversation's live
+    /// messages wait for the client's next `sync` (a client retries after `unavailable`),
+    /// unless another sync in flight carries them.
+    fn sync_failed(&mut self, conv: &Key) {
+        self.end_sync(conv);
+        if !matches!(self.mode(conv), Some(Mode::Syncing(_))) {
+            self.set_gapped(conv);
+        }
+    }
+
     /// After a `gap` of `conv`, its live messages wait for the client's `sync` (which
     /// replays from the gap on), so the connection never sees them out of order.
     fn set_gapped(&mut self, conv: &Key) {
@@ -1077,6 +1096,26 @@ mod tests {
     fn session_record_stays_small() {
         let size = std::mem::size_of::<Session>();
         assert!(size <= 320, "Session grew to {size} bytes");
+    }
+
+    #[test]
+    fn a_failed_sync_holds_live_messages_for_the_next_one() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
+        // Found by the soak: during a Redis restart a sync answered `unavailable`, the live
+        // messages it had held back were in no replay, and the next one arrived past them.
+        session.start_sync(&a);
+        session.inner.borrow_mut().sync_failed(&a);
+        assert_eq!(session.inner.borrow().mode("a"), Some(Mode::Gapped));
+        // The client's retry ends it.
+        session.start_sync(&a);
+        session.inner.borrow_mut().end_sync(&a);
+        assert_eq!(session.inner.borrow().mode("a"), None);
+        // With another sync of it in flight, that one's replay carries them.
+        session.start_sync(&b);
+        session.start_sync(&b);
+        session.inner.borrow_mut().sync_failed(&b);
+        assert_eq!(session.inner.borrow().mode("b"), Some(Mode::Syncing(1)));
     }
 
     #[test]
