@@ -57,15 +57,7 @@ impl Redis {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while let Ok(None) = self.child.try_wait() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::server::reap_within(&mut self.child, STOP_TIMEOUT);
     }
 
     fn wait_listening(&self) -> Result<(), Error> {

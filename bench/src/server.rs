@@ -331,15 +331,7 @@ impl Server {
                     libc::kill(owned.child.id() as libc::pid_t, libc::SIGTERM);
                 }
             }
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while let Ok(None) = owned.child.try_wait() {
-                if Instant::now() > deadline {
-                    let _ = owned.child.kill();
-                    let _ = owned.child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            reap_within(&mut owned.child, STOP_TIMEOUT);
         }
     }
 
@@ -355,6 +347,20 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop(true);
+    }
+}
+
+/// Waits up to `limit` for `child` to exit (after it was asked to), then kills it; either
+/// way it is reaped.
+pub fn reap_within(child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while let Ok(None) = child.try_wait() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -232,16 +232,10 @@ impl Workers {
         for p in &mut self.procs {
             p.stdin = None;
         }
+        // One bound for all of them together.
         let deadline = Instant::now() + EXIT_TIMEOUT;
         for p in &mut self.procs {
-            while let Ok(None) = p.child.try_wait() {
-                if Instant::now() > deadline {
-                    let _ = p.child.kill();
-                    let _ = p.child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            crate::server::reap_within(&mut p.child, deadline.saturating_duration_since(Instant::now()));
         }
         self.procs.clear();
     }

@@ -5,6 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::ws::{self, Decoder, Event, HandshakeError, Header, Rng};
@@ -97,6 +98,21 @@ impl Conn {
 
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+
+    /// Sets a `SOL_SOCKET` option (best effort: a test client's tuning).
+    pub fn set_option<T>(&self, name: libc::c_int, value: &T) {
+        // SAFETY: `value` is a live value of the option's own type, its size passed along;
+        // the socket is ours.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                value as *const T as *const libc::c_void,
+                std::mem::size_of::<T>() as libc::socklen_t,
+            );
+        }
     }
 
     /// Writes one masked frame (blocking; bounded by the write timeout set at open).

@@ -9,7 +9,6 @@
 //! each conversation up to the highest seq any sender had acknowledged.
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -305,7 +304,9 @@ impl Device<'_> {
         match self.rng.next_u64() % 6 {
             0 => {
                 stats.vanished.fetch_add(1, Relaxed);
-                set_linger_zero(&conn);
+                // SO_LINGER 0: closing the socket sends a reset, as a client that
+                // vanishes mid-stream.
+                conn.set_option(libc::SO_LINGER, &libc::linger { l_onoff: 1, l_linger: 0 });
                 drop(conn);
             }
             1 => {
@@ -547,21 +548,6 @@ impl Device<'_> {
             _ => {}
         }
         Ok(())
-    }
-}
-
-/// SO_LINGER 0: closing the socket sends a reset, as a client that vanishes mid-stream.
-fn set_linger_zero(conn: &Conn) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a plain struct of the right size for SO_LINGER on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            conn.stream().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
     }
 }
 

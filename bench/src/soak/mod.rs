@@ -493,7 +493,7 @@ impl Snapshot {
 /// what a running node holds, and growth past it is a leak.
 fn gather(shared: &Shared, cluster: &Cluster, conns: &[u64]) -> Result<Snapshot, Error> {
     shared.hold_rogues.store(true, Relaxed);
-    wait_count_down("rogue attempts to end", &shared.rogues_busy, Duration::from_secs(30))?;
+    wait_for("rogue attempts to end", &shared.rogues_busy, |busy| busy == 0, Duration::from_secs(30))?;
     shared.set_phase(Phase::Gather);
     let gathered = cluster.wait_connections(
         "every device home for the memory baseline",
@@ -506,20 +506,6 @@ fn gather(shared: &Shared, cluster: &Cluster, conns: &[u64]) -> Result<Snapshot,
     let snapshot = snapshot?;
     shared.log(format!("memory baseline after the warm-up: RSS/heap KiB {}", snapshot.kib()));
     Ok(snapshot)
-}
-
-fn wait_count_down(what: &str, counter: &AtomicU64, limit: Duration) -> Result<(), Error> {
-    let deadline = Instant::now() + limit;
-    while counter.load(Relaxed) > 0 {
-        if Instant::now() > deadline {
-            return Err(Error::Timeout {
-                what: format!("{what} ({} left)", counter.load(Relaxed)),
-                secs: limit.as_secs(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// Each node before any client came: open files and RSS.
@@ -637,11 +623,21 @@ fn drive<'s>(
 }
 
 fn wait_count(what: &str, counter: &AtomicU64, want: u64, limit: Duration) -> Result<(), Error> {
+    wait_for(what, counter, |v| v >= want, limit)
+}
+
+/// Waits until `done(counter)` holds, for at most `limit`.
+fn wait_for(
+    what: &str,
+    counter: &AtomicU64,
+    done: impl Fn(u64) -> bool,
+    limit: Duration,
+) -> Result<(), Error> {
     let deadline = Instant::now() + limit;
-    while counter.load(Relaxed) < want {
+    while !done(counter.load(Relaxed)) {
         if Instant::now() > deadline {
             return Err(Error::Timeout {
-                what: format!("{what} ({} of {want})", counter.load(Relaxed)),
+                what: format!("{what} (at {})", counter.load(Relaxed)),
                 secs: limit.as_secs(),
             });
         }

@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -166,17 +165,7 @@ fn never_reads(addr: SocketAddr, shared: &Shared, id: usize) -> Outcome {
         Ok(conn) => conn,
         Err(e) => return Outcome::Unexpected(format!("upgrade failed: {e}")),
     };
-    let small: libc::c_int = 4096;
-    // SAFETY: an int option on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            conn.stream().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &small as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    conn.set_option(libc::SO_RCVBUF, &(4096 as libc::c_int));
     let until = Instant::now() + NEVER_READ_HOLD;
     while Instant::now() < until && !shared.stop_rogues.load(Relaxed) && !shared.hold_rogues.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
