@@ -377,7 +377,8 @@ async fn catch_up(
         let upto = shard.delivered_seq(conv).unwrap_or(delivered);
         let before = history.messages.len();
         for m in tail.messages.into_iter().take_while(|m| m.seq <= upto) {
-            if m.seq > held && m.seq > history.last_seq {
+            // `held` covers `history.last_seq` too; the tail comes in seq order.
+            if m.seq > held {
                 history.last_seq = m.seq;
                 history.messages.push(m);
             }
