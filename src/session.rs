@@ -45,6 +45,9 @@ const READ_BUF_BYTES: usize = 64 * 1024;
 /// Most bytes gathered into one `send` when several frames are queued.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
+/// A per-shard scratch buffer that grew past this is given back rather than kept.
+const KEPT_SCRATCH_BYTES: usize = 4 * WRITE_BATCH_BYTES;
+
 /// How long a closing session waits for the peer's close reply (or for its queue to drain)
 /// before it drops the socket.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -73,6 +76,8 @@ thread_local! {
     static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUF_BYTES].into_boxed_slice());
     /// Scratch for gathering several queued frames into one `send`.
     static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Scratch for the frames one read's messages answer with (echoes, pongs, errors).
+    static REPLIES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What the connection is for: a client of the IM protocol, or the diagnostics echo.
@@ -244,26 +249,47 @@ impl Session {
         self.enqueue(frame, Tag::Control, metrics);
     }
 
+    /// [`Session::push`] for frames in a scratch buffer: they are copied only if the
+    /// socket does not take them all right away.
+    fn push_slice(&self, frames: &[u8], metrics: &ShardMetrics) {
+        let Some(sent) = self.send_first(frames, metrics) else { return };
+        if sent < frames.len() {
+            self.queue(Bytes::copy_from_slice(&frames[sent..]), 0, Tag::Control);
+        }
+    }
+
     /// Sends `frame` right away with a non-blocking `send` when nothing is queued, and
     /// queues whatever the socket does not take.
     fn enqueue(&self, frame: Bytes, tag: Tag, metrics: &ShardMetrics) {
+        let Some(sent) = self.send_first(&frame, metrics) else { return };
+        if sent < frame.len() {
+            self.queue(frame, sent, tag);
+        }
+    }
+
+    /// The direct path of a new frame: `None` if the socket is gone, else how many of its
+    /// bytes went out (none while older frames wait in the queue).
+    fn send_first(&self, frame: &[u8], metrics: &ShardMetrics) -> Option<usize> {
         let fd = self.fd.get();
         if fd < 0 {
-            return;
+            return None;
         }
         metrics.frames_out.inc();
+        if !self.inner.borrow().out.is_empty() {
+            return Some(0);
+        }
+        // An error just queues the frame; a broken socket shows up on the task's next
+        // read or write.
+        let sent = send_now(fd, frame).unwrap_or(0);
+        metrics.bytes_out.add(sent as u64);
+        Some(sent)
+    }
+
+    /// Queues `frame`, of which the first `sent` bytes are already out (only when the
+    /// queue was empty), and wakes the task to write the rest.
+    fn queue(&self, frame: Bytes, sent: usize, tag: Tag) {
         let mut inner = self.inner.borrow_mut();
-        let mut sent = 0;
         if inner.out.is_empty() {
-            // An error just queues the frame; a broken socket shows up on the task's
-            // next read or write.
-            if let Ok(n) = send_now(fd, &frame) {
-                metrics.bytes_out.add(n as u64);
-                if n == frame.len() {
-                    return;
-                }
-                sent = n;
-            }
             inner.head_sent = sent;
         }
         inner.out_bytes += frame.len() - sent;
@@ -569,7 +595,7 @@ impl Session {
                         w.extend_from_slice(part);
                     }
                     let res = Pin::new(&mut *stream).poll_write(cx, &w);
-                    if w.capacity() > 4 * WRITE_BATCH_BYTES {
+                    if w.capacity() > KEPT_SCRATCH_BYTES {
                         *w = Vec::new();
                     }
                     res
@@ -606,7 +632,8 @@ impl Session {
         let mut codec = std::mem::take(&mut self.inner.borrow_mut().codec);
         codec.received(data);
         let mut input = data;
-        let mut replies = Vec::new();
+        // Taken, not borrowed: a handler that queues frames never finds it in use.
+        let mut replies = REPLIES.with(|r| std::mem::take(&mut *r.borrow_mut()));
         let end = loop {
             match codec.read(&shard.ws_config, &mut input, &mut replies) {
                 Next::Message(msg) => {
@@ -614,7 +641,7 @@ impl Session {
                     if closing {
                         continue;
                     }
-                    if let Some(end) = self.on_message(shard, &mut codec, msg, &mut replies) {
+                    if let Some(end) = self.on_message(shard, msg, &mut replies) {
                         break Some(end);
                     }
                 }
@@ -628,21 +655,19 @@ impl Session {
         }
         self.inner.borrow_mut().codec = codec;
         if !replies.is_empty() {
-            self.push(Bytes::from(replies), &shard.metrics);
+            self.push_slice(&replies, &shard.metrics);
+            replies.clear();
+        }
+        if replies.capacity() <= KEPT_SCRATCH_BYTES {
+            REPLIES.with(|r| *r.borrow_mut() = replies);
         }
         end
     }
 
-    fn on_message(
-        &self,
-        shard: &Shard,
-        codec: &mut Codec,
-        msg: Message,
-        replies: &mut Vec<u8>,
-    ) -> Option<End> {
+    fn on_message(&self, shard: &Shard, msg: Message, replies: &mut Vec<u8>) -> Option<End> {
         match (&self.kind, msg) {
-            (Kind::Echo, msg @ (Message::Text(_) | Message::Binary(_))) => {
-                codec.write(&shard.ws_config, msg, replies);
+            (Kind::Echo, msg) => {
+                codec::append_echo(&msg, replies);
                 None
             }
             (Kind::Client { .. }, Message::Text(text)) => {

@@ -103,16 +103,6 @@ impl Codec {
         }
     }
 
-    /// Queue a message through tungstenite (used by `/echo`, which must echo exactly).
-    pub fn write(&mut self, config: &WebSocketConfig, msg: Message, out: &mut Vec<u8>) {
-        let ctx =
-            self.ctx.get_or_insert_with(|| Box::new(WebSocketContext::new(Role::Server, Some(*config))));
-        let mut empty: &[u8] = &[];
-        let mut io = Io { input: &mut empty, out };
-        // Writes into a Vec cannot block or fail; a closing context refuses quietly.
-        let _ = ctx.write(&mut io, msg).and_then(|_| ctx.flush(&mut io));
-    }
-
     /// Starts the close handshake from the server side with `code` (tungstenite then
     /// expects the client's close reply, which [`Codec::read`] reports as `Closed`).
     pub fn close(&mut self, config: &WebSocketConfig, code: u16, reason: &str, out: &mut Vec<u8>) {
@@ -273,12 +263,27 @@ impl FrameBoundary {
 
 /// Encodes one unmasked server frame (header + payload) as ready-to-write bytes.
 fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let header = FrameHeader { opcode, ..FrameHeader::default() };
     let mut buf = Vec::with_capacity(payload.len() + 10);
-    // Formatting a header into a Vec cannot fail.
-    let _ = header.format(payload.len() as u64, &mut buf);
-    buf.extend_from_slice(payload);
+    append_frame(opcode, payload, &mut buf);
     Bytes::from(buf)
+}
+
+/// Appends one unmasked, final server frame to `out`: tungstenite formats the header.
+fn append_frame(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    let header = FrameHeader { opcode, ..FrameHeader::default() };
+    // Formatting a header into a Vec cannot fail.
+    let _ = header.format(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
+
+/// Appends the frame that echoes `msg` exactly (`/echo`): the same opcode and payload,
+/// unfragmented. Only text and binary messages are echoed; others append nothing.
+pub fn append_echo(msg: &Message, out: &mut Vec<u8>) {
+    match msg {
+        Message::Text(text) => append_frame(OpCode::Data(Data::Text), text.as_bytes(), out),
+        Message::Binary(data) => append_frame(OpCode::Data(Data::Binary), data, out),
+        _ => {}
+    }
 }
 
 /// A server text frame carrying `payload` (which must be UTF-8: the caller serialised it).
@@ -425,6 +430,19 @@ mod tests {
         let long = text_frame(&[b'a'; 200]);
         assert_eq!(&long[..4], &[0x81, 126, 0, 200]);
         assert_eq!(&close_frame(1001, "bye")[..], &[0x88, 5, 0x03, 0xe9, b'b', b'y', b'e']);
+    }
+
+    #[test]
+    fn echo_frames_carry_the_message_back_unmasked() {
+        let mut out = Vec::new();
+        append_echo(&Message::Binary(Bytes::from_static(b"ab")), &mut out);
+        append_echo(&Message::Text("hi".into()), &mut out);
+        append_echo(&Message::Ping(Bytes::from_static(b"p")), &mut out);
+        assert_eq!(out, [0x82, 2, b'a', b'b', 0x81, 2, b'h', b'i']);
+        let mut out = Vec::new();
+        append_echo(&Message::Binary(vec![7u8; 70000].into()), &mut out);
+        assert_eq!(&out[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(out.len(), 70010);
     }
 
     #[test]
