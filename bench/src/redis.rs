@@ -107,8 +107,22 @@ fn spawn(bin: &Path, cpu: Option<usize>, port: u16, dir: &Path, durable: bool) -
         .map_err(|e| Error::io(format!("start {} (apt-get install redis-server)", bin.display()), e))
 }
 
-/// A port that was free a moment ago (the kernel's pick for a bind to port 0).
+/// A loopback port nothing listens on right now, for a server that is restarted on the
+/// same port (a node, redis-server). Taken below the kernel's ephemeral range (32768 and
+/// up): there, any client socket on the machine (the soak's own devices reconnecting) may
+/// take the port as its local one while the server is down, and the restart then cannot
+/// bind it. From a spot that differs per process and per call.
 pub fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| Error::io("local addr", e))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+        let port = 15_000 + (n % 17_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(Error::io("find a free loopback port below 32000", std::io::ErrorKind::AddrInUse.into()))
 }
