@@ -28,8 +28,8 @@ fn run<'a>(limit: usize, echo: bool, chunks: impl Iterator<Item = &'a [u8]>) -> 
         loop {
             match codec.read(&config, &mut input, &mut replies) {
                 Next::Message(msg) => {
-                    if echo && (msg.is_text() || msg.is_binary()) {
-                        codec.write(&config, msg.clone(), &mut replies);
+                    if echo {
+                        codec::append_echo(&msg, &mut replies);
                     }
                     assert!(msg.len() <= limit, "a message past max_message_bytes");
                     events.push(Event::Message(msg));
