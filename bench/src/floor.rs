@@ -41,6 +41,9 @@ use crate::workers::{shares, total, Reply, Workers};
 /// `strace -f ringpush-bench fanout --members 3 --messages 3` read 221 bytes.
 const MSG_FRAME_BYTES: usize = 221;
 
+/// The listener's backlog: above the receivers' connects in flight all together.
+const ACCEPT_BACKLOG: i32 = 4096;
+
 /// The accept phase fails when no connection has come for this long.
 const ACCEPT_STALL: Duration = Duration::from_secs(10);
 
@@ -330,6 +333,14 @@ fn measure(args: &FloorArgs, server_cpu: Option<usize>, client_cpu: Option<usize
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("listen on 127.0.0.1:0", e))?;
     let addr = listener.local_addr().map_err(|e| Error::io("read the listener's address", e))?;
     listener.set_nonblocking(true).map_err(|e| Error::io("make the listener non-blocking", e))?;
+    // std listens with a backlog of 128, which the receivers' connects in flight overflow
+    // while this thread accepts: the dropped handshakes then wait for the 1 s SYN
+    // retransmit (a 10000-connection setup took 5-7 s instead of under one). A second
+    // `listen` only raises the backlog (the kernel caps it at net.core.somaxconn).
+    // SAFETY: `listen` on a socket we own.
+    if unsafe { libc::listen(listener.as_raw_fd(), ACCEPT_BACKLOG) } != 0 {
+        return Err(Error::io("raise the listen backlog", std::io::Error::last_os_error()));
+    }
 
     // The threads that read the receivers' answers are started with the receivers: made
     // on the client CPU, they keep off the sender's.
