@@ -250,6 +250,7 @@ if has "$parts" alone; then
     alone_run idle --path echo --burst 65536 --conns 300 --procs 1
     alone_run im --conns 200 --convs 20 --duration 1
     alone_run fanout --members 300 --messages 3
+    alone_run floor --conns 300 --rounds 3
   else
     alone_run idle --conns 10000
     alone_run idle --conns 19000
@@ -257,6 +258,9 @@ if has "$parts" alone; then
     alone_run im --duration 10
     alone_run fanout --members 10000 --messages 20
     alone_run fanout --members 10000 --messages 20 --burst
+    # The kernel's floor under fanout's CPU per delivery: the same writes, no server.
+    alone_run floor --conns 10000 --rounds 20
+    alone_run floor --conns 10000 --rounds 20 --burst
   fi
 fi
 

@@ -17,7 +17,7 @@ pub const CONNS_PER_PROC: usize = 9000;
 
 /// Connections per source address (the kernel's connect-time port search slows down past
 /// about half of the 28k ephemeral ports of one address).
-const CONNS_PER_SOURCE_IP: usize = 10_000;
+pub const CONNS_PER_SOURCE_IP: usize = 10_000;
 
 /// Bound on the connect phase, handed to each client process (the parent adds 30 s).
 const CONNECT_TIMEOUT_SECS: u64 = 180;

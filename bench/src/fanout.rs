@@ -58,7 +58,7 @@ pub struct Receipt {
 impl Receipt {
     /// Combines the processes' figures for one seq: (seq, got, want, first_read,
     /// last_read, first_arrival, last_arrival), latencies in ns, 0 = none.
-    fn combine(seq: u64, parts: &[[u64; 6]]) -> Receipt {
+    pub fn combine(seq: u64, parts: &[[u64; 6]]) -> Receipt {
         let with = |parts: &[[u64; 6]], k: usize| -> Vec<u64> {
             parts.iter().filter(|p| p[0] > 0 && p[k] > 0).map(|p| p[k]).collect()
         };
@@ -76,7 +76,7 @@ impl Receipt {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         let r = |x: f64| (x * 10.0).round() / 10.0;
         serde_json::json!({
             "seq": self.seq, "got": self.got, "want": self.want,
@@ -114,7 +114,7 @@ pub struct Report {
 }
 
 /// p50 and max of some figures.
-fn p50_max(mut v: Vec<f64>) -> (f64, f64) {
+pub fn p50_max(mut v: Vec<f64>) -> (f64, f64) {
     if v.is_empty() {
         return (0.0, 0.0);
     }

@@ -763,50 +763,10 @@ impl Fleet {
     }
 
     fn start(&mut self, i: usize) -> io::Result<()> {
-        let dest = self.dest(i);
-        let ip = match dest {
-            SocketAddr::V4(_) => libc::AF_INET,
-            SocketAddr::V6(_) => libc::AF_INET6,
-        };
-        // SAFETY: plain socket creation; the fd is owned right away.
-        let raw =
-            unsafe { libc::socket(ip, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Close with a reset when the process exits: a run leaves no TIME_WAIT behind to
-        // crowd the next run's ephemeral ports.
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        setsockopt(raw, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
-        // As browsers do: a small frame goes out at once, not after the previous one's ACK.
-        setsockopt(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1i32)?;
-        if self.args.chat.kernel_stamps {
-            chat::enable_stamps(raw)?;
-        }
         let k = self.args.source_ips.max(1) as usize;
-        if k > 1 && ip == libc::AF_INET {
-            // Port chosen at connect time, per destination: without this, every bound
-            // socket would hold its port exclusively and the range would run out anyway.
-            setsockopt(raw, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &1i32)?;
-            let host = ((self.args.first + i) % k) as u8 + 1;
-            let src = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0));
-            let (storage, len) = sockaddr(&src);
-            // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
-            if unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let (storage, len) = sockaddr(&dest);
-        // SAFETY: as above.
-        let rc = unsafe { libc::connect(raw, (&storage as *const libc::sockaddr_storage).cast(), len) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(e);
-            }
-        }
+        let source = (k > 1).then(|| ((self.args.first + i) % k) as u8 + 1);
+        let fd = start_connect(self.dest(i), source, self.args.chat.kernel_stamps)?;
+        let raw = fd.as_raw_fd();
         let flags = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP) as u32;
         epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, raw, flags, i as u64)?;
         let conn = &mut self.conns[i];
@@ -1104,30 +1064,13 @@ impl Fleet {
     }
 
     fn on_stdin(&mut self) -> Result<(), Error> {
-        let mut chunk = [0u8; 256];
-        loop {
-            // SAFETY: reading into a stack buffer we own.
-            let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    break;
+        match read_stdin(&mut self.stdin_buf)? {
+            None => self.exit = true,
+            Some(lines) => {
+                for line in lines {
+                    self.command(&line)?;
                 }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::io("read stdin", e));
             }
-            if n == 0 {
-                self.exit = true;
-                return Ok(());
-            }
-            self.stdin_buf.extend_from_slice(&chunk[..n as usize]);
-        }
-        while let Some(end) = self.stdin_buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.stdin_buf.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line).trim().to_string();
-            self.command(&line)?;
         }
         Ok(())
     }
@@ -1503,9 +1446,85 @@ impl Fleet {
 }
 
 /// One line to the parent.
-fn say(line: &str) -> Result<(), Error> {
+pub fn say(line: &str) -> Result<(), Error> {
     let mut out = io::stdout().lock();
     writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|e| Error::io("write to the parent", e))
+}
+
+/// Reads what the parent has written to the (non-blocking) stdin into `buf`: the whole
+/// lines so far, trimmed, or `None` once stdin has closed (the parent asks to exit).
+pub fn read_stdin(buf: &mut Vec<u8>) -> Result<Option<Vec<String>>, Error> {
+    let mut chunk = [0u8; 256];
+    loop {
+        // SAFETY: reading into a stack buffer we own.
+        let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                break;
+            }
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("read stdin", e));
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n as usize]);
+    }
+    let mut lines = Vec::new();
+    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=end).collect();
+        lines.push(String::from_utf8_lossy(&line).trim().to_string());
+    }
+    Ok(Some(lines))
+}
+
+/// A non-blocking TCP socket to `dest` with its `connect` started (done, or in progress:
+/// EPOLLOUT tells, then [`socket_error`]). It closes with a reset, so a run leaves no
+/// TIME_WAIT behind to crowd the next run's ephemeral ports; TCP_NODELAY as browsers do;
+/// kernel receive stamps with `stamps`; from 127.0.0.`source` when given (IPv4 only).
+pub fn start_connect(dest: SocketAddr, source: Option<u8>, stamps: bool) -> io::Result<OwnedFd> {
+    let ip = match dest {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket creation; the fd is owned right away.
+    let raw = unsafe { libc::socket(ip, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
+    // A small frame goes out at once, not after the previous one's ACK.
+    setsockopt(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1i32)?;
+    if stamps {
+        chat::enable_stamps(raw)?;
+    }
+    if let (Some(host), libc::AF_INET) = (source, ip) {
+        // Port chosen at connect time, per destination: without this, every bound
+        // socket would hold its port exclusively and the range would run out anyway.
+        setsockopt(raw, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &1i32)?;
+        let src = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0));
+        let (storage, len) = sockaddr(&src);
+        // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+        if unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let (storage, len) = sockaddr(&dest);
+    // SAFETY: as above.
+    let rc = unsafe { libc::connect(raw, (&storage as *const libc::sockaddr_storage).cast(), len) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    Ok(fd)
 }
 
 /// A non-blocking `send`: `Ok(None)` when the socket is full.
@@ -1527,7 +1546,7 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
     }
 }
 
-fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: `ev` lives across the call; the fds are open.
     if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } != 0 {
@@ -1536,7 +1555,7 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Re
     Ok(())
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on an open fd.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
@@ -1565,7 +1584,7 @@ fn setsockopt<T>(fd: RawFd, level: i32, name: i32, value: &T) -> io::Result<()> 
 }
 
 /// `SO_ERROR` of a socket: the outcome of a non-blocking connect.
-fn socket_error(fd: RawFd) -> io::Result<i32> {
+pub fn socket_error(fd: RawFd) -> io::Result<i32> {
     let mut err: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
     // SAFETY: `err` and `len` live across the call and match.

@@ -6,6 +6,8 @@
 //! - `idle`: the `idle` scenario: server memory per idle connection (and after a burst).
 //! - `im`: the `im` scenario: many conversations and senders; deliveries/s, latency, CPU.
 //! - `fanout`: the `fanout` scenario: one conversation to many members.
+//! - `floor`: the `floor` scenario: the kernel's cost of one small TCP write to each of
+//!   many loopback sockets, the floor under `fanout`'s server CPU per delivery.
 //! - `echo`: the `echo` scenario: round trips, latency and server CPU per message of any
 //!   echo server (ringpush's `/echo`, a peer, a plain TCP echo).
 //! - `upgrades`: the `upgrades` scenario: new upgrades a second, a reconnect storm.
@@ -20,6 +22,7 @@
 //!   the admin API.
 //! - `workers`: the parent's side of the client processes: spawn, command lines, stop.
 //! - `fleet`: one client process: its connections on an epoll loop (`idle-worker`).
+//! - `sink`: one receiver process of `floor`: plain TCP reads, bytes counted (`floor-worker`).
 //! - `pipe`: the echo load and the upgrade churn inside a client process.
 //! - `chat`: the IM protocol inside a client process: sync, sends, receipts (`--chat`).
 //! - `scan`: cheap reads of the server's JSON frames.
@@ -41,6 +44,7 @@ mod echo;
 mod error;
 mod fanout;
 mod fleet;
+mod floor;
 mod idle;
 mod im;
 mod latency;
@@ -49,6 +53,7 @@ mod plan;
 mod redis;
 mod scan;
 mod server;
+mod sink;
 mod soak;
 mod tabulate;
 mod target;
@@ -77,6 +82,9 @@ enum Command {
     Im(im::ImArgs),
     /// Fan-out of one conversation to many members: time to the first and last receiver.
     Fanout(fanout::FanoutArgs),
+    /// The floor under fanout's server CPU per delivery: one small TCP write to each of N
+    /// loopback sockets (no WebSocket, no ringpush); CPU per send, time to the last reader.
+    Floor(floor::FloorArgs),
     /// The IM load across a cluster (redis-server + N nodes over ZeroMQ), users spread
     /// over the nodes so that sends cross them.
     Cluster(cluster::ClusterArgs),
@@ -93,6 +101,9 @@ enum Command {
     /// One client process of a scenario (started by the scenario itself).
     #[command(hide = true)]
     IdleWorker(fleet::FleetArgs),
+    /// One receiver process of the floor scenario (started by the scenario itself).
+    #[command(hide = true)]
+    FloorWorker(sink::SinkArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,12 +111,14 @@ fn main() -> ExitCode {
         Command::Idle(args) => idle::run(args).map(|_| ()),
         Command::Im(args) => im::run(args).map(|_| ()),
         Command::Fanout(args) => fanout::run(args).map(|_| ()),
+        Command::Floor(args) => floor::run(args).map(|_| ()),
         Command::Cluster(args) => cluster::run(args).map(|_| ()),
         Command::Echo(args) => echo::run(args).map(|_| ()),
         Command::Soak(args) => soak::run(args),
         Command::Upgrades(args) => upgrades::run(args).map(|_| ()),
         Command::Tabulate(args) => tabulate::run(args),
         Command::IdleWorker(args) => fleet::run(args),
+        Command::FloorWorker(args) => sink::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
