@@ -42,7 +42,7 @@ pub fn run(args: ClusterArgs) -> Result<im::Report, Error> {
         return Err(Error::Usage("--nodes must be 1..=16".into()));
     }
     let t = &args.im.target;
-    let (server_cpu, client_cpu) = server::pick_cpus(t.no_pin, t.pin_server, t.pin_client)?;
+    let (server_cpu, client_cpu) = t.pin.cpus()?;
     let redis = Redis::start(&args.redis_server, server_cpu, false)?;
     let mut nodes = Vec::with_capacity(args.nodes);
     for i in 0..args.nodes {

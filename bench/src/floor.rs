@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::fanout::{p50_max, Receipt};
 use crate::latency::duration_us;
 use crate::server;
-use crate::target::pin_name;
+use crate::target::{pin_name, PinArgs};
 use crate::workers::{shares, total, Reply, Workers};
 
 /// Default `--size`: the `msg` frame ringpush writes to each member in `fanout` with its
@@ -79,15 +79,8 @@ pub struct FloorArgs {
     /// Do not ask the kernel for receive stamps (send->arrival is then not measured).
     #[arg(long)]
     pub no_kernel_stamps: bool,
-    /// Pin the sender to this CPU [default: the first allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_server: Option<usize>,
-    /// Pin the receiver processes to this CPU [default: the second allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_client: Option<usize>,
-    /// Pin nothing.
-    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Print one JSON line (after the human summary, which goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -310,7 +303,7 @@ pub fn run(args: FloorArgs) -> Result<Report, Error> {
             args.conns + 64
         )));
     }
-    let (server_cpu, client_cpu) = server::pick_cpus(args.no_pin, args.pin_server, args.pin_client)?;
+    let (server_cpu, client_cpu) = args.pin.cpus()?;
     let report = measure(&args, server_cpu, client_cpu)?;
     server::print_report(&report.human(), &report.json(), args.json);
     let missing = report.want().saturating_sub(report.got());

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 use crate::fleet::Endpoint;
 use crate::server::{self, ProcStatus, Server, ServerSetup, Slab, Sockstat};
+use crate::target::PinArgs;
 use crate::workers::{total, Workers};
 
 /// Connections one client process holds at most by default: the open-file limit here is
@@ -72,15 +73,8 @@ pub struct IdleArgs {
     /// /echo and reads it back; then memory is measured again. 0 = off.
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub burst: usize,
-    /// Pin the started server to this CPU [default: the first allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_server: Option<usize>,
-    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_client: Option<usize>,
-    /// Pin nothing.
-    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Spread connections over the source addresses 127.0.0.1..=127.0.0.K, so the
     /// ephemeral ports of one source address never run out [default: ceil(conns / 10000)].
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u8).range(1..=254))]
@@ -349,7 +343,7 @@ fn mib(bytes: u64) -> String {
 /// Runs the scenario: prints the summary (and the JSON line) and returns the report.
 pub fn run(args: IdleArgs) -> Result<Report, Error> {
     check(&args)?;
-    let (server_cpu, client_cpu) = server::pick_cpus(args.no_pin, args.pin_server, args.pin_client)?;
+    let (server_cpu, client_cpu) = args.pin.cpus()?;
     let mut server = match (&args.url, args.pid) {
         (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, args.admin)?,
         _ => {

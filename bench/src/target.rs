@@ -39,15 +39,8 @@ pub struct TargetArgs {
     /// Keep the started server's log (stderr) in FILE.
     #[arg(long, value_name = "FILE")]
     pub server_log: Option<PathBuf>,
-    /// Pin the started server to this CPU [default: the first allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_server: Option<usize>,
-    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_client: Option<usize>,
-    /// Pin nothing.
-    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
 }
 
 /// The server and the CPUs of the run.
@@ -61,7 +54,7 @@ pub struct Target {
 impl TargetArgs {
     /// Starts or attaches to the server.
     pub fn open(&self) -> Result<Target, Error> {
-        let (server_cpu, client_cpu) = server::pick_cpus(self.no_pin, self.pin_server, self.pin_client)?;
+        let (server_cpu, client_cpu) = self.pin.cpus()?;
         let server = match (&self.url, self.pid) {
             (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, self.admin)?,
             _ => {
@@ -118,22 +111,15 @@ pub struct EchoTargetArgs {
     /// Keep the started server's log (stderr) in FILE.
     #[arg(long, value_name = "FILE")]
     pub server_log: Option<PathBuf>,
-    /// Pin the started server to this CPU [default: the first allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_server: Option<usize>,
-    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
-    #[arg(long, value_name = "CPU")]
-    pub pin_client: Option<usize>,
-    /// Pin nothing.
-    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
 }
 
 impl EchoTargetArgs {
     /// Starts or attaches to the server; a started one takes messages of
     /// `max_message_bytes` (at least its default of 64 KiB).
     pub fn open(&self, max_message_bytes: usize) -> Result<Target, Error> {
-        let (server_cpu, client_cpu) = server::pick_cpus(self.no_pin, self.pin_server, self.pin_client)?;
+        let (server_cpu, client_cpu) = self.pin.cpus()?;
         let server = match (&self.url, self.pid) {
             (Some(url), Some(pid)) => Server::attach(server::parse_ws_url(url)?, pid, self.admin)?,
             _ => {
@@ -158,5 +144,27 @@ impl EchoTargetArgs {
         // An attached server: the CPU it was pinned to by whoever started it, if one.
         let server_cpu = if self.url.is_some() { server::pinned_cpu(server.pid) } else { server_cpu };
         Ok(Target { server, server_cpu, client_cpu })
+    }
+}
+
+/// Where the server (or `floor`'s sender) and the client processes run; shared by every
+/// scenario's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PinArgs {
+    /// Pin the server (floor: the sender) to this CPU [default: the first allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_server: Option<usize>,
+    /// Pin the client processes to this CPU [default: the second allowed CPU when there are 2+].
+    #[arg(long, value_name = "CPU")]
+    pub pin_client: Option<usize>,
+    /// Pin nothing.
+    #[arg(long, conflicts_with_all = ["pin_server", "pin_client"])]
+    pub no_pin: bool,
+}
+
+impl PinArgs {
+    /// The server's and the clients' CPUs ([`server::pick_cpus`]).
+    pub fn cpus(&self) -> Result<(Option<usize>, Option<usize>), Error> {
+        server::pick_cpus(self.no_pin, self.pin_server, self.pin_client)
     }
 }
