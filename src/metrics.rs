@@ -71,6 +71,9 @@ pub struct ShardMetrics {
     pub frames_out: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// `send` calls that wrote to a client socket: `frames_out` over this is how many
+    /// frames one write carries on average (the flusher's coalescing).
+    pub socket_writes: Counter,
     pub pings_sent: Counter,
     /// Connections dropped because nothing arrived for `idle_timeout_ms`.
     pub idle_drops: Counter,
@@ -192,6 +195,13 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     per_shard(&mut out, "bytes_out_total", "Bytes written to client sockets.", "counter", &|m| {
         m.bytes_out.get()
     });
+    per_shard(
+        &mut out,
+        "socket_writes_total",
+        "Writes to client sockets (frames_out_total over this: frames per write).",
+        "counter",
+        &|m| m.socket_writes.get(),
+    );
     per_shard(&mut out, "pings_sent_total", "Heartbeat pings sent.", "counter", &|m| m.pings_sent.get());
     per_shard(
         &mut out,

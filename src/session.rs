@@ -8,9 +8,13 @@
 //!   not sending holds no read buffer;
 //! - the tungstenite context is allocated when bytes arrive and released as soon as the
 //!   stream sits at a frame boundary again (see `ws::codec`);
-//! - frames go straight to the socket with a non-blocking `send` when nothing is queued,
-//!   so the outbound queue allocates only for a client that is slow to read, and gives
-//!   its memory back at the next heartbeat once drained.
+//! - frames are queued and written by the shard's flusher (see [`Session::queue`]): every
+//!   frame a connection gets in one turn of the shard goes out in one non-blocking
+//!   `send`, and the queue is given back once the socket took it all; a client slow to
+//!   read keeps what its socket did not take, and gives that memory back at the next
+//!   heartbeat once drained;
+//! - a read's own replies (echoes, pongs, errors) go straight to the socket when nothing
+//!   is queued, from a per-shard scratch buffer.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -30,7 +34,6 @@ use glommio::net::TcpStream;
 use tracing::debug;
 
 use crate::mesh::{Key, Origin, SessionRef, ShardMsg};
-use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
 use crate::shard::Shard;
 use crate::store::{History, NewMessage};
@@ -120,6 +123,8 @@ pub struct Session {
     /// The `send` token bucket: tokens left and when it was last refilled.
     tokens: Cell<f32>,
     tokens_at: Cell<u64>,
+    /// On the shard's flush list: the flusher writes the queue (see [`Session::queue`]).
+    flush_due: Cell<bool>,
     /// The task to wake when frames are queued or a close is requested.
     waker: Cell<Option<Waker>>,
     inner: RefCell<Inner>,
@@ -211,6 +216,7 @@ impl Session {
             stalled_since: Cell::new(NOT_STALLED),
             tokens: Cell::new(f32::MAX),
             tokens_at: Cell::new(now),
+            flush_due: Cell::new(false),
             waker: Cell::new(None),
             inner: RefCell::new(Inner {
                 out: VecDeque::new(),
@@ -245,57 +251,100 @@ impl Session {
     }
 
     /// Queues a control frame for the client (never dropped for a slow consumer).
-    pub fn push(&self, frame: Bytes, metrics: &ShardMetrics) {
-        self.enqueue(frame, Tag::Control, metrics);
+    pub fn push(&self, frame: Bytes, shard: &Shard) {
+        self.enqueue(frame, Tag::Control, shard);
     }
 
-    /// [`Session::push`] for frames in a scratch buffer: they are copied only if the
-    /// socket does not take them all right away.
-    fn push_slice(&self, frames: &[u8], metrics: &ShardMetrics) {
-        let Some(sent) = self.send_first(frames, metrics) else { return };
-        if sent < frames.len() {
-            self.queue(Bytes::copy_from_slice(&frames[sent..]), 0, Tag::Control);
-        }
-    }
-
-    /// Sends `frame` right away with a non-blocking `send` when nothing is queued, and
-    /// queues whatever the socket does not take.
-    fn enqueue(&self, frame: Bytes, tag: Tag, metrics: &ShardMetrics) {
-        let Some(sent) = self.send_first(&frame, metrics) else { return };
-        if sent < frame.len() {
-            self.queue(frame, sent, tag);
-        }
-    }
-
-    /// The direct path of a new frame: `None` if the socket is gone, else how many of its
-    /// bytes went out (none while older frames wait in the queue).
-    fn send_first(&self, frame: &[u8], metrics: &ShardMetrics) -> Option<usize> {
+    /// Frames from a scratch buffer (one read's replies): sent right away with a
+    /// non-blocking `send` when nothing is queued, copied into the queue only for what the
+    /// socket does not take.
+    fn push_slice(&self, frames: &[u8], shard: &Shard) {
         let fd = self.fd.get();
         if fd < 0 {
-            return None;
+            return;
         }
-        metrics.frames_out.inc();
-        if !self.inner.borrow().out.is_empty() {
-            return Some(0);
+        shard.metrics.frames_out.inc();
+        let sent = if self.inner.borrow().out.is_empty() {
+            // An error just queues the frames; a broken socket shows up on the task's
+            // next read or write.
+            let sent = send_now(fd, frames).unwrap_or(0);
+            shard.metrics.socket_writes.inc();
+            shard.metrics.bytes_out.add(sent as u64);
+            sent
+        } else {
+            0
+        };
+        if sent < frames.len() {
+            self.queue(Bytes::copy_from_slice(&frames[sent..]), Tag::Control, shard);
         }
-        // An error just queues the frame; a broken socket shows up on the task's next
-        // read or write.
-        let sent = send_now(fd, frame).unwrap_or(0);
-        metrics.bytes_out.add(sent as u64);
-        Some(sent)
     }
 
-    /// Queues `frame`, of which the first `sent` bytes are already out (only when the
-    /// queue was empty), and wakes the task to write the rest.
-    fn queue(&self, frame: Bytes, sent: usize, tag: Tag) {
-        let mut inner = self.inner.borrow_mut();
-        if inner.out.is_empty() {
-            inner.head_sent = sent;
+    fn enqueue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
+        if self.fd.get() >= 0 {
+            shard.metrics.frames_out.inc();
+            self.queue(frame, tag, shard);
         }
-        inner.out_bytes += frame.len() - sent;
+    }
+
+    /// Appends `frame` to the queue. Who writes it: a session with nothing queued joins
+    /// the shard's flush list, so that every frame it gets before the shard's flusher runs
+    /// (the rest of this fan-out, the other messages of this batch) goes out in the same
+    /// `send`; a batch that reaches [`WRITE_BATCH_BYTES`] goes out at once. Frames queued
+    /// behind older ones that the socket did not take are the session task's to write.
+    fn queue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
+        let mut inner = self.inner.borrow_mut();
+        let first = inner.out.is_empty();
+        if first {
+            inner.head_sent = 0;
+        }
+        inner.out_bytes += frame.len();
         inner.out.push_back(Out { bytes: frame, tag });
+        let full = inner.out_bytes >= WRITE_BATCH_BYTES;
         drop(inner);
-        self.wake();
+        if first {
+            self.flush_due.set(true);
+            shard.flush_later(self.id);
+        }
+        if self.flush_due.get() {
+            if full {
+                self.flush(shard);
+            }
+        } else {
+            self.wake();
+        }
+    }
+
+    /// The shard's flusher (or a full batch) writes what is queued with non-blocking
+    /// `send`s; whatever the socket does not take is left to the session task, which
+    /// waits for the socket to take more.
+    pub fn flush(&self, shard: &Shard) {
+        if !self.flush_due.replace(false) {
+            return;
+        }
+        let fd = self.fd.get();
+        if fd < 0 {
+            return;
+        }
+        let mut inner = self.inner.borrow_mut();
+        while !inner.out.is_empty() {
+            let (wanted, sent) = inner.with_batch(|batch| (batch.len(), send_now(fd, batch)));
+            let Ok(n) = sent else { break };
+            shard.metrics.socket_writes.inc();
+            shard.metrics.bytes_out.add(n as u64);
+            inner.consume(n);
+            if n < wanted {
+                break;
+            }
+        }
+        let more = !inner.out.is_empty();
+        if !more {
+            // An idle connection holds no queue (README "Memory per connection").
+            inner.out = VecDeque::new();
+        }
+        drop(inner);
+        if more {
+            self.wake();
+        }
     }
 
     /// A message of `conv` for this session: sent; or not sent because a `sync` the
@@ -330,12 +379,18 @@ impl Session {
 
     /// Queues a `msg` frame within the outbound budget, or thins the queue out into gaps.
     fn send_msg(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
-        let mut inner = self.inner.borrow_mut();
         let budget = shard.config.limits.outbound_queue_bytes;
-        if inner.out.is_empty() || inner.out_bytes + frame.len() <= budget {
+        let over = |inner: &Inner| inner.out_bytes + frame.len() > budget;
+        if self.flush_due.get() && over(&self.inner.borrow()) {
+            // The budget is for what the client has not taken: frames the flusher has
+            // not yet offered to the socket do not count against it.
+            self.flush(shard);
+        }
+        let mut inner = self.inner.borrow_mut();
+        if inner.out.is_empty() || !over(&inner) {
             drop(inner);
             shard.metrics.delivered.inc();
-            return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, &shard.metrics);
+            return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, shard);
         }
         let gaps = inner.thin_out(conv, seq);
         shard.metrics.slow_consumer_gaps.add(gaps as u64);
@@ -402,7 +457,7 @@ impl Session {
                 };
                 shard.metrics.refused_send(code);
                 let frame = protocol::error_json(reply.cid.as_deref(), code, message);
-                return self.push(codec::text_frame(&frame), &shard.metrics);
+                return self.push(codec::text_frame(&frame), shard);
             }
         };
         let mut last = history.last_seq.min(reply.after);
@@ -422,13 +477,13 @@ impl Session {
         }
         let truncated = history.messages.len() >= reply.limit && last < history.last_seq;
         let synced = protocol::synced_json(conv, last, history.complete);
-        self.push(codec::text_frame(&synced), &shard.metrics);
+        self.push(codec::text_frame(&synced), shard);
         if let Some(from) = cut_from {
             let gap = protocol::gap_json(conv, from, history.last_seq);
-            self.push(codec::text_frame(&gap), &shard.metrics);
+            self.push(codec::text_frame(&gap), shard);
         } else if truncated {
             let gap = protocol::gap_json(conv, last + 1, history.last_seq);
-            self.push(codec::text_frame(&gap), &shard.metrics);
+            self.push(codec::text_frame(&gap), shard);
             self.inner.borrow_mut().set_gapped(conv);
         }
     }
@@ -444,7 +499,7 @@ impl Session {
         inner.set_gapped(conv);
         drop(inner);
         let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
-        self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, &shard.metrics);
+        self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, shard);
     }
 
     /// Asks the session to close with `code` (drain, expiry, API disconnect).
@@ -502,7 +557,7 @@ impl Session {
             return None;
         }
         if now >= self.next_ping.get() {
-            self.push(Bytes::from_static(codec::PING_FRAME), &shard.metrics);
+            self.push(Bytes::from_static(codec::PING_FRAME), shard);
             shard.metrics.pings_sent.inc();
             self.next_ping.set(now + hb.ping_interval_ms);
         }
@@ -579,28 +634,7 @@ impl Session {
     ) -> Poll<io::Result<()>> {
         let mut inner = self.inner.borrow_mut();
         while !inner.out.is_empty() {
-            let head = inner.head_sent;
-            let written = if inner.out.len() == 1 {
-                let front = &inner.out[0].bytes[head..];
-                Pin::new(&mut *stream).poll_write(cx, front)
-            } else {
-                WRITE_BUF.with(|w| {
-                    let mut w = w.borrow_mut();
-                    w.clear();
-                    for (i, out) in inner.out.iter().enumerate() {
-                        let part = if i == 0 { &out.bytes[head..] } else { &out.bytes[..] };
-                        if !w.is_empty() && w.len() + part.len() > WRITE_BATCH_BYTES {
-                            break;
-                        }
-                        w.extend_from_slice(part);
-                    }
-                    let res = Pin::new(&mut *stream).poll_write(cx, &w);
-                    if w.capacity() > KEPT_SCRATCH_BYTES {
-                        *w = Vec::new();
-                    }
-                    res
-                })
-            };
+            let written = inner.with_batch(|batch| Pin::new(&mut *stream).poll_write(cx, batch));
             let n = match written {
                 Poll::Pending => {
                     // The socket is full: from now, no progress for the idle bound is 4002.
@@ -613,6 +647,7 @@ impl Session {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
             };
+            shard.metrics.socket_writes.inc();
             shard.metrics.bytes_out.add(n as u64);
             if self.stalled_since.get() != NOT_STALLED {
                 self.stalled_since.set(shard.now_ms());
@@ -655,7 +690,7 @@ impl Session {
         }
         self.inner.borrow_mut().codec = codec;
         if !replies.is_empty() {
-            self.push_slice(&replies, &shard.metrics);
+            self.push_slice(&replies, shard);
             replies.clear();
         }
         if replies.capacity() <= KEPT_SCRATCH_BYTES {
@@ -828,6 +863,31 @@ impl Inner {
         gaps
     }
 
+    /// Calls `write` with the next bytes to write: the unsent rest of the first frame, or
+    /// several frames gathered into the shard's scratch, up to [`WRITE_BATCH_BYTES`].
+    fn with_batch<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
+        let head = self.head_sent;
+        if self.out.len() == 1 {
+            return write(&self.out[0].bytes[head..]);
+        }
+        WRITE_BUF.with(|w| {
+            let mut w = w.borrow_mut();
+            w.clear();
+            for (i, out) in self.out.iter().enumerate() {
+                let part = if i == 0 { &out.bytes[head..] } else { &out.bytes[..] };
+                if !w.is_empty() && w.len() + part.len() > WRITE_BATCH_BYTES {
+                    break;
+                }
+                w.extend_from_slice(part);
+            }
+            let res = write(&w);
+            if w.capacity() > KEPT_SCRATCH_BYTES {
+                *w = Vec::new();
+            }
+            res
+        })
+    }
+
     /// Marks `n` written bytes of the queue as sent.
     fn consume(&mut self, mut n: usize) {
         self.out_bytes -= n;
@@ -938,7 +998,7 @@ async fn open(
             ping_interval_ms: hb.ping_interval_ms,
             idle_timeout_ms: hb.idle_timeout_ms,
         };
-        session.push(codec::text_frame(&hello.to_json()), &shard.metrics);
+        session.push(codec::text_frame(&hello.to_json()), shard);
     }
     let mut end = None;
     if !accepted.leftover.is_empty() {
@@ -954,7 +1014,7 @@ async fn finish(shard: &Shard, session: &Session, stream: &mut TcpStream, end: E
         End::Closed => flush_for(shard, session, stream, CLOSE_WAIT).await,
         End::Fail(code, reason) => {
             shard.metrics.close_sent(code);
-            session.push(codec::close_frame(code, reason), &shard.metrics);
+            session.push(codec::close_frame(code, reason), shard);
             flush_for(shard, session, stream, CLOSE_WAIT).await;
         }
         End::Close(code, reason) => {
@@ -974,7 +1034,7 @@ async fn finish(shard: &Shard, session: &Session, stream: &mut TcpStream, end: E
                 reason
             };
             session.inner.borrow_mut().codec.close(&shard.ws_config, code, reason, &mut out);
-            session.push(Bytes::from(out), &shard.metrics);
+            session.push(Bytes::from(out), shard);
             // Wait for the client's close reply; the server then closes TCP first.
             let wait = Box::pin(glommio::timer::timeout(CLOSE_WAIT, async {
                 Ok(futures_lite::future::poll_fn(|cx| session.poll_pump(shard, stream, cx, true)).await)

@@ -112,6 +112,9 @@ pub struct Shard {
     /// Messages this shard sends itself, handled in order by a task like any peer's.
     local: RefCell<VecDeque<ShardMsg>>,
     local_waker: Cell<Option<Waker>>,
+    /// Sessions with frames queued since the flusher last ran (see `Session::queue`).
+    flush_list: RefCell<Vec<TimerId>>,
+    flush_waker: Cell<Option<Waker>>,
     sessions: RefCell<Slab>,
     wheel: RefCell<Wheel>,
     /// Every session task runs through the gate, so a drain can wait for them.
@@ -474,6 +477,40 @@ impl Shard {
         }
     }
 
+    /// Puts a session on the flush list; the flusher runs after the tasks already woken,
+    /// so a session gets every frame the shard has for it until then in one `send`.
+    pub fn flush_later(&self, id: TimerId) {
+        self.flush_list.borrow_mut().push(id);
+        if let Some(w) = self.flush_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Writes the queues of the sessions on the flush list, whenever there are any.
+    async fn run_flusher(self: Rc<Self>) {
+        let mut due = Vec::new();
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.flush_list.borrow().is_empty() {
+                    self.flush_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut due, &mut *self.flush_list.borrow_mut());
+            for (i, id) in due.drain(..).enumerate() {
+                if let Some(session) = self.session(id) {
+                    session.flush(&self);
+                }
+                if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
+                    glommio::yield_if_needed().await;
+                }
+            }
+        }
+    }
+
     /// Adds a session to the shard's table and schedules its first heartbeat. A client
     /// session also joins the hub (its user's conversations are loaded on first arrival).
     pub fn register(&self, make: impl FnOnce(TimerId) -> Session) -> Rc<Session> {
@@ -638,7 +675,7 @@ impl Shard {
                     let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
                     for id in ids {
                         if let Some(s) = self.session(id) {
-                            s.push(frame.clone(), &self.metrics);
+                            s.push(frame.clone(), self);
                             self.metrics.pushes.inc();
                         }
                     }
@@ -648,7 +685,7 @@ impl Shard {
                 let sessions = self.sessions.borrow().all();
                 for (i, s) in sessions.iter().enumerate() {
                     if matches!(s.kind, Kind::Client { .. }) {
-                        s.push(frame.clone(), &self.metrics);
+                        s.push(frame.clone(), self);
                         self.metrics.pushes.inc();
                     }
                     if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
@@ -692,7 +729,7 @@ impl Shard {
             }
             ShardMsg::ToSession { session, frame } => {
                 if let Some(s) = self.session(session) {
-                    s.push(frame, &self.metrics);
+                    s.push(frame, self);
                 }
             }
             ShardMsg::Synced { session, conv, reply, result } => {
@@ -793,6 +830,8 @@ pub async fn run(setup: ShardSetup) {
         loading: Cell::new(0),
         local: RefCell::default(),
         local_waker: Cell::new(None),
+        flush_list: RefCell::default(),
+        flush_waker: Cell::new(None),
         sessions: RefCell::new(Slab::default()),
         wheel: RefCell::new(Wheel::new(tick_ms, 4096)),
         gate: Gate::new(),
@@ -808,6 +847,7 @@ pub async fn run(setup: ShardSetup) {
         glommio::spawn_local(receive(shard.clone(), rx)).detach();
     }
     glommio::spawn_local(receive_local(shard.clone())).detach();
+    glommio::spawn_local(shard.clone().run_flusher()).detach();
     if shard.redis().is_some() {
         glommio::spawn_local(shard.clone().run_repairs()).detach();
         glommio::spawn_local(shard.clone().run_presence()).detach();

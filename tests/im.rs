@@ -180,6 +180,35 @@ fn concurrent_senders_get_one_gapless_order_seen_identically_everywhere() {
     assert_eq!(server.conversation("group")["last_seq"], N);
 }
 
+/// Messages the server has for one connection at the same moment go out in one socket
+/// write (the shard's flusher), not one write each: what makes deliveries cheap at load.
+#[test]
+fn messages_that_arrive_together_leave_in_few_writes() {
+    let server = start("");
+    server.set_members("c1", &["alice", "bob"]);
+    let (mut alice, _) = connect_synced(&server, "alice", "phone", &["c1"]);
+    let (mut bob, _) = connect_synced(&server, "bob", "phone", &["c1"]);
+    let writes_before = server.metric("ringpush_socket_writes_total");
+    let frames_before = server.metric("ringpush_frames_out_total");
+
+    // 100 sends in one TCP write: 100 acks for alice, 100 msgs for bob.
+    const N: u64 = 100;
+    for i in 1..=N {
+        let send = json!({"op": "send", "conv": "c1", "cid": format!("m{i}"), "body": i});
+        alice.write(tungstenite::Message::text(send.to_string())).expect("queue a send");
+    }
+    alice.flush().expect("write the sends");
+    let acks: Vec<Value> = (0..N).map(|_| read_op(&mut alice, "ack")).collect();
+    assert_eq!(seqs(&acks), (1..=N).collect::<Vec<_>>());
+    let msgs: Vec<Value> = (0..N).map(|_| read_op(&mut bob, "msg")).collect();
+    assert_eq!(seqs(&msgs), (1..=N).collect::<Vec<_>>());
+
+    let frames = server.metric("ringpush_frames_out_total") - frames_before;
+    let writes = server.metric("ringpush_socket_writes_total") - writes_before;
+    assert_eq!(frames, 2 * N, "frames queued for the two clients");
+    assert!(writes * 4 <= frames, "{frames} frames took {writes} writes");
+}
+
 // ---------------------------------------------------------------------------------------
 // Idempotency
 // ---------------------------------------------------------------------------------------
