@@ -244,23 +244,44 @@ alone_run() {
     echo
   } >> "$alone"
 }
+# The same, for a scenario whose figures also go into the tables: its human report goes
+# to the alone section, its JSON line into runs.jsonl (group: the scenario).
+alone_json() {
+  echo "ringpush alone: ringpush-bench $* --json"
+  local json
+  {
+    echo "### \`ringpush-bench $*\`"
+    echo
+    echo '```'
+  } >> "$alone"
+  if json=$("$bench" "$@" --json 2>> "$alone"); then
+    printf '{"group":"%s","case":"%s","server":"ringpush","rep":1,"result":%s}\n' "$1" "$*" "$json" >> "$runs"
+  else
+    echo "(exit $?)" >> "$alone"
+  fi
+  printf '```\n\n' >> "$alone"
+}
 if has "$parts" alone; then
   if [ "$quick" = 1 ]; then
     alone_run idle --conns 500 --procs 1
     alone_run idle --path echo --burst 65536 --conns 300 --procs 1
-    alone_run im --conns 200 --convs 20 --duration 1
-    alone_run fanout --members 300 --messages 3
-    alone_run floor --conns 300 --rounds 3
+    alone_json im --conns 200 --convs 20 --duration 1
+    alone_json im --conns 200 --convs 20 --rate 500 --duration 1
+    alone_json fanout --members 300 --messages 3
+    alone_json floor --conns 300 --rounds 3
   else
     alone_run idle --conns 10000
     alone_run idle --conns 19000
     alone_run idle --path echo --burst 65536 --conns 10000
-    alone_run im --duration 10
-    alone_run fanout --members 10000 --messages 20
-    alone_run fanout --members 10000 --messages 20 --burst
+    alone_json im --duration 10
+    # Latency where each message is its own write (little to coalesce), for comparison.
+    alone_json im --rate 2000 --duration 10
+    alone_json im --rate 4000 --duration 10
+    alone_json fanout --members 10000 --messages 20
+    alone_json fanout --members 10000 --messages 20 --burst
     # The kernel's floor under fanout's CPU per delivery: the same writes, no server.
-    alone_run floor --conns 10000 --rounds 20
-    alone_run floor --conns 10000 --rounds 20 --burst
+    alone_json floor --conns 10000 --rounds 20
+    alone_json floor --conns 10000 --rounds 20 --burst
   fi
 fi
 

@@ -264,6 +264,7 @@ impl Runs {
         let mut s = String::new();
         s += &self.header();
         s += &self.goals();
+        s += &self.im_goals();
         for (group, figures) in [("echo", ECHO), ("idle", IDLE), ("upgrades", UPGRADES)] {
             if self.cases(group).is_empty() {
                 continue;
@@ -392,21 +393,70 @@ impl Runs {
                 ));
             }
         }
-        if rows.is_empty() {
-            return String::new();
+        goal_table("### The issue's goals", "measured (median)", rows)
+    }
+
+    /// Issue 3's goals, from ringpush's own `im` and `fanout` runs (one run each, after the
+    /// side-by-side part), with the kernel's `floor` beside the fan-out figure.
+    fn im_goals(&self) -> String {
+        let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+        let first =
+            |group: &str, pred: &dyn Fn(&str) -> bool| self.cases(group).into_iter().find(|c| pred(c));
+        if let Some(case) = first("im", &|c| !c.contains("--rate")) {
+            let per_core = self.median("im", &case, BASELINE, "phases.0.deliveries_per_core_sec");
+            let us = self.median("im", &case, BASELINE, "phases.0.server_cpu_us_per_delivery");
+            rows.push((
+                "im, saturation: >= 300,000 deliveries per second per server core (100-byte bodies)".into(),
+                per_core.map_or("no figure".into(), |v| {
+                    let us = format_unit(us.unwrap_or(f64::NAN), Unit::Micros);
+                    format!("{} per core ({us} per delivery)", format_unit(v, Unit::Count))
+                }),
+                per_core.map(|v| v >= 300_000.0),
+            ));
+            let rate = self.median("im", &case, BASELINE, "phases.1.rate");
+            let p99 = self.median("im", &case, BASELINE, "phases.1.deliver_latency.p99_us");
+            if let (Some(rate), Some(p99)) = (rate, p99) {
+                let util = self.median("im", &case, BASELINE, "phases.1.server_cpu_util").unwrap_or(f64::NAN);
+                rows.push((
+                    format!("im, half the saturation rate ({rate:.0} sends/s): p99 send -> deliver < 2 ms"),
+                    format!("{} (server CPU {:.0}%)", format_unit(p99, Unit::Micros), util * 100.0),
+                    Some(p99 < 2000.0),
+                ));
+            }
         }
-        let mut s =
-            String::from("### The issue's goals\n\n| goal | measured (median) | |\n| --- | --- | --- |\n");
-        for (goal, measured, met) in rows {
-            let verdict = match met {
-                Some(true) => "met",
-                Some(false) => "**not met**",
-                None => "?",
-            };
-            let _ = writeln!(s, "| {goal} | {measured} | {verdict} |");
+        for case in self.cases("im").into_iter().filter(|c| c.contains("--rate")) {
+            let rate = self.median("im", &case, BASELINE, "phases.0.rate");
+            let p99 = self.median("im", &case, BASELINE, "phases.0.deliver_latency.p99_us");
+            let util = self.median("im", &case, BASELINE, "phases.0.server_cpu_util").unwrap_or(f64::NAN);
+            if let (Some(rate), Some(p99)) = (rate, p99) {
+                rows.push((
+                    format!("im at {rate:.0} sends/s (for comparison): p99 send -> deliver"),
+                    format!("{} (server CPU {:.0}%)", format_unit(p99, Unit::Micros), util * 100.0),
+                    None,
+                ));
+            }
         }
-        s += "\n";
-        s
+        if let Some(case) = first("fanout", &|c| !c.contains("--burst")) {
+            let p50 = self.median("fanout", &case, BASELINE, "last_read.p50_us");
+            let floor = first("floor", &|c| !c.contains("--burst"))
+                .and_then(|c| self.median("floor", &c, BASELINE, "last_read.p50_us"));
+            let members = self.median("fanout", &case, BASELINE, "members").unwrap_or(0.0);
+            rows.push((
+                format!("fanout, {members:.0} members (goal: 10,000): the last member within 40 ms"),
+                p50.map_or("no figure".into(), |v| {
+                    let beside = floor.map_or(String::new(), |f| {
+                        format!(
+                            "; the kernel alone, the same writes, no server: {}",
+                            format_unit(f, Unit::Micros)
+                        )
+                    });
+                    format!("p50 {}{beside}", format_unit(v, Unit::Micros))
+                }),
+                // The goal is about 10,000 members; a smaller run (--quick) decides nothing.
+                p50.filter(|_| members >= 10_000.0).map(|v| v <= 40_000.0),
+            ));
+        }
+        goal_table("### Issue 3's goals (ringpush alone)", "measured (one run)", rows)
     }
 
     /// The README's block: where the figures come from, the goals, the headline table.
@@ -420,6 +470,11 @@ impl Runs {
             get("kernel"),
         );
         s += &self.goals().replacen("### The issue's goals", "**Goals** (issue 5)", 1);
+        s += &self.im_goals().replacen(
+            "### Issue 3's goals (ringpush alone)",
+            "**Goals** (issue 3, ringpush alone)",
+            1,
+        );
         if let Some(figure) = ECHO.first() {
             let mut t = self.table("echo", figure);
             t = t.replacen(&format!("### {}", figure.title), &format!("**{}**", figure.title), 1);
@@ -427,6 +482,26 @@ impl Runs {
         }
         s
     }
+}
+
+/// A goals table; empty without rows.
+fn goal_table(title: &str, measured: &str, rows: Vec<(String, String, Option<bool>)>) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = format!("{title}\n\n| goal | {measured} | |\n| --- | --- | --- |\n");
+    for (goal, value, met) in rows {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            // A figure shown beside the goals for comparison decides nothing.
+            None if goal.contains("for comparison") => "",
+            None => "?",
+        };
+        let _ = writeln!(s, "| {goal} | {value} | {verdict} |");
+    }
+    s += "\n";
+    s
 }
 
 /// Whether an echo case label is `SIZE B x CONNS conns, pipeline DEPTH`.
@@ -447,7 +522,11 @@ pub fn case_label(size: usize, conns: usize, depth: usize) -> String {
 fn lookup(v: &Value, path: &str) -> Option<f64> {
     let mut at = v;
     for key in path.split('.') {
-        at = at.get(key)?;
+        // A number indexes an array (`phases.0.rate`).
+        at = match key.parse::<usize>() {
+            Ok(i) if at.is_array() => at.get(i)?,
+            _ => at.get(key)?,
+        };
     }
     at.as_f64()
 }
@@ -562,6 +641,46 @@ mod tests {
         assert!(goals.contains("ringpush server CPU per message <= 3 µs | 2.50 µs | met"), "{goals}");
         assert!(goals.contains(">= 1.3x tungstenite | 1.60x | met"), "{goals}");
         assert!(goals.contains(">= 1.0x fastwebsockets | no figure | ?"), "{goals}");
+    }
+
+    #[test]
+    fn im_goals_come_from_the_alone_runs() {
+        let phase = |rate: Option<f64>, per_core: f64, p99: f64| {
+            serde_json::json!({"rate": rate, "deliveries_per_core_sec": per_core,
+                "server_cpu_us_per_delivery": 1e6 / per_core, "server_cpu_util": 0.5,
+                "deliver_latency": {"p99_us": p99}})
+        };
+        let lines = [
+            serde_json::json!({"group":"im","case":"im --duration 10","server":"ringpush","rep":1,
+                "result":{"phases":[phase(None, 400_000.0, 90_000.0), phase(Some(20_000.0), 200_000.0, 2500.0)]}}),
+            serde_json::json!({"group":"im","case":"im --rate 2000 --duration 10","server":"ringpush","rep":1,
+                "result":{"phases":[phase(Some(2000.0), 50_000.0, 700.0)]}}),
+            serde_json::json!({"group":"fanout","case":"fanout --members 10000","server":"ringpush","rep":1,
+                "result":{"members":10000,"last_read":{"p50_us":65_000.0}}}),
+            serde_json::json!({"group":"floor","case":"floor --conns 10000","server":"ringpush","rep":1,
+                "result":{"last_read":{"p50_us":60_000.0}}}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let goals = Runs::parse(&text).expect("parses").im_goals();
+        assert!(goals.contains("| 400k per core (2.50 µs per delivery) | met |"), "{goals}");
+        assert!(
+            goals.contains(
+                "(20000 sends/s): p99 send -> deliver < 2 ms | 2.50 ms (server CPU 50%) | **not met** |"
+            ),
+            "{goals}"
+        );
+        assert!(
+            goals.contains(
+                "im at 2000 sends/s (for comparison): p99 send -> deliver | 700 µs (server CPU 50%) |  |"
+            ),
+            "{goals}"
+        );
+        assert!(
+            goals.contains(
+                "| p50 65.0 ms; the kernel alone, the same writes, no server: 60.0 ms | **not met** |"
+            ),
+            "{goals}"
+        );
     }
 
     #[test]
