@@ -103,6 +103,10 @@ pub struct Phase {
     pub server_delivered: Option<u64>,
     /// `ringpush_slow_consumer_gaps_total` over the phase.
     pub server_gaps: Option<u64>,
+    /// `ringpush_frames_out_total` and `ringpush_socket_writes_total` over the window:
+    /// how many frames (msgs, acks) one socket write carried on average.
+    pub server_frames: Option<u64>,
+    pub server_writes: Option<u64>,
 }
 
 impl Phase {
@@ -136,6 +140,12 @@ impl Phase {
     /// Deliveries one fully used server core would make at this cost.
     pub fn deliveries_per_core_sec(&self) -> f64 {
         1e6 / self.cpu_us_per_delivery().max(1e-9)
+    }
+
+    /// Frames per socket write on the server over the window, when /metrics is known.
+    pub fn frames_per_write(&self) -> Option<f64> {
+        let (frames, writes) = (self.server_frames?, self.server_writes?);
+        (writes > 0).then(|| frames as f64 / writes as f64)
     }
 
     fn title(&self) -> String {
@@ -174,10 +184,11 @@ impl Phase {
             duration_us(self.ack.max)
         );
         s += &format!(
-            "    server     CPU {:.1}% of one core; {:.2} µs per delivery = {:.0} deliveries/s per core\n",
+            "    server     CPU {:.1}% of one core; {:.2} µs per delivery = {:.0} deliveries/s per core{}\n",
             100.0 * self.server_util(),
             self.cpu_us_per_delivery(),
-            self.deliveries_per_core_sec()
+            self.deliveries_per_core_sec(),
+            self.frames_per_write().map(|f| format!("; {f:.2} frames per socket write")).unwrap_or_default()
         );
         s += &format!("    clients    CPU {:.1}% of one core\n", 100.0 * self.client_util());
         s += &format!(
@@ -210,6 +221,7 @@ impl Phase {
             "gaps": self.gaps, "errors": self.errors, "seq_errors": self.seq_errors,
             "strays": self.strays, "unacked": self.unacked, "missing": self.missing,
             "server_gaps": self.server_gaps,
+            "server_frames_per_write": self.frames_per_write().map(r3),
         })
     }
 }
@@ -476,6 +488,8 @@ fn phase(
         client_cpu,
         server_delivered: rise(&metrics_before, &metrics_window, "ringpush_messages_delivered_total"),
         server_gaps: rise(&metrics_before, &metrics_after, "ringpush_slow_consumer_gaps_total"),
+        server_frames: rise(&metrics_before, &metrics_window, "ringpush_frames_out_total"),
+        server_writes: rise(&metrics_before, &metrics_window, "ringpush_socket_writes_total"),
     })
 }
 
@@ -530,11 +544,14 @@ mod tests {
             client_cpu: Duration::from_millis(2),
             server_delivered: Some(200),
             server_gaps: Some(0),
+            server_frames: Some(220),
+            server_writes: Some(55),
         };
         assert_eq!(p.acks_per_sec(), 10.0);
         assert_eq!(p.deliveries_per_sec(), 90.0);
         assert_eq!(p.cpu_us_per_delivery(), 5.0);
         assert_eq!(p.deliveries_per_core_sec(), 200_000.0);
         assert_eq!(p.server_util(), 0.0005);
+        assert_eq!(p.frames_per_write(), Some(4.0));
     }
 }
