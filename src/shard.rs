@@ -508,6 +508,9 @@ impl Shard {
                     glommio::yield_if_needed().await;
                 }
             }
+            // A fan-out to every connection grows the list to one entry each: give that
+            // back rather than keep it (the two lists take turns, so both shrink).
+            due.shrink_to(FANOUT_BATCH);
         }
     }
 
@@ -608,6 +611,9 @@ impl Shard {
                     glommio::yield_if_needed().await;
                 }
             }
+            // A fan-out to every connection grows the list to one entry each: give that
+            // back rather than keep it (the two lists take turns, so both shrink).
+            due.shrink_to(FANOUT_BATCH);
         }
     }
 
