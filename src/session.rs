@@ -264,21 +264,24 @@ impl Session {
             return;
         }
         shard.metrics.frames_out.inc();
-        let sent = if self.inner.borrow().out.is_empty() {
-            // An error just queues the frames; a broken socket shows up on the task's
-            // next read or write.
-            let sent = send_now(fd, frames).unwrap_or(0);
-            shard.metrics.socket_writes.inc();
-            shard.metrics.bytes_out.add(sent as u64);
-            sent
-        } else {
-            0
-        };
+        if !self.inner.borrow().out.is_empty() {
+            // Behind frames already queued: they go out first.
+            return self.queue(Bytes::copy_from_slice(frames), Tag::Control, shard);
+        }
+        // An error just queues the frames; a broken socket shows up on the task's next
+        // read or write.
+        let sent = send_now(fd, frames).unwrap_or(0);
+        shard.metrics.socket_writes.inc();
+        shard.metrics.bytes_out.add(sent as u64);
         if sent < frames.len() {
-            self.queue(Bytes::copy_from_slice(&frames[sent..]), Tag::Control, shard);
+            // The socket is full: the rest is the session task's to write when it has
+            // room, not the flusher's (its `send` would only find it full again).
+            self.append(Bytes::copy_from_slice(&frames[sent..]), Tag::Control);
+            self.wake();
         }
     }
 
+    /// Queues `frame` if the socket is still open (see [`Session::queue`]).
     fn enqueue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
         if self.fd.get() >= 0 {
             shard.metrics.frames_out.inc();
@@ -292,15 +295,8 @@ impl Session {
     /// `send`; a batch that reaches [`WRITE_BATCH_BYTES`] goes out at once. Frames queued
     /// behind older ones that the socket did not take are the session task's to write.
     fn queue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
-        let mut inner = self.inner.borrow_mut();
-        let first = inner.out.is_empty();
-        if first {
-            inner.head_sent = 0;
-        }
-        inner.out_bytes += frame.len();
-        inner.out.push_back(Out { bytes: frame, tag });
-        let full = inner.out_bytes >= WRITE_BATCH_BYTES;
-        drop(inner);
+        let first = self.append(frame, tag);
+        let full = self.inner.borrow().out_bytes >= WRITE_BATCH_BYTES;
         if first {
             self.flush_due.set(true);
             shard.flush_later(self.id);
@@ -312,6 +308,18 @@ impl Session {
         } else {
             self.wake();
         }
+    }
+
+    /// Puts `frame` at the end of the queue; true if the queue was empty.
+    fn append(&self, frame: Bytes, tag: Tag) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        let first = inner.out.is_empty();
+        if first {
+            inner.head_sent = 0;
+        }
+        inner.out_bytes += frame.len();
+        inner.out.push_back(Out { bytes: frame, tag });
+        first
     }
 
     /// The shard's flusher (or a full batch) writes what is queued with non-blocking

@@ -400,9 +400,17 @@ impl Runs {
     /// side-by-side part), with the kernel's `floor` beside the fan-out figure.
     fn im_goals(&self) -> String {
         let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
-        let first =
-            |group: &str, pred: &dyn Fn(&str) -> bool| self.cases(group).into_iter().find(|c| pred(c));
-        if let Some(case) = first("im", &|c| !c.contains("--rate")) {
+        // The first case of `group` whose options do not include `flag`.
+        let case_without =
+            |group: &str, flag: &str| self.cases(group).into_iter().find(|c| !c.contains(flag));
+        // An open-loop phase's rate and its p99 send -> deliver, with the server's CPU.
+        let p99_at = |case: &str, phase: usize| {
+            let get = |path: &str| self.median("im", case, BASELINE, &format!("phases.{phase}.{path}"));
+            let (rate, p99) = (get("rate")?, get("deliver_latency.p99_us")?);
+            let util = get("server_cpu_util").unwrap_or(f64::NAN);
+            Some((rate, p99, format!("{} (server CPU {:.0}%)", format_unit(p99, Unit::Micros), util * 100.0)))
+        };
+        if let Some(case) = case_without("im", "--rate") {
             let per_core = self.median("im", &case, BASELINE, "phases.0.deliveries_per_core_sec");
             let us = self.median("im", &case, BASELINE, "phases.0.server_cpu_us_per_delivery");
             rows.push((
@@ -413,32 +421,26 @@ impl Runs {
                 }),
                 per_core.map(|v| v >= 300_000.0),
             ));
-            let rate = self.median("im", &case, BASELINE, "phases.1.rate");
-            let p99 = self.median("im", &case, BASELINE, "phases.1.deliver_latency.p99_us");
-            if let (Some(rate), Some(p99)) = (rate, p99) {
-                let util = self.median("im", &case, BASELINE, "phases.1.server_cpu_util").unwrap_or(f64::NAN);
+            if let Some((rate, p99, cell)) = p99_at(&case, 1) {
                 rows.push((
                     format!("im, half the saturation rate ({rate:.0} sends/s): p99 send -> deliver < 2 ms"),
-                    format!("{} (server CPU {:.0}%)", format_unit(p99, Unit::Micros), util * 100.0),
+                    cell,
                     Some(p99 < 2000.0),
                 ));
             }
         }
         for case in self.cases("im").into_iter().filter(|c| c.contains("--rate")) {
-            let rate = self.median("im", &case, BASELINE, "phases.0.rate");
-            let p99 = self.median("im", &case, BASELINE, "phases.0.deliver_latency.p99_us");
-            let util = self.median("im", &case, BASELINE, "phases.0.server_cpu_util").unwrap_or(f64::NAN);
-            if let (Some(rate), Some(p99)) = (rate, p99) {
+            if let Some((rate, _, cell)) = p99_at(&case, 0) {
                 rows.push((
                     format!("im at {rate:.0} sends/s (for comparison): p99 send -> deliver"),
-                    format!("{} (server CPU {:.0}%)", format_unit(p99, Unit::Micros), util * 100.0),
+                    cell,
                     None,
                 ));
             }
         }
-        if let Some(case) = first("fanout", &|c| !c.contains("--burst")) {
+        if let Some(case) = case_without("fanout", "--burst") {
             let p50 = self.median("fanout", &case, BASELINE, "last_read.p50_us");
-            let floor = first("floor", &|c| !c.contains("--burst"))
+            let floor = case_without("floor", "--burst")
                 .and_then(|c| self.median("floor", &c, BASELINE, "last_read.p50_us"));
             let members = self.median("fanout", &case, BASELINE, "members").unwrap_or(0.0);
             rows.push((
