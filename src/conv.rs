@@ -320,10 +320,15 @@ fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
 /// `sync`: replay history after `after` to a session of a member. From this point the
 /// session's shard also receives the conversation's live messages, in order after the
 /// replay (the reply and later `Deliver`s travel the same FIFO channel).
-pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, reply: SyncReply) {
+pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, mut reply: SyncReply) {
     let result = match shard.store.is_member(&conv, &user).await {
         Ok(true) => match shard.store.history(&conv, reply.after, reply.limit).await {
             Ok(mut history) => {
+                // A client that holds stored seqs this node has not delivered yet (they
+                // reached it through another node) must not get them again when they
+                // come live. Seqs past the store's are not the client's to skip: the
+                // store lost its data, or the client's state is not this cluster's.
+                reply.held = reply.after.min(history.last_seq);
                 shard.want(&conv, session.shard);
                 // In a cluster the store may already hold seqs this node has not delivered
                 // yet (on their way from another node): the replay stops where delivery

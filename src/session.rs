@@ -158,6 +158,11 @@ enum Mode {
     Gapped,
     /// Synced while the connection's grace still holds its other conversations: sent.
     Live,
+    /// Synced from seqs the client holds but this node had not delivered yet (they
+    /// reached the client through another node): sent from the first seq above this
+    /// one, which ends the mode. Rare: a device moving node in the instant a message is
+    /// on its way to the new node.
+    Ahead(u64),
 }
 
 /// What a `sync` asked for, carried to its answer.
@@ -166,6 +171,10 @@ pub struct SyncReply {
     pub after: u64,
     pub limit: usize,
     pub cid: Option<Key>,
+    /// Set by the owner: the client holds the stored seqs up to this one, which this
+    /// node had not delivered when it answered; they follow live and the session does
+    /// not send them again. 0 when the replay covers everything up to `after`.
+    pub held: u64,
 }
 
 /// A queued frame and what it carries, so a slow consumer's backlog can be thinned.
@@ -367,6 +376,8 @@ impl Session {
         }
         match inner.mode(conv) {
             Some(Mode::Syncing(_) | Mode::Gapped) => return,
+            Some(Mode::Ahead(held)) if seq <= held => return,
+            Some(Mode::Ahead(_)) => inner.caught_up(conv),
             Some(Mode::Live) => {}
             None if inner.hold_until > 0 => {
                 inner.held.push((conv.clone(), seq, frame.clone()));
@@ -417,7 +428,7 @@ impl Session {
             Some((_, mode)) => {
                 *mode = match *mode {
                     Mode::Syncing(n) => Mode::Syncing(n.saturating_add(1)),
-                    Mode::Gapped | Mode::Live => Mode::Syncing(1),
+                    Mode::Gapped | Mode::Live | Mode::Ahead(_) => Mode::Syncing(1),
                 }
             }
             None => inner.modes.push((conv.clone(), Mode::Syncing(1))),
@@ -449,7 +460,11 @@ impl Session {
     ) {
         let history = match result {
             Ok(history) => {
-                self.inner.borrow_mut().end_sync(conv);
+                let mut inner = self.inner.borrow_mut();
+                inner.end_sync(conv);
+                if reply.held > history.last_seq {
+                    inner.skip_live_upto(conv, reply.held);
+                }
                 history
             }
             Err(code) => {
@@ -481,7 +496,7 @@ impl Session {
             self.send_msg(shard, conv, m.seq, &m.frame);
         }
         if history.messages.is_empty() {
-            last = history.last_seq.max(last);
+            last = history.last_seq.max(last).max(reply.held);
         }
         let truncated = history.messages.len() >= reply.limit && last < history.last_seq;
         let synced = protocol::synced_json(conv, last, history.complete);
@@ -504,6 +519,11 @@ impl Session {
         if self.fd.get() < 0 || matches!(inner.mode(conv), Some(Mode::Syncing(_) | Mode::Gapped)) {
             return;
         }
+        let from = match inner.mode(conv) {
+            Some(Mode::Ahead(held)) if to <= held => return,
+            Some(Mode::Ahead(held)) => from.max(held + 1),
+            _ => from,
+        };
         inner.set_gapped(conv);
         drop(inner);
         let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
@@ -747,7 +767,7 @@ impl Session {
                 let conv: Key = Arc::from(&*conv);
                 self.start_sync(&conv);
                 shard.loading_started();
-                let reply = SyncReply { after, limit, cid: cid.as_deref().map(Key::from) };
+                let reply = SyncReply { after, limit, cid: cid.as_deref().map(Key::from), held: 0 };
                 let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
                 return shard.route(owner, sync);
             }
@@ -824,11 +844,32 @@ impl Inner {
         }
     }
 
+    /// The client of a finished `sync` holds seqs of `conv` up to `held` that will
+    /// still come live: they are not sent (a sync still in flight covers them anyway).
+    fn skip_live_upto(&mut self, conv: &Key, held: u64) {
+        match self.modes.iter_mut().find(|(c, _)| c == conv) {
+            Some((_, mode @ Mode::Live)) => *mode = Mode::Ahead(held),
+            Some(_) => {}
+            None => self.modes.push((conv.clone(), Mode::Ahead(held))),
+        }
+    }
+
+    /// A live seq past [`Mode::Ahead`] came: the conversation is sent as usual again.
+    fn caught_up(&mut self, conv: &str) {
+        if let Some(i) = self.modes.iter().position(|(c, _)| &**c == conv) {
+            if self.hold_until > 0 {
+                self.modes[i].1 = Mode::Live;
+            } else {
+                self.modes.swap_remove(i);
+            }
+        }
+    }
+
     /// After a `gap` of `conv`, its live messages wait for the client's `sync` (which
     /// replays from the gap on), so the connection never sees them out of order.
     fn set_gapped(&mut self, conv: &Key) {
         match self.modes.iter_mut().find(|(c, _)| c == conv) {
-            Some((_, mode @ Mode::Live)) => *mode = Mode::Gapped,
+            Some((_, mode @ (Mode::Live | Mode::Ahead(_)))) => *mode = Mode::Gapped,
             Some(_) => {}
             None => self.modes.push((conv.clone(), Mode::Gapped)),
         }

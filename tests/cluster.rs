@@ -472,3 +472,39 @@ fn a_drained_node_leaves_the_cluster_at_once() {
     assert!(redis.cli(&["EXISTS", "rp:lease:{n3}"]).trim() == "0", "the lease outlived the drain");
     nodes[0].wait_metric("ringpush_cluster_peers", Duration::from_secs(5), |n| n == 1);
 }
+
+/// A device that holds seqs its new node has not delivered yet (they reached the old
+/// node first, or, as here, a node died between storing a message and publishing it)
+/// syncs from what it holds: the node must not hand it those seqs again when it
+/// delivers them to its other sessions. The hour soak saw exactly this during a drain.
+#[test]
+fn a_device_ahead_of_its_new_node_gets_no_seq_twice() {
+    let redis = Redis::start();
+    let node = start_node("n1", &redis, &Ports::free(), "");
+    let conv = "c-ahead";
+    node.set_members(conv, &["u1", "u2"]);
+    let (mut laptop, _) = connect_synced(&node, "u2", "laptop", &[conv]);
+    let first = node.post_message(conv, "u1", &json!({"n": 1}));
+    let (msgs, _) = collect_msgs(&mut laptop, conv, |m, _| !m.is_empty());
+    assert_eq!(seqs(&msgs), vec![first]);
+
+    // Stored, never published: what a node that died just after the append leaves.
+    let lost = first + 1;
+    assert_eq!(redis.cli(&["INCR", &format!("rp:c:{{{conv}}}:seq")]).trim(), lost.to_string());
+    let id = format!("{lost}-1");
+    let body = json!({"n": 2}).to_string();
+    redis.cli(&["XADD", &format!("rp:c:{{{conv}}}:h"), &id, "f", "u1", "t", "1", "b", &body]);
+
+    // The phone read it elsewhere and syncs from there.
+    let (mut phone, _) = connect_client(&node, "u2", "phone");
+    let result = sync(&mut phone, conv, lost, None);
+    assert!(result.msgs.is_empty(), "replayed what the phone holds: {:?}", result.seqs());
+    assert_eq!(result.synced["last"], lost, "{}", result.synced);
+
+    // The node learns of the lost seq and delivers it; the next message follows it.
+    let next = node.post_message(conv, "u1", &json!({"n": 3}));
+    let (msgs, _) = collect_msgs(&mut laptop, conv, |m, _| m.len() == 2);
+    assert_eq!(seqs(&msgs), vec![lost, next], "the laptop");
+    let (msgs, _) = collect_msgs(&mut phone, conv, |m, _| !m.is_empty());
+    assert_eq!(seqs(&msgs), vec![next], "the phone, which held {lost} already");
+}
