@@ -1253,6 +1253,42 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_ahead_of_the_node_skips_what_the_client_holds_once() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
+        let mut inner = session.inner.borrow_mut();
+        // Found by the hour soak: a device moved node while a seq it held was still on
+        // its way to the new node, and got that seq again when it came.
+        inner.modes.push((a.clone(), Mode::Syncing(1)));
+        inner.end_sync(&a);
+        inner.skip_live_upto(&a, 5);
+        assert_eq!(inner.mode("a"), Some(Mode::Ahead(5)));
+        inner.caught_up("a");
+        assert_eq!(inner.mode("a"), None, "an idle conversation keeps no mode");
+        // During a new connection's grace the conversation stays sent.
+        inner.hold_until = 1;
+        inner.modes.push((b.clone(), Mode::Syncing(1)));
+        inner.end_sync(&b);
+        inner.skip_live_upto(&b, 7);
+        assert_eq!(inner.mode("b"), Some(Mode::Ahead(7)));
+        inner.caught_up("b");
+        assert_eq!(inner.mode("b"), Some(Mode::Live));
+        // Another sync in flight replays past it anyway; a gap or a new sync replaces it.
+        inner.modes.clear();
+        inner.modes.push((a.clone(), Mode::Syncing(2)));
+        inner.end_sync(&a);
+        inner.skip_live_upto(&a, 5);
+        assert_eq!(inner.mode("a"), Some(Mode::Syncing(1)));
+        inner.modes[0].1 = Mode::Ahead(5);
+        inner.set_gapped(&a);
+        assert_eq!(inner.mode("a"), Some(Mode::Gapped));
+        inner.modes[0].1 = Mode::Ahead(5);
+        drop(inner);
+        session.start_sync(&a);
+        assert_eq!(session.inner.borrow().mode("a"), Some(Mode::Syncing(1)));
+    }
+
+    #[test]
     fn syncs_in_flight_count_every_conversation_until_answered() {
         let session = Session::for_test(TimerId { index: 0, generation: 0 });
         let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
