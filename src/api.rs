@@ -5,6 +5,7 @@
 //! HTTP/1.1 with keep-alive, parsed with `httparse`; bodies need `Content-Length` (no
 //! chunked uploads) and are limited to [`MAX_BODY`].
 
+use std::cell::Cell;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -36,6 +37,10 @@ pub const MAX_BODY: usize = 1 << 20;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long an API call waits for the shards before answering 503.
 const SHARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections served at once; more are answered `503` and closed. Each holds a
+/// file descriptor and up to [`MAX_HEAD`] before its key is checked; backends' keep-alive
+/// pools, scrapers and dashboards need far fewer.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// What the admin handlers need.
 pub struct Admin {
@@ -126,16 +131,44 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
     let admin = Rc::new(admin);
     // SAFETY: a bound, listening TCP socket we own.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let open = Rc::new(Cell::new(0usize));
     loop {
         match listener.accept().await {
+            Ok(mut stream) if open.get() >= MAX_CONNECTIONS => {
+                const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                    Content-Length: 28\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many admin connections\r\n";
+                // A new socket's buffer takes it at once; the bound only keeps a broken
+                // peer from holding up the accepts.
+                let _ = glommio::timer::timeout(Duration::from_millis(100), async {
+                    Ok(stream.write_all(BUSY.as_bytes()).await)
+                })
+                .await;
+            }
             Ok(stream) => {
-                glommio::spawn_local(connection(admin.clone(), stream)).detach();
+                open.set(open.get() + 1);
+                let counted = Counted(open.clone());
+                let admin = admin.clone();
+                glommio::spawn_local(async move {
+                    let _counted = counted;
+                    connection(admin, stream).await
+                })
+                .detach();
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Holds one place among [`MAX_CONNECTIONS`] while its connection is served, however its
+/// task ends.
+struct Counted(Rc<Cell<usize>>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 

@@ -20,6 +20,8 @@ const MAX_HEADERS: usize = 48;
 const MAX_SYNCS_IN_FLIGHT: usize = 16;
 /// The admin listener's head limit (`api::MAX_HEAD`).
 const MAX_API_HEAD: usize = 16 * 1024;
+/// Admin connections served at once (`api::MAX_CONNECTIONS`).
+const MAX_ADMIN_CONNECTIONS: usize = 1024;
 
 /// Sends are not rate limited here, and a client busy in a test is not dropped as idle.
 const LIMITS: &str = "[heartbeat]\nidle_timeout_ms = 10000\n[limits]\nsend_rate_per_sec = 10000\n";
@@ -287,6 +289,40 @@ fn api_head_over_16_kib_is_400_and_the_listener_keeps_serving() {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200 ") && answer.contains("HTTP/1.1 413 "), "{answer}");
+    assert_eq!(server.api("GET", "/api/v1/conversations/c1", None).status, 200);
+}
+
+#[test]
+fn admin_connections_past_1024_get_503_and_a_freed_place_is_served_again() {
+    let server = Server::start("");
+    let admin = server.admin_addr();
+    let keep_alive = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held: Vec<std::net::TcpStream> = (0..MAX_ADMIN_CONNECTIONS).map(|_| raw_connect(admin)).collect();
+    // The listener accepts in order: by the time it takes the next one, all of these hold
+    // their places. It refuses at once, before any request.
+    let mut refused = raw_connect(admin);
+    let mut answer = String::new();
+    refused.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 ") && answer.contains("\r\nRetry-After: 1\r\n"), "{answer}");
+    // The connections it holds are served as usual.
+    let stream = held.last_mut().unwrap();
+    stream.write_all(keep_alive).unwrap();
+    let (status, _) = read_response_head(stream);
+    assert_eq!(status, 200);
+    // A place given back is taken by the next connection.
+    drop(held.swap_remove(0));
+    let status_now = || {
+        let mut stream = raw_connect(admin);
+        let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).split_whitespace().nth(1).map(str::to_owned)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_now().as_deref() != Some("200") {
+        assert!(Instant::now() < deadline, "a closed admin connection's place was never given back");
+    }
+    drop(held);
     assert_eq!(server.api("GET", "/api/v1/conversations/c1", None).status, 200);
 }
 
