@@ -130,6 +130,8 @@ struct Device<'a> {
     order: Vec<Order>,
     pending: Option<Pending>,
     sent: u64,
+    /// The node of the current (or last) connection, for reports.
+    node: usize,
     next_send: Instant,
     ready: bool,
     quiet: bool,
@@ -149,6 +151,7 @@ pub fn run(spec: DeviceSpec, shared: &Shared) {
         convs,
         pending: None,
         sent: 0,
+        node: spec.home,
         next_send: Instant::now(),
         ready: false,
         quiet: false,
@@ -240,6 +243,7 @@ impl Device<'_> {
     }
 
     fn session(&mut self, mut conn: Conn, node: usize) -> End {
+        self.node = node;
         for order in &mut self.order {
             order.reconnect();
         }
@@ -465,6 +469,9 @@ impl Device<'_> {
                     return Ok(());
                 };
                 let before = self.order[slot].last;
+                // Where and how it came, for the reports below.
+                let how = if self.order[slot].syncing { "in a replay" } else { "live" };
+                let node = self.node + 1;
                 match self.order[slot].on_msg(seq) {
                     Seen::Next => {
                         stats.delivered.fetch_add(1, Relaxed);
@@ -472,14 +479,14 @@ impl Device<'_> {
                     Seen::Duplicate => {
                         stats.duplicated.fetch_add(1, Relaxed);
                         self.shared.report(format!(
-                            "device {}: {conv} seq {seq} again (held up to {before})",
+                            "device {}: {conv} seq {seq} again (held up to {before}), {how} on node {node}",
                             self.spec.index
                         ));
                     }
                     Seen::Skipped => {
                         stats.out_of_order.fetch_add(1, Relaxed);
                         self.shared.report(format!(
-                            "device {}: {conv} seq {seq} after {before} with no gap frame",
+                            "device {}: {conv} seq {seq} after {before} with no gap frame, {how} on node {node}",
                             self.spec.index
                         ));
                     }
