@@ -207,6 +207,15 @@ enum End {
     Drop,
 }
 
+/// When a new connection gets its first ping: between half and a whole interval after it
+/// connected, spread by its connection number. Pings then follow every interval, so the
+/// connections of a reconnect storm (a deploy, a network blip) would otherwise ping, and
+/// be answered, all in the same instant every interval for as long as they stay.
+fn first_ping_after(conn: u64, ping_interval_ms: u64) -> u64 {
+    let spread = ping_interval_ms / 2;
+    ping_interval_ms - conn.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32) % (spread + 1)
+}
+
 impl Session {
     fn new(id: TimerId, accepted: &Accepted, now: u64, ping_interval_ms: u64) -> Session {
         Session {
@@ -221,7 +230,7 @@ impl Session {
             fd: Cell::new(accepted.fd),
             expires_ms: accepted.expires_ms,
             last_seen: Cell::new(now),
-            next_ping: Cell::new(now + ping_interval_ms),
+            next_ping: Cell::new(now + first_ping_after(accepted.conn, ping_interval_ms)),
             stalled_since: Cell::new(NOT_STALLED),
             tokens: Cell::new(f32::MAX),
             tokens_at: Cell::new(now),
@@ -1230,6 +1239,22 @@ mod tests {
     fn session_record_stays_small() {
         let size = std::mem::size_of::<Session>();
         assert!(size <= 320, "Session grew to {size} bytes");
+    }
+
+    #[test]
+    fn first_pings_of_a_connect_storm_spread_over_half_an_interval() {
+        let interval = 25_000;
+        let firsts: Vec<u64> = (0..10_000).map(|conn| first_ping_after(conn, interval)).collect();
+        assert!(firsts.iter().all(|&f| (interval / 2..=interval).contains(&f)));
+        // Consecutive connection numbers land all over the range: every tenth of it gets
+        // some, none gets a fifth of them.
+        let mut tenths = [0usize; 10];
+        for f in &firsts {
+            tenths[((f - interval / 2) * 10 / (interval / 2 + 1)) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| (500..2000).contains(&n)), "{tenths:?}");
+        assert_eq!(first_ping_after(7, 1), 1, "no spread below 2 ms");
+        assert!((1..=2).contains(&first_ping_after(7, 2)));
     }
 
     #[test]
