@@ -1289,7 +1289,7 @@ mod tests {
         inner.skip_live_upto(&a, 5);
         assert_eq!(inner.mode("a"), Some(Mode::Ahead(5)));
         inner.caught_up("a");
-        assert_eq!(inner.mode("a"), None, "an idle conversation keeps no mode");
+        assert_eq!(inner.mode("a"), None, "caught up, the conversation keeps no mode");
         // During a new connection's grace the conversation stays sent.
         inner.hold_until = 1;
         inner.modes.push((b.clone(), Mode::Syncing(1)));
