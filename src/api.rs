@@ -135,12 +135,11 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
     loop {
         match listener.accept().await {
             Ok(mut stream) if open.get() >= MAX_CONNECTIONS => {
-                const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                    Content-Length: 28\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many admin connections\r\n";
+                let busy = busy("too many admin connections", 1);
                 // A new socket's buffer takes it at once; the bound only keeps a broken
                 // peer from holding up the accepts.
                 let _ = glommio::timer::timeout(Duration::from_millis(100), async {
-                    Ok(stream.write_all(BUSY.as_bytes()).await)
+                    Ok(stream.write_all(busy.as_bytes()).await)
                 })
                 .await;
             }
@@ -160,6 +159,16 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
             }
         }
     }
+}
+
+/// A `503` that closes the connection and tells the client when to come back, for a
+/// listener that has no place left.
+pub fn busy(text: &str, retry_after_s: u32) -> String {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n{text}\r\n",
+        text.len() + 2
+    )
 }
 
 /// Holds one place among [`MAX_CONNECTIONS`] while its connection is served, however its
@@ -618,6 +627,15 @@ fn key_matches(api_key: &str, authorization: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_answers_carry_their_exact_length() {
+        assert_eq!(
+            busy("too many event streams", 10),
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 24\r\nRetry-After: 10\r\nConnection: close\r\n\r\ntoo many event streams\r\n"
+        );
+    }
 
     #[test]
     fn calls_are_checked_before_any_shard_is_asked() {

@@ -87,9 +87,7 @@ where
     Fut: Future<Output = String>,
 {
     if STREAMS.with(|s| s.get()) >= MAX_STREAMS {
-        const BUSY: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-            Content-Length: 24\r\nRetry-After: 10\r\nConnection: close\r\n\r\ntoo many event streams\r\n";
-        let _ = stream.write_all(BUSY.as_bytes()).await;
+        let _ = stream.write_all(crate::api::busy("too many event streams", 10).as_bytes()).await;
         return;
     }
     let _counted = StreamGuard::new();
