@@ -18,19 +18,34 @@ pub struct Redis {
     child: Option<Child>,
 }
 
-/// A loopback port nothing listens on right now, for a server that must be restarted on
-/// the same port. Taken below the kernel's ephemeral range (32768 and up), where the
-/// tests' own client sockets would otherwise take it between this check and the bind,
-/// from a spot that differs per process and per call.
+/// A loopback port nothing listens on right now and no other test process holds, for a
+/// server that must be restarted on the same port.
+///
+/// Taken below the kernel's ephemeral range (32768 and up), where the tests' own client
+/// sockets would otherwise take it between this check and the bind. Test processes run
+/// in parallel (nextest: one process per test), so a port that is merely free now could
+/// be picked by another process before its server binds it: each port handed out is
+/// reserved with an exclusive `flock` on a file of its own under the temp dir, held until
+/// this process exits (the kernel drops the lock then, even after a SIGKILL).
 pub fn free_port() -> u16 {
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    /// The lock files of the ports this process holds; never closed before exit.
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("ringpush-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the port reservation dir");
     let seed = std::process::id().wrapping_mul(7919)
         ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    for _ in 0..1000 {
+    for _ in 0..5000 {
         let n = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
         let port = 15_000 + (n % 17_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let Ok(file) = std::fs::File::create(dir.join(format!("{port}.lock"))) else { continue };
+        // SAFETY: flock(2) on a descriptor we own; it touches no memory of ours.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if locked && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
             return port;
         }
     }
