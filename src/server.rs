@@ -166,7 +166,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         // "host name + client port": the port bound, when the config asked for any.
         config.node_id = crate::config::default_node_id(client_addr.port());
     }
-    let admin = std::net::TcpListener::bind(config.admin_listen)
+    let admin = when_released(config.admin_listen, || std::net::TcpListener::bind(config.admin_listen))
         .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
     let admin_addr = admin.local_addr()?;
     crate::limits::report(&config, shard_count);
@@ -376,9 +376,59 @@ fn tame_allocator() {
     }
 }
 
+/// How long start-up waits for a listening address that is still taken. A process killed
+/// outright (a supervisor's `Restart=` after SIGKILL, the OOM killer) gives its listening
+/// sockets back only when its io_uring is torn down, a few milliseconds after the process
+/// has been reaped; a restart in that window must wait, not fail.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Runs `bind` until it succeeds or fails with anything but "address in use"; an address
+/// still in use after [`RELEASE_WAIT`] is that error. Called before any shard starts (it
+/// sleeps on the starting thread).
+pub fn when_released<T>(
+    addr: impl std::fmt::Display,
+    mut bind: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    let mut said = false;
+    loop {
+        match bind() {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                if !said {
+                    info!(%addr, "address still in use; waiting for it to be released");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One listener per shard on the same address, with `SO_REUSEPORT` so the kernel spreads
 /// connections over them. Port 0 is resolved by the first and reused by the rest.
+///
+/// `SO_REUSEPORT` would let the first bind share the port with the listener of a process
+/// that was just killed and whose sockets are not released yet, and the kernel would hand
+/// that dead listener a share of the new connections. So a fixed port is first probed
+/// without it until no other listener holds it (bounded by [`RELEASE_WAIT`]; past that the
+/// port is shared on purpose, as with a second ringpush started beside a running one).
 fn bind_client(addr: SocketAddr, count: usize) -> Result<Vec<OwnedFd>, Error> {
+    if addr.port() != 0 {
+        let probe = || -> std::io::Result<Socket> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            Ok(socket)
+        };
+        match when_released(addr, probe) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                warn!(%addr, "the client port is held by another process's listener; sharing it (SO_REUSEPORT)")
+            }
+            Err(source) => return Err(Error::Bind { addr, source }),
+        }
+    }
     let mut addr = addr;
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {

@@ -42,6 +42,8 @@ pub const INBOUND_SLOTS: usize = 65_536;
 /// The queue is allocated and touched whole at start: about 90 bytes a slot, 6 MB a node.
 pub const OUTBOX_SLOTS: usize = 65_536;
 
+/// How long binding the PUB endpoint waits for it to be released (see `server`).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Messages queued per peer by default (`cluster.hwm`).
 pub const DEFAULT_HWM: u32 = 100_000;
 const RECONNECT_IVL_MS: i32 = 100;
@@ -132,8 +134,7 @@ impl Bus {
         }
         let ctx = zmq::Context::new();
         let publisher = pub_socket(&ctx, hwm).map_err(|source| BusError::Socket { socket: "PUB", source })?;
-        publisher
-            .bind(pub_listen)
+        bind_when_released(&publisher, pub_listen)
             .map_err(|source| BusError::Bind { endpoint: pub_listen.to_owned(), source })?;
         let endpoint = match publisher.get_last_endpoint() {
             Ok(Ok(endpoint)) => endpoint,
@@ -265,6 +266,20 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Binds the PUB socket, waiting (boundedly) for an endpoint that a killed predecessor
+/// has not released yet, as the node's other listeners do.
+fn bind_when_released(socket: &zmq::Socket, endpoint: &str) -> zmq::Result<()> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match socket.bind(endpoint) {
+            Err(zmq::Error::EADDRINUSE) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
     }
 }
 
