@@ -19,6 +19,7 @@ use crate::protocol::{self, ErrorCode, MsgFields};
 use crate::session::SyncReply;
 use crate::shard::Shard;
 use crate::store::{History, MemberOp, NewMessage, Store, StoreError};
+use crate::wheel::TimerId;
 use crate::ws::codec;
 
 /// A set of shard indexes, one bit each.
@@ -396,9 +397,13 @@ async fn catch_up(
     }
 }
 
-/// A shard has sessions of `user`: answer which of `convs` it is a member of, and send
-/// that shard those conversations' messages from now on.
-pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>) {
+/// A new session of `user` joins: answer which of `convs` the user is a member of, and
+/// send the session's shard those conversations' messages from now on. The answer
+/// follows every message of them this shard sent there before (the mesh is FIFO), so the
+/// session hears of no seq sequenced before its join. In a cluster the node may be
+/// behind the store (seqs on their way from other nodes): the answer names, per
+/// conversation, the last stored seq the session must not hear of when it comes.
+pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>, session: TimerId) {
     let mut member_of = Vec::with_capacity(convs.len());
     // A store error leaves the conversations out; the client's `sync` after `hello`
     // joins them again once the store answers.
@@ -406,11 +411,11 @@ pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>) {
     for (conv, last) in convs.into_iter().zip(lasts) {
         if let Some(last) = last {
             shard.want(&conv, from);
-            shard.saw_last_seq(&conv, last);
-            member_of.push(conv);
+            let delivered = shard.saw_last_seq(&conv, last);
+            member_of.push((conv, if delivered < last { last } else { 0 }));
         }
     }
-    shard.route(from, ShardMsg::Joined { user, convs: member_of });
+    shard.route(from, ShardMsg::Joined { user, convs: member_of, session });
 }
 
 /// Membership change through the API. The user side is updated (and acknowledged)

@@ -112,12 +112,15 @@ pub enum ShardMsg {
         conv: Key,
         reply: SyncReply,
     },
-    /// A shard has sessions of `user`: confirm which of `convs` they belong to (answered
-    /// with `Joined`) and send those conversations' messages to it from now on.
+    /// A new session of `user` on `shard` joins: confirm which of `convs` the user is a
+    /// member of (answered with `Joined`) and send those conversations' messages to that
+    /// shard from now on. The answer travels behind every message of them sent to the
+    /// shard before, so the session takes part from a clean point.
     Join {
         shard: usize,
         user: Key,
         convs: Vec<Key>,
+        session: TimerId,
     },
     /// The shard has no session in `conv` any more: stop sending it its messages.
     InterestOff {
@@ -136,10 +139,12 @@ pub enum ShardMsg {
     },
 
     // To a user's owner shard.
-    /// The conversations of `user` (answered with `UserConvs`).
+    /// The conversations of `user`, for the join of a new session (answered with
+    /// `UserConvs`).
     LoadUser {
         shard: usize,
         user: Key,
+        session: TimerId,
     },
     LinkUser {
         reply: ReplyTo,
@@ -210,13 +215,17 @@ pub enum ShardMsg {
         reply: SyncReply,
         result: Result<History, ErrorCode>,
     },
+    /// The answer to `Join`: the conversations confirmed, each with the last seq the
+    /// session must not hear of (stored, not yet delivered by this node; 0: none).
     Joined {
         user: Key,
-        convs: Vec<Key>,
+        convs: Vec<(Key, u64)>,
+        session: TimerId,
     },
     UserConvs {
         user: Key,
         convs: Vec<Key>,
+        session: TimerId,
     },
 
     /// The answer to a request.

@@ -56,12 +56,16 @@ const KEPT_SCRATCH_BYTES: usize = 4 * WRITE_BATCH_BYTES;
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a new client connection's live messages wait for its first `sync` of their
-/// conversation (PROTOCOL.md: clients sync after `hello`). Within it, replay and live
-/// messages cannot cross; a client that does not sync gets the held messages after it.
-const SYNC_GRACE_MS: u64 = 1000;
+/// conversation (PROTOCOL.md: clients sync after `hello`), counted from the `hello`.
+/// Within it, replay and live messages cannot cross; a client that does not sync gets the
+/// held messages when it ends (the shard's grace timer, `Shard::run_graces`).
+pub const SYNC_GRACE_MS: u64 = 1000;
 
-/// `Session::stalled_since` while the socket is not full.
-const NOT_STALLED: u64 = u64::MAX;
+/// Most bytes of replayed messages in the outbound queue at once. A replay is fed into the
+/// queue as the client takes it (PROTOCOL.md: paced, never thinned), and only ever fills
+/// part of the budget, so that a client catching up on one conversation is not thinned
+/// into gaps on the others: at most this, and at most half of `outbound_queue_bytes`.
+const REPLAY_FILL_BYTES: usize = 2 * WRITE_BATCH_BYTES;
 
 /// Reads handled in one poll before the session yields to the rest of the shard.
 const READS_PER_POLL: usize = 16;
@@ -69,8 +73,8 @@ const READS_PER_POLL: usize = 16;
 /// Most `sync`s one connection may have in flight, over all its conversations; one more
 /// is answered `error rate_limited`. A client syncs each of its conversations once after
 /// `hello`, all at once, so this is sized for a user in hundreds of conversations; each
-/// costs a history read and a replay (which the outbound budget bounds), and a
-/// connection's replays of one conversation are counted in a `Mode::Syncing(u16)`.
+/// costs a history read and a replay (paced by the outbound budget), and a connection's
+/// syncs of one conversation are counted in its [`ConvMode`].
 pub const MAX_SYNCS_IN_FLIGHT: usize = 512;
 
 thread_local! {
@@ -117,9 +121,6 @@ pub struct Session {
     /// looks at it only when the session's deadline comes.
     last_seen: Cell<u64>,
     next_ping: Cell<u64>,
-    /// Shard-clock ms since which queued frames have made no progress to the socket
-    /// ([`NOT_STALLED`] while the socket takes what is written).
-    stalled_since: Cell<u64>,
     /// The `send` token bucket: tokens left and when it was last refilled.
     tokens: Cell<f32>,
     tokens_at: Cell<u64>,
@@ -136,33 +137,128 @@ struct Inner {
     head_sent: usize,
     /// Bytes in `out` not yet written.
     out_bytes: usize,
+    /// Shard-clock ms since which the first frame of `out` has been the first: a frame
+    /// that stays first for `idle_timeout_ms` means even control frames do not drain
+    /// (4002). Meaningless while `out` is empty.
+    head_since: u64,
     codec: Codec,
     close: CloseState,
-    /// Conversations whose live messages are not sent for now (see [`Mode`]). Usually empty.
-    modes: Vec<(Key, Mode)>,
+    /// A client connection is *joining* until the owners of its user's conversations have
+    /// answered (`Shard::settle`): it is in no fan-out yet, has had no `hello`, and is
+    /// not read from. Owners still to answer: `joins`.
+    open: bool,
+    joins: u16,
+    /// Conversations whose live messages are not simply sent (see [`ConvMode`]). Usually
+    /// empty.
+    modes: Vec<ConvMode>,
     /// A new client connection holds its live messages until this shard-clock ms, or
     /// until it syncs their conversation, whichever comes first; 0 once over.
     hold_until: u64,
-    /// Messages held meanwhile, in arrival order, and their bytes (bounded by the
-    /// outbound budget).
-    held: Vec<(Key, u64, Bytes)>,
-    held_bytes: usize,
+    /// Messages held meanwhile (boxed: most connections never hold any, and every
+    /// connection keeps this record).
+    held: Option<Box<Held>>,
+    /// Answers to `sync`s waiting for room in `out` (see [`Session::refill`]); `None`
+    /// while there are none.
+    replay: Option<Box<Backlog>>,
 }
 
-/// Why live messages of a conversation are not sent to a connection right now.
+/// Messages a new connection holds for its first `sync`, in arrival order.
+#[derive(Default)]
+struct Held {
+    msgs: Vec<(Key, u64, Bytes)>,
+    /// Their bytes (bounded by the outbound budget).
+    bytes: usize,
+}
+
+impl Held {
+    /// Takes out the messages of `conv`, in order.
+    fn take(&mut self, conv: &Key) -> Vec<(u64, Bytes)> {
+        let mut taken = Vec::new();
+        self.msgs.retain(|(c, seq, frame)| {
+            let keep = c != conv;
+            if !keep {
+                taken.push((*seq, frame.clone()));
+            }
+            keep
+        });
+        self.bytes = self.msgs.iter().map(|(_, _, f)| f.len()).sum();
+        taken
+    }
+}
+
+/// The answers to `sync`s still going out, in order, and the live messages of their
+/// conversations that came after them.
+#[derive(Default)]
+struct Backlog {
+    items: VecDeque<Pending>,
+    /// Bytes of live messages in `items` (bounded by the outbound budget).
+    live_bytes: usize,
+}
+
+/// Why the live messages of one conversation are not simply sent to a connection.
+#[derive(Debug)]
+struct ConvMode {
+    conv: Key,
+    /// `sync`s of it asked for and not answered yet: their replays will carry the live
+    /// messages that come meanwhile, which are dropped here.
+    syncs: u16,
+    /// Answers of it still in the replay backlog: live messages queue behind them.
+    replays: u16,
+    /// What happens to live messages once no sync is in flight.
+    then: Then,
+    /// Live seqs `from..=to` dropped because the backlog behind a replay outgrew the
+    /// budget: a `gap` for them follows the replay.
+    gap: Option<(u64, u64)>,
+    /// A sync of it was answered on this connection: during the connection's grace its
+    /// live messages are sent, not held.
+    synced: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// This many `sync`s are in flight; their replay carries these messages.
-    Syncing(u16),
-    /// A `gap` was sent; the client's `sync` from its start will carry these messages.
+enum Then {
+    /// Sent (queued behind a replay while one is in the backlog).
+    Send,
+    /// A `gap` was sent: the client's `sync` from its start will carry them; dropped.
     Gapped,
-    /// Synced while the connection's grace still holds its other conversations: sent.
-    Live,
     /// Synced from seqs the client holds but this node had not delivered yet (they
-    /// reached the client through another node): sent from the first seq above this
-    /// one, which ends the mode. Rare: a device moving node in the instant a message is
-    /// on its way to the new node.
+    /// reached the client through another node, or were stored before this connection
+    /// took part in the conversation): seqs up to this one are dropped, the first above
+    /// it ends the mode. Rare: a device moving node in the instant a message is on its way
+    /// to the new node.
     Ahead(u64),
+}
+
+impl ConvMode {
+    fn new(conv: &Key) -> ConvMode {
+        ConvMode { conv: conv.clone(), syncs: 0, replays: 0, then: Then::Send, gap: None, synced: false }
+    }
+
+    /// Nothing special any more: live messages are simply sent.
+    fn is_plain(&self) -> bool {
+        self.syncs == 0 && self.replays == 0 && self.then == Then::Send && self.gap.is_none()
+    }
+}
+
+/// An item of the replay backlog.
+#[derive(Debug)]
+enum Pending {
+    /// A replayed message.
+    Msg { bytes: Bytes },
+    /// A live message of a conversation with a replay ahead of it in the backlog.
+    Live { bytes: Bytes },
+    /// `synced`, or the `gap` of what a `limit` left out.
+    Frame(Bytes),
+    /// The end of one answer to a `sync` of this conversation.
+    End(Key),
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        match self {
+            Pending::Msg { bytes } | Pending::Live { bytes } | Pending::Frame(bytes) => bytes.len(),
+            Pending::End(_) => 0,
+        }
+    }
 }
 
 /// What a `sync` asked for, carried to its answer.
@@ -186,7 +282,9 @@ struct Out {
 enum Tag {
     /// Never dropped: hello, ack, error, synced, push, ping, close.
     Control,
-    /// A conversation message: may give way to a `gap`.
+    /// A message of a `sync`'s replay (or live behind one): never dropped, paced instead.
+    Replay,
+    /// A live conversation message: may give way to a `gap`.
     Msg { conv: Key, seq: u64 },
     /// Seqs `from..=to` of `conv` were dropped from this queue.
     Gap { conv: Key, from: u64, to: u64 },
@@ -231,7 +329,6 @@ impl Session {
             expires_ms: accepted.expires_ms,
             last_seen: Cell::new(now),
             next_ping: Cell::new(now + first_ping_after(accepted.conn, ping_interval_ms)),
-            stalled_since: Cell::new(NOT_STALLED),
             tokens: Cell::new(f32::MAX),
             tokens_at: Cell::new(now),
             flush_due: Cell::new(false),
@@ -240,12 +337,16 @@ impl Session {
                 out: VecDeque::new(),
                 head_sent: 0,
                 out_bytes: 0,
+                head_since: now,
                 codec: Codec::default(),
                 close: CloseState::Open,
+                // The diagnostics echo has no conversations to join.
+                open: accepted.claims.is_none(),
+                joins: 0,
                 modes: Vec::new(),
-                hold_until: if accepted.claims.is_some() { now + SYNC_GRACE_MS } else { 0 },
-                held: Vec::new(),
-                held_bytes: 0,
+                hold_until: 0,
+                held: None,
+                replay: None,
             }),
         }
     }
@@ -268,9 +369,46 @@ impl Session {
         self.next_ping.get().min(self.last_seen.get() + idle_timeout_ms).min(self.expires_ms)
     }
 
-    /// Queues a control frame for the client (never dropped for a slow consumer).
+    /// Queues a control frame for the client (never dropped for a slow consumer; bounded
+    /// by the client's own requests, which are not read while the queue is over budget).
     pub fn push(&self, frame: Bytes, shard: &Shard) {
         self.enqueue(frame, Tag::Control, shard);
+    }
+
+    /// Queues a `push` (or broadcast) frame within the outbound budget. A push cannot be
+    /// folded into a `gap`: one that does not fit ends the connection with 4002 at once
+    /// (PROTOCOL.md "Slow consumers"), so no queue grows past the budget with them.
+    pub fn push_bounded(&self, frame: Bytes, shard: &Shard) {
+        if self.fd.get() < 0 || !self.inner.borrow().open {
+            return;
+        }
+        let budget = shard.config.limits.outbound_queue_bytes;
+        if self.flush_due.get() && self.inner.borrow().out_bytes + frame.len() > budget {
+            // Frames the flusher has not offered to the socket yet do not count.
+            self.flush(shard);
+        }
+        let fits = {
+            let inner = self.inner.borrow();
+            inner.out.is_empty() || inner.out_bytes + frame.len() <= budget
+        };
+        if fits {
+            shard.metrics.pushes.inc();
+            self.enqueue(frame, Tag::Control, shard);
+        } else {
+            self.slow_consumer(shard);
+        }
+    }
+
+    /// Gives up on a client that does not take what it is sent: what is queued and not
+    /// started is dropped (the memory goes back now, not after the close handshake's
+    /// wait), and the connection is closed with 4002.
+    fn slow_consumer(&self, shard: &Shard) {
+        if self.inner.borrow().close != CloseState::Open {
+            return;
+        }
+        shard.metrics.slow_consumer_closes.inc();
+        self.inner.borrow_mut().drop_unsent();
+        self.request_close(close::SLOW_CONSUMER, "slow consumer");
     }
 
     /// Frames from a scratch buffer (one read's replies): sent right away with a
@@ -294,7 +432,11 @@ impl Session {
         if sent < frames.len() {
             // The socket is full: the rest is the session task's to write when it has
             // room, not the flusher's (its `send` would only find it full again).
-            self.append(Bytes::copy_from_slice(&frames[sent..]), Tag::Control);
+            self.inner.borrow_mut().append(
+                Bytes::copy_from_slice(&frames[sent..]),
+                Tag::Control,
+                shard.now_ms(),
+            );
             self.wake();
         }
     }
@@ -313,31 +455,23 @@ impl Session {
     /// `send`; a batch that reaches [`WRITE_BATCH_BYTES`] goes out at once. Frames queued
     /// behind older ones that the socket did not take are the session task's to write.
     fn queue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
-        let first = self.append(frame, tag);
+        let first = self.inner.borrow_mut().append(frame, tag, shard.now_ms());
         let full = self.inner.borrow().out_bytes >= WRITE_BATCH_BYTES;
-        if first {
-            self.flush_due.set(true);
-            shard.flush_later(self.id);
-        }
-        if self.flush_due.get() {
-            if full {
-                self.flush(shard);
-            }
-        } else {
-            self.wake();
+        self.schedule_write(first, shard);
+        if self.flush_due.get() && full {
+            self.flush(shard);
         }
     }
 
-    /// Puts `frame` at the end of the queue; true if the queue was empty.
-    fn append(&self, frame: Bytes, tag: Tag) -> bool {
-        let mut inner = self.inner.borrow_mut();
-        let first = inner.out.is_empty();
+    /// Frames were appended to the queue (`first`: to an empty one): the flusher writes
+    /// them when it runs, or the session task, when older frames still wait for room.
+    fn schedule_write(&self, first: bool, shard: &Shard) {
         if first {
-            inner.head_sent = 0;
+            self.flush_due.set(true);
+            shard.flush_later(self.id);
+        } else if !self.flush_due.get() {
+            self.wake();
         }
-        inner.out_bytes += frame.len();
-        inner.out.push_back(Out { bytes: frame, tag });
-        first
     }
 
     /// The shard's flusher (or a full batch) writes what is queued with non-blocking
@@ -352,57 +486,140 @@ impl Session {
             return;
         }
         let mut inner = self.inner.borrow_mut();
+        let now = shard.now_ms();
         while !inner.out.is_empty() {
             let (wanted, sent) = inner.with_batch(|batch| (batch.len(), send_now(fd, batch)));
             let Ok(n) = sent else { break };
             shard.metrics.socket_writes.inc();
             shard.metrics.bytes_out.add(n as u64);
-            inner.consume(n);
+            inner.consume(n, now);
             if n < wanted {
                 break;
             }
         }
         let more = !inner.out.is_empty();
-        if !more {
+        if !more && inner.replay.is_none() {
             // An idle connection holds no queue (README "Memory per connection").
             inner.out = VecDeque::new();
         }
         drop(inner);
         if more {
             self.wake();
+        } else {
+            // Room again: the next part of a replay goes in (the flusher writes it).
+            self.refill(shard);
+        }
+    }
+
+    /// Moves what fits of the replay backlog into the queue: replayed messages up to
+    /// [`REPLAY_FILL_BYTES`] (or half the budget) of queued bytes, at least one item when
+    /// nothing is queued. So a replay goes out as fast as the client takes it, is never
+    /// thinned, and never holds more than that in the queue. Called whenever the queue
+    /// has drained some.
+    fn refill(&self, shard: &Shard) {
+        let fill = REPLAY_FILL_BYTES.min(shard.config.limits.outbound_queue_bytes / 2);
+        let now = shard.now_ms();
+        let mut first = None;
+        let mut inner = self.inner.borrow_mut();
+        if self.fd.get() < 0 || inner.close != CloseState::Open {
+            return;
+        }
+        while let Some(next) = inner.replay.as_ref().and_then(|b| b.items.front()) {
+            if !inner.out.is_empty() && inner.out_bytes + next.len() > fill {
+                break;
+            }
+            let Some(backlog) = inner.replay.as_mut() else { break };
+            let Some(item) = backlog.items.pop_front() else { break };
+            if backlog.items.is_empty() {
+                inner.replay = None;
+            }
+            let appended = match item {
+                Pending::Msg { bytes } => {
+                    shard.metrics.replayed.inc();
+                    inner.append(bytes, Tag::Replay, now)
+                }
+                Pending::Live { bytes } => {
+                    if let Some(backlog) = inner.replay.as_mut() {
+                        backlog.live_bytes -= bytes.len();
+                    }
+                    shard.metrics.delivered.inc();
+                    inner.append(bytes, Tag::Replay, now)
+                }
+                Pending::Frame(bytes) => inner.append(bytes, Tag::Control, now),
+                Pending::End(conv) => match inner.replay_done(&conv) {
+                    Some(gap) => {
+                        shard.metrics.slow_consumer_gaps.inc();
+                        inner.append(gap, Tag::Control, now)
+                    }
+                    None => continue,
+                },
+            };
+            shard.metrics.frames_out.inc();
+            first.get_or_insert(appended);
+        }
+        drop(inner);
+        if let Some(first) = first {
+            self.schedule_write(first, shard);
         }
     }
 
     /// A message of `conv` for this session: sent; or not sent because a `sync` the
-    /// client asked for (or must ask for, after a `gap`) will carry it; or held while a new
-    /// connection has not synced yet; or, past the outbound budget, folded into a `gap`.
-    /// Whatever the path, the connection sees each conversation's seqs in increasing
-    /// order, and every seq it does not get as `msg` falls in a `gap` or a requested replay.
+    /// client asked for (or must ask for, after a `gap`) will carry it; or queued behind
+    /// the replay of a `sync` still going out; or held while a new connection has not
+    /// synced yet; or, past the outbound budget, folded into a `gap`. Whatever the path,
+    /// the connection sees each conversation's seqs in increasing order, and every seq it
+    /// does not get as `msg` falls in a `gap` or a requested replay.
     pub fn deliver(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
         let mut inner = self.inner.borrow_mut();
-        if self.fd.get() < 0 {
+        if self.fd.get() < 0 || !inner.open {
             return;
         }
-        match inner.mode(conv) {
-            Some(Mode::Syncing(_) | Mode::Gapped) => return,
-            Some(Mode::Ahead(held)) if seq <= held => return,
-            Some(Mode::Ahead(_)) => inner.caught_up(conv),
-            Some(Mode::Live) => {}
-            None if inner.hold_until > 0 => {
-                inner.held.push((conv.clone(), seq, frame.clone()));
-                inner.held_bytes += frame.len();
-                if inner.held_bytes > shard.config.limits.outbound_queue_bytes {
-                    // Holding is bounded like the queue: past the budget the grace ends
-                    // now and the backlog meets the slow-consumer rules.
-                    drop(inner);
-                    self.release_held(shard);
-                }
+        let budget = shard.config.limits.outbound_queue_bytes;
+        let mut send_now = inner.hold_until == 0;
+        if let Some(i) = inner.modes.iter().position(|m| m.conv == *conv) {
+            let m = &mut inner.modes[i];
+            if m.syncs > 0 || m.then == Then::Gapped {
                 return;
             }
-            None => {}
+            if let Then::Ahead(held) = m.then {
+                if seq <= held {
+                    return;
+                }
+                m.then = Then::Send;
+            }
+            if m.replays > 0 {
+                // A replay of this conversation is still going out: this follows it.
+                if let Some((_, to)) = &mut m.gap {
+                    *to = seq;
+                    return;
+                }
+                let backlog = inner.replay.get_or_insert_with(Box::default);
+                if backlog.live_bytes + frame.len() > budget {
+                    inner.modes[i].gap = Some((seq, seq));
+                    return;
+                }
+                backlog.live_bytes += frame.len();
+                backlog.items.push_back(Pending::Live { bytes: frame.clone() });
+                drop(inner);
+                return self.refill(shard);
+            }
+            send_now |= m.synced;
+            inner.tidy(i);
         }
-        drop(inner);
-        self.send_msg(shard, conv, seq, frame);
+        if send_now {
+            drop(inner);
+            return self.send_msg(shard, conv, seq, frame);
+        }
+        // The connection's grace: held for the client's first sync of `conv`.
+        let held = inner.held.get_or_insert_with(Box::default);
+        held.msgs.push((conv.clone(), seq, frame.clone()));
+        held.bytes += frame.len();
+        if held.bytes > budget {
+            // Holding is bounded like the queue: past the budget the grace ends now and
+            // the backlog meets the slow-consumer rules.
+            drop(inner);
+            self.release_held(shard);
+        }
     }
 
     /// Queues a `msg` frame within the outbound budget, or thins the queue out into gaps.
@@ -428,38 +645,40 @@ impl Session {
 
     /// The client asked to `sync` `conv`: until the answer, its live messages are not
     /// sent (the owner sequenced them before it reads the history, so the replay has
-    /// them), and any held for it are dropped for the same reason.
+    /// them), and any held for it are dropped for the same reason. A sync also ends a
+    /// gap's pause and an earlier sync's skip.
     fn start_sync(&self, conv: &Key) {
         let mut inner = self.inner.borrow_mut();
-        inner.held.retain(|(c, _, _)| c != conv);
-        inner.held_bytes = inner.held.iter().map(|(_, _, f)| f.len()).sum();
-        match inner.modes.iter_mut().find(|(c, _)| c == conv) {
-            Some((_, mode)) => {
-                *mode = match *mode {
-                    Mode::Syncing(n) => Mode::Syncing(n.saturating_add(1)),
-                    Mode::Gapped | Mode::Live | Mode::Ahead(_) => Mode::Syncing(1),
-                }
-            }
-            None => inner.modes.push((conv.clone(), Mode::Syncing(1))),
+        if let Some(held) = inner.held.as_mut() {
+            held.take(conv);
         }
+        inner.forget_queued(conv);
+        let m = inner.mode_mut(conv);
+        m.syncs = m.syncs.saturating_add(1);
+        m.then = Then::Send;
     }
 
     /// A new connection's grace is over: send what was held, in order.
-    fn release_held(&self, shard: &Shard) {
+    pub fn release_held(&self, shard: &Shard) {
         let held = {
             let mut inner = self.inner.borrow_mut();
+            if inner.hold_until == 0 {
+                return;
+            }
             inner.hold_until = 0;
-            inner.held_bytes = 0;
-            inner.modes.retain(|(_, m)| *m != Mode::Live);
-            std::mem::take(&mut inner.held)
+            // Conversations synced during the grace were sent rather than held; the rest
+            // now are too.
+            inner.modes.retain(|m| !m.is_plain());
+            inner.held.take().map(|h| h.msgs).unwrap_or_default()
         };
         for (conv, seq, frame) in held {
             self.deliver(shard, &conv, seq, &frame);
         }
     }
 
-    /// The owner's answer to a `sync`: the replay, `synced`, and a `gap` for what a
-    /// `limit` left out (live messages of the conversation then wait for the next sync).
+    /// The owner's answer to a `sync`: the replay and `synced` (and a `gap` for what a
+    /// `limit` left out: live messages of the conversation then wait for the next sync),
+    /// into the replay backlog, which goes out as the client takes it.
     pub fn finish_sync(
         &self,
         shard: &Shard,
@@ -468,21 +687,14 @@ impl Session {
         result: Result<History, ErrorCode>,
     ) {
         let history = match result {
-            Ok(history) => {
-                let mut inner = self.inner.borrow_mut();
-                inner.end_sync(conv);
-                if reply.held > history.last_seq {
-                    inner.skip_live_upto(conv, reply.held);
-                }
-                history
-            }
+            Ok(history) => history,
             Err(code) => {
                 // Not a member: nothing of it is delivered here, and nothing may stay
-                // behind per conversation a client merely asked about.
-                match code {
-                    ErrorCode::NotMember => self.inner.borrow_mut().end_sync(conv),
-                    _ => self.inner.borrow_mut().sync_failed(conv),
-                }
+                // behind per conversation a client merely asked about. Unavailable: the
+                // live messages this sync dropped are in no replay now; like after a
+                // `gap`, they wait for the client's next sync (a client retries after
+                // `unavailable`), unless another sync in flight carries them.
+                self.inner.borrow_mut().sync_failed(conv, code != ErrorCode::NotMember);
                 let message = match code {
                     ErrorCode::NotMember => "not a member",
                     _ => "the store is unavailable; retry",
@@ -492,32 +704,41 @@ impl Session {
                 return self.push(codec::text_frame(&frame), shard);
             }
         };
-        let mut last = history.last_seq.min(reply.after);
-        let mut cut_from = None;
-        for m in &history.messages {
-            if self.inner.borrow().mode(conv) == Some(Mode::Gapped) {
-                // The replay overflowed the outbound budget: what is left goes in a gap.
-                cut_from = Some(m.seq);
-                break;
-            }
-            last = m.seq;
-            shard.metrics.replayed.inc();
-            self.send_msg(shard, conv, m.seq, &m.frame);
-        }
-        if history.messages.is_empty() {
-            last = history.last_seq.max(last).max(reply.held);
-        }
+        // The last seq replayed; with nothing to replay, what the client now holds
+        // (PROTOCOL.md: never below the `after` asked for).
+        let last = match history.messages.last() {
+            Some(m) => m.seq,
+            None => history.last_seq.max(reply.after).max(reply.held),
+        };
         let truncated = history.messages.len() >= reply.limit && last < history.last_seq;
-        let synced = protocol::synced_json(conv, last, history.complete);
-        self.push(codec::text_frame(&synced), shard);
-        if let Some(from) = cut_from {
-            let gap = protocol::gap_json(conv, from, history.last_seq);
-            self.push(codec::text_frame(&gap), shard);
-        } else if truncated {
-            let gap = protocol::gap_json(conv, last + 1, history.last_seq);
-            self.push(codec::text_frame(&gap), shard);
-            self.inner.borrow_mut().set_gapped(conv);
+        {
+            let mut inner = self.inner.borrow_mut();
+            if self.fd.get() < 0 || inner.close != CloseState::Open {
+                return;
+            }
+            let then = if truncated {
+                Then::Gapped
+            } else if reply.held > history.last_seq {
+                // The client holds seqs this node has not delivered yet: when they come
+                // live they are not sent again.
+                Then::Ahead(reply.held)
+            } else {
+                Then::Send
+            };
+            inner.sync_answered(conv, then);
+            let backlog = &mut inner.replay.get_or_insert_with(Box::default).items;
+            for m in history.messages {
+                backlog.push_back(Pending::Msg { bytes: m.frame });
+            }
+            let synced = protocol::synced_json(conv, last, history.complete);
+            backlog.push_back(Pending::Frame(codec::text_frame(&synced)));
+            if truncated {
+                let gap = protocol::gap_json(conv, last + 1, history.last_seq);
+                backlog.push_back(Pending::Frame(codec::text_frame(&gap)));
+            }
+            backlog.push_back(Pending::End(conv.clone()));
         }
+        self.refill(shard);
     }
 
     /// Seqs `from..=to` of `conv` will never reach this session live (gone from the
@@ -525,14 +746,36 @@ impl Session {
     /// live messages of `conv` until it syncs, as after any gap.
     pub fn missed(&self, shard: &Shard, conv: &Key, from: u64, to: u64) {
         let mut inner = self.inner.borrow_mut();
-        if self.fd.get() < 0 || matches!(inner.mode(conv), Some(Mode::Syncing(_) | Mode::Gapped)) {
+        if self.fd.get() < 0 || !inner.open {
             return;
         }
-        let from = match inner.mode(conv) {
-            Some(Mode::Ahead(held)) if to <= held => return,
-            Some(Mode::Ahead(held)) => from.max(held + 1),
-            _ => from,
-        };
+        let mut from = from;
+        if let Some(m) = inner.modes.iter_mut().find(|m| m.conv == *conv) {
+            if m.syncs > 0 || m.then == Then::Gapped {
+                return; // the sync in flight, or the one the gap calls for, covers them
+            }
+            if let Then::Ahead(held) = m.then {
+                if to <= held {
+                    return;
+                }
+                from = from.max(held + 1);
+            }
+            if m.replays > 0 {
+                // It follows the replay still going out.
+                m.gap = Some(m.gap.map_or((from, to), |(f, t)| (f.min(from), t.max(to))));
+                return;
+            }
+        }
+        // Messages held for the first sync come before it (they are older seqs).
+        let held = inner.held.as_mut().map(|h| h.take(conv)).unwrap_or_default();
+        drop(inner);
+        for (seq, frame) in held {
+            self.send_msg(shard, conv, seq, &frame);
+        }
+        let mut inner = self.inner.borrow_mut();
+        if inner.modes.iter().any(|m| m.conv == *conv && m.then == Then::Gapped) {
+            return; // thinned into a gap meanwhile, which now covers these too
+        }
         inner.set_gapped(conv);
         drop(inner);
         let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
@@ -582,34 +825,29 @@ impl Session {
             self.request_close(close::POLICY, "token expired");
             return None;
         }
-        let hold_until = self.inner.borrow().hold_until;
-        if hold_until > 0 && now >= hold_until {
-            self.release_held(shard);
-        }
-        let stalled = !self.inner.borrow().out.is_empty() && self.stalled_since.get() != NOT_STALLED;
-        if stalled && now >= self.stalled_since.get() + hb.idle_timeout_ms {
-            // Even control frames have not drained for the idle bound: give up on it.
-            shard.metrics.slow_consumer_closes.inc();
-            self.request_close(close::SLOW_CONSUMER, "slow consumer");
+        let (queued, head_since, open) = {
+            let inner = self.inner.borrow();
+            (!inner.out.is_empty(), inner.head_since, inner.open)
+        };
+        if queued && now >= head_since + hb.idle_timeout_ms {
+            // The frame at the head of the queue has not gone out for the idle bound:
+            // even control frames do not drain. Give up on it.
+            self.slow_consumer(shard);
             return None;
         }
-        if now >= self.next_ping.get() {
+        if open && now >= self.next_ping.get() {
             self.push(Bytes::from_static(codec::PING_FRAME), shard);
             shard.metrics.pings_sent.inc();
             self.next_ping.set(now + hb.ping_interval_ms);
         }
         let mut inner = self.inner.borrow_mut();
-        if inner.out.is_empty() && inner.out.capacity() > 0 {
+        if inner.out.is_empty() && inner.out.capacity() > 0 && inner.replay.is_none() {
             inner.out = VecDeque::new();
         }
         drop(inner);
         let mut next = self.next_deadline(hb.idle_timeout_ms);
-        let hold_until = self.inner.borrow().hold_until;
-        if hold_until > 0 {
-            next = next.min(hold_until);
-        }
-        if stalled {
-            next = next.min(self.stalled_since.get() + hb.idle_timeout_ms);
+        if queued {
+            next = next.min(head_since + hb.idle_timeout_ms);
         }
         Some(next)
     }
@@ -669,30 +907,29 @@ impl Session {
         stream: &mut TcpStream,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut inner = self.inner.borrow_mut();
-        while !inner.out.is_empty() {
+        loop {
+            let mut inner = self.inner.borrow_mut();
+            if inner.out.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
             let written = inner.with_batch(|batch| Pin::new(&mut *stream).poll_write(cx, batch));
             let n = match written {
-                Poll::Pending => {
-                    // The socket is full: from now, no progress for the idle bound is 4002.
-                    if self.stalled_since.get() == NOT_STALLED {
-                        self.stalled_since.set(shard.now_ms());
-                    }
-                    return Poll::Pending;
-                }
+                // The socket is full; `Inner::head_since` tells how long the queue has
+                // been stuck (see `on_timer`).
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
             };
             shard.metrics.socket_writes.inc();
             shard.metrics.bytes_out.add(n as u64);
-            if self.stalled_since.get() != NOT_STALLED {
-                self.stalled_since.set(shard.now_ms());
+            inner.consume(n, shard.now_ms());
+            let refill = inner.replay.is_some();
+            drop(inner);
+            if refill {
+                self.refill(shard);
             }
-            inner.consume(n);
         }
-        self.stalled_since.set(NOT_STALLED);
-        Poll::Ready(Ok(()))
     }
 
     /// Handles bytes read from the socket. Returns why the session must end, if it must.
@@ -821,67 +1058,133 @@ fn refuse(shard: &Shard, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCo
 }
 
 impl Inner {
-    fn mode(&self, conv: &str) -> Option<Mode> {
-        self.modes.iter().find(|(c, _)| &**c == conv).map(|(_, m)| *m)
+    /// Puts `frame` at the end of the queue; true if the queue was empty.
+    fn append(&mut self, frame: Bytes, tag: Tag, now: u64) -> bool {
+        let first = self.out.is_empty();
+        if first {
+            self.head_sent = 0;
+            self.head_since = now;
+        }
+        self.out_bytes += frame.len();
+        self.out.push_back(Out { bytes: frame, tag });
+        first
+    }
+
+    /// The mode of `conv`, made plain if it had none.
+    fn mode_mut(&mut self, conv: &Key) -> &mut ConvMode {
+        let i = match self.modes.iter().position(|m| m.conv == *conv) {
+            Some(i) => i,
+            None => {
+                self.modes.push(ConvMode::new(conv));
+                self.modes.len() - 1
+            }
+        };
+        &mut self.modes[i]
+    }
+
+    #[cfg(test)]
+    fn mode(&self, conv: &str) -> Option<&ConvMode> {
+        self.modes.iter().find(|m| &*m.conv == conv)
+    }
+
+    /// Forgets mode `i` once it is plain, unless the connection's grace is on and the
+    /// conversation was synced during it (it is sent while the others are held).
+    fn tidy(&mut self, i: usize) {
+        let m = &self.modes[i];
+        if m.is_plain() && !(self.hold_until > 0 && m.synced) {
+            self.modes.swap_remove(i);
+        }
+    }
+
+    /// A `sync` of `conv` was answered with a replay, which goes into the backlog; live
+    /// messages then go `then`.
+    fn sync_answered(&mut self, conv: &Key, then: Then) {
+        let m = self.mode_mut(conv);
+        m.syncs = m.syncs.saturating_sub(1);
+        m.replays += 1;
+        m.synced = true;
+        m.then = then;
     }
 
     /// `sync`s asked for and not yet answered, over all conversations.
     fn syncs_in_flight(&self) -> usize {
-        self.modes.iter().map(|(_, m)| if let Mode::Syncing(n) = m { *n as usize } else { 0 }).sum()
+        self.modes.iter().map(|m| m.syncs as usize).sum()
     }
 
-    fn end_sync(&mut self, conv: &Key) {
-        if let Some(i) = self.modes.iter().position(|(c, _)| c == conv) {
-            match self.modes[i].1 {
-                Mode::Syncing(n) if n > 1 => self.modes[i].1 = Mode::Syncing(n - 1),
-                _ if self.hold_until > 0 => self.modes[i].1 = Mode::Live,
-                _ => {
-                    self.modes.swap_remove(i);
+    /// A `sync` of `conv` was answered with an error, not a replay. When `gapped`, the
+    /// live messages it held back are in no replay now: like after a `gap`, the
+    /// conversation's live messages wait for the client's next `sync`, unless another
+    /// sync in flight carries them.
+    fn sync_failed(&mut self, conv: &Key, gapped: bool) {
+        let Some(i) = self.modes.iter().position(|m| m.conv == *conv) else { return };
+        let m = &mut self.modes[i];
+        m.syncs = m.syncs.saturating_sub(1);
+        if gapped && m.syncs == 0 && m.replays == 0 {
+            m.then = Then::Gapped;
+        }
+        self.tidy(i);
+    }
+
+    /// The end of one answer of `conv` left the replay backlog. Returns the `gap` frame
+    /// for live messages dropped behind it, if any (the conversation then waits for the
+    /// client's `sync`).
+    fn replay_done(&mut self, conv: &Key) -> Option<Bytes> {
+        let i = self.modes.iter().position(|m| m.conv == *conv)?;
+        let m = &mut self.modes[i];
+        m.replays = m.replays.saturating_sub(1);
+        let mut gap = None;
+        if m.replays == 0 {
+            if let Some((from, to)) = m.gap.take() {
+                if m.syncs == 0 {
+                    m.then = Then::Gapped;
+                    gap = Some(codec::text_frame(&protocol::gap_json(conv, from, to)));
                 }
             }
         }
-    }
-
-    /// A `sync` of `conv` was answered with an error, not a replay. The live messages it
-    /// held back are in no replay now: like after a `gap`, the conversation's live
-    /// messages wait for the client's next `sync` (a client retries after `unavailable`),
-    /// unless another sync in flight carries them.
-    fn sync_failed(&mut self, conv: &Key) {
-        self.end_sync(conv);
-        if !matches!(self.mode(conv), Some(Mode::Syncing(_))) {
-            self.set_gapped(conv);
-        }
-    }
-
-    /// The client of a finished `sync` holds seqs of `conv` up to `held` that will
-    /// still come live: they are not sent (a sync still in flight covers them anyway).
-    fn skip_live_upto(&mut self, conv: &Key, held: u64) {
-        match self.modes.iter_mut().find(|(c, _)| c == conv) {
-            Some((_, mode @ Mode::Live)) => *mode = Mode::Ahead(held),
-            Some(_) => {}
-            None => self.modes.push((conv.clone(), Mode::Ahead(held))),
-        }
-    }
-
-    /// A live seq past [`Mode::Ahead`] came: the conversation is sent as usual again.
-    fn caught_up(&mut self, conv: &str) {
-        if let Some(i) = self.modes.iter().position(|(c, _)| &**c == conv) {
-            if self.hold_until > 0 {
-                self.modes[i].1 = Mode::Live;
-            } else {
-                self.modes.swap_remove(i);
-            }
-        }
+        self.tidy(i);
+        gap
     }
 
     /// After a `gap` of `conv`, its live messages wait for the client's `sync` (which
     /// replays from the gap on), so the connection never sees them out of order.
     fn set_gapped(&mut self, conv: &Key) {
-        match self.modes.iter_mut().find(|(c, _)| c == conv) {
-            Some((_, mode @ (Mode::Live | Mode::Ahead(_)))) => *mode = Mode::Gapped,
-            Some(_) => {}
-            None => self.modes.push((conv.clone(), Mode::Gapped)),
+        let m = self.mode_mut(conv);
+        if m.syncs == 0 {
+            m.then = Then::Gapped;
         }
+    }
+
+    /// A `sync` of `conv` starts: its live messages queued and not started yet are
+    /// dropped (the client holds them if they are up to its `after`, the replay carries
+    /// them if they are past it), and so is a `gap` of it not sent yet. The queue then
+    /// never mixes a replay with older live messages of its conversation.
+    fn forget_queued(&mut self, conv: &Key) {
+        let started = self.head_sent > 0;
+        let before = self.out.len();
+        let mut i = 0;
+        self.out.retain(|out| {
+            let keep = (i == 0 && started)
+                || match &out.tag {
+                    Tag::Msg { conv: c, .. } | Tag::Gap { conv: c, .. } => c != conv,
+                    Tag::Control | Tag::Replay => true,
+                };
+            i += 1;
+            keep
+        });
+        if self.out.len() != before {
+            self.out_bytes = self.out.iter().map(|o| o.bytes.len()).sum::<usize>() - self.head_sent;
+        }
+    }
+
+    /// The connection is given up on (4002): frames not started, the replay backlog and
+    /// held messages are dropped; a frame half written stays so the close frame can
+    /// follow it.
+    fn drop_unsent(&mut self) {
+        let keep = usize::from(self.head_sent > 0).min(self.out.len());
+        self.out.truncate(keep);
+        self.out_bytes = self.out.front().map_or(0, |o| o.bytes.len() - self.head_sent);
+        self.replay = None;
+        self.held = None;
     }
 
     /// The queue is over budget and a message of `conv`/`seq` is due: drop every queued
@@ -902,7 +1205,7 @@ impl Inner {
         for (i, out) in self.out.drain(..).enumerate() {
             match &out.tag {
                 _ if i == 0 && started => kept.push_back(out),
-                Tag::Control => kept.push_back(out),
+                Tag::Control | Tag::Replay => kept.push_back(out),
                 Tag::Msg { conv, seq } => merge(conv, *seq, *seq),
                 Tag::Gap { conv, from, to } => merge(conv, *from, *to),
             }
@@ -947,7 +1250,7 @@ impl Inner {
     }
 
     /// Marks `n` written bytes of the queue as sent.
-    fn consume(&mut self, mut n: usize) {
+    fn consume(&mut self, mut n: usize, now: u64) {
         self.out_bytes -= n;
         while n > 0 {
             let Some(front) = self.out.front() else { break };
@@ -956,6 +1259,8 @@ impl Inner {
                 n -= left;
                 self.out.pop_front();
                 self.head_sent = 0;
+                // A new frame is first: the client is taking what it is sent.
+                self.head_since = now;
             } else {
                 self.head_sent += n;
                 n = 0;
@@ -1023,7 +1328,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     shard.unregister(&session);
 }
 
-/// Handshake, registration, `hello`, and whatever frames came with the request.
+/// Handshake, registration, the join (`hello` once it is answered), and whatever frames
+/// came with the request.
 async fn open(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
@@ -1047,22 +1353,76 @@ async fn open(
         // The drain's close-all ran while this handshake was finishing.
         session.request_close(close::GOING_AWAY, "server shutting down");
     }
-    if let Kind::Client { user, device } = &session.kind {
-        let hello = ServerFrame::Hello {
-            user,
-            device,
-            conn: &shard.conn_id(session.conn),
-            node: &shard.config.node_id,
-            ping_interval_ms: hb.ping_interval_ms,
-            idle_timeout_ms: hb.idle_timeout_ms,
-        };
-        session.push(codec::text_frame(&hello.to_json()), shard);
+    // Nothing is read, and nothing but the `hello` is sent, until the connection takes
+    // part in its conversations (`Shard::settle`): PROTOCOL.md promises every seq accepted
+    // after the `hello`, and nothing of earlier ones.
+    let joined = futures_lite::future::poll_fn(|cx| {
+        let inner = session.inner.borrow();
+        match inner.close {
+            CloseState::Requested(code, reason) => return Poll::Ready(Some(End::Close(code, reason))),
+            CloseState::Drop => return Poll::Ready(Some(End::Drop)),
+            CloseState::Open if inner.open => return Poll::Ready(None),
+            CloseState::Open => {}
+        }
+        session.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    });
+    if let Some(end) = joined.await {
+        return Some((session, Some(end)));
     }
     let mut end = None;
     if !accepted.leftover.is_empty() {
         end = session.on_bytes(shard, &accepted.leftover, false);
     }
     Some((session, end))
+}
+
+impl Session {
+    /// The owners have answered this client connection's join (`Shard::settle`): it is in
+    /// its conversations' fan-out from now on. Sends the `hello`, starts the grace in
+    /// which live messages wait for the first `sync`, and lets the session task read.
+    pub fn opened(&self, shard: &Shard, node_conn: &str) {
+        let Kind::Client { user, device } = &self.kind else { return };
+        let hb = &shard.config.heartbeat;
+        let hello = ServerFrame::Hello {
+            user,
+            device,
+            conn: node_conn,
+            node: &shard.config.node_id,
+            ping_interval_ms: hb.ping_interval_ms,
+            idle_timeout_ms: hb.idle_timeout_ms,
+        };
+        {
+            let mut inner = self.inner.borrow_mut();
+            inner.open = true;
+            inner.hold_until = shard.now_ms() + SYNC_GRACE_MS;
+        }
+        self.push(codec::text_frame(&hello.to_json()), shard);
+        self.wake();
+    }
+
+    /// One owner answered the join; true when it was the last one.
+    pub fn join_answered(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        inner.joins = inner.joins.saturating_sub(1);
+        inner.joins == 0
+    }
+
+    /// The join asks `owners` owners; 0 opens the connection at once.
+    pub fn join_started(&self, owners: usize) {
+        self.inner.borrow_mut().joins = owners.min(u16::MAX as usize) as u16;
+    }
+
+    /// The join found this node behind in `conv`: the client must not hear of seqs up to
+    /// `upto` (stored before it took part), which this node delivers later.
+    pub fn skip_earlier(&self, conv: &Key, upto: u64) {
+        self.inner.borrow_mut().mode_mut(conv).then = Then::Ahead(upto);
+    }
+
+    /// Whether the connection has had its `hello` (it is in its conversations' fan-out).
+    pub fn is_open(&self) -> bool {
+        self.inner.borrow().open
+    }
 }
 
 /// Ends a session the way `end` says: answer, close politely, or just drop.
@@ -1257,6 +1617,11 @@ mod tests {
         assert!((1..=2).contains(&first_ping_after(7, 2)));
     }
 
+    fn ids(session: &Session) -> Vec<(String, u16, u16, Then)> {
+        let inner = session.inner.borrow();
+        inner.modes.iter().map(|m| (m.conv.to_string(), m.syncs, m.replays, m.then)).collect()
+    }
+
     #[test]
     fn a_failed_sync_holds_live_messages_for_the_next_one() {
         let session = Session::for_test(TimerId { index: 0, generation: 0 });
@@ -1264,53 +1629,95 @@ mod tests {
         // Found by the soak: during a Redis restart a sync answered `unavailable`, the live
         // messages it had held back were in no replay, and the next one arrived past them.
         session.start_sync(&a);
-        session.inner.borrow_mut().sync_failed(&a);
-        assert_eq!(session.inner.borrow().mode("a"), Some(Mode::Gapped));
-        // The client's retry ends it.
+        session.inner.borrow_mut().sync_failed(&a, true);
+        assert_eq!(ids(&session), vec![("a".into(), 0, 0, Then::Gapped)]);
+        // The client's retry ends it once its replay is out.
         session.start_sync(&a);
-        session.inner.borrow_mut().end_sync(&a);
-        assert_eq!(session.inner.borrow().mode("a"), None);
+        session.inner.borrow_mut().sync_answered(&a, Then::Send);
+        assert_eq!(session.inner.borrow_mut().replay_done(&a), None);
+        assert!(ids(&session).is_empty(), "a plain conversation keeps no mode");
         // With another sync of it in flight, that one's replay carries them.
         session.start_sync(&b);
         session.start_sync(&b);
-        session.inner.borrow_mut().sync_failed(&b);
-        assert_eq!(session.inner.borrow().mode("b"), Some(Mode::Syncing(1)));
+        session.inner.borrow_mut().sync_failed(&b, true);
+        assert_eq!(ids(&session), vec![("b".into(), 1, 0, Then::Send)]);
+        // Not a member: nothing stays behind.
+        session.inner.borrow_mut().sync_failed(&b, false);
+        assert!(ids(&session).is_empty());
     }
 
     #[test]
-    fn a_sync_ahead_of_the_node_skips_what_the_client_holds_once() {
+    fn live_messages_dropped_behind_a_replay_become_one_gap_after_it() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let a: Key = Arc::from("a");
+        session.start_sync(&a);
+        let mut inner = session.inner.borrow_mut();
+        inner.sync_answered(&a, Then::Send);
+        inner.modes[0].gap = Some((7, 9));
+        let gap = inner.replay_done(&a).expect("a gap after the replay");
+        let text: serde_json::Value = serde_json::from_slice(&gap[2..]).expect("json");
+        assert_eq!(text, serde_json::json!({"op": "gap", "conv": "a", "from": 7, "to": 9}));
+        assert_eq!(inner.mode("a").map(|m| m.then), Some(Then::Gapped), "live waits for the sync");
+    }
+
+    #[test]
+    fn during_the_grace_a_synced_conversation_keeps_its_mode() {
         let session = Session::for_test(TimerId { index: 0, generation: 0 });
         let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
         let mut inner = session.inner.borrow_mut();
-        // Found by the hour soak: a device moved node while a seq it held was still on
-        // its way to the new node, and got that seq again when it came.
-        inner.modes.push((a.clone(), Mode::Syncing(1)));
-        inner.end_sync(&a);
-        inner.skip_live_upto(&a, 5);
-        assert_eq!(inner.mode("a"), Some(Mode::Ahead(5)));
-        inner.caught_up("a");
-        assert_eq!(inner.mode("a"), None, "caught up, the conversation keeps no mode");
-        // During a new connection's grace the conversation stays sent.
         inner.hold_until = 1;
-        inner.modes.push((b.clone(), Mode::Syncing(1)));
-        inner.end_sync(&b);
-        inner.skip_live_upto(&b, 7);
-        assert_eq!(inner.mode("b"), Some(Mode::Ahead(7)));
-        inner.caught_up("b");
-        assert_eq!(inner.mode("b"), Some(Mode::Live));
-        // Another sync in flight replays past it anyway; a gap or a new sync replaces it.
-        inner.modes.clear();
-        inner.modes.push((a.clone(), Mode::Syncing(2)));
-        inner.end_sync(&a);
-        inner.skip_live_upto(&a, 5);
-        assert_eq!(inner.mode("a"), Some(Mode::Syncing(1)));
-        inner.modes[0].1 = Mode::Ahead(5);
-        inner.set_gapped(&a);
-        assert_eq!(inner.mode("a"), Some(Mode::Gapped));
-        inner.modes[0].1 = Mode::Ahead(5);
-        drop(inner);
-        session.start_sync(&a);
-        assert_eq!(session.inner.borrow().mode("a"), Some(Mode::Syncing(1)));
+        inner.sync_answered(&a, Then::Send);
+        assert_eq!(inner.replay_done(&a), None);
+        assert!(inner.mode("a").is_some_and(|m| m.synced && m.is_plain()), "sent, not held");
+        // A conversation whose join skip ended is held like any other.
+        inner.mode_mut(&b).then = Then::Ahead(3);
+        inner.modes[1].then = Then::Send;
+        inner.tidy(1);
+        assert!(inner.mode("b").is_none());
+        inner.hold_until = 0;
+        inner.tidy(0);
+        assert!(inner.modes.is_empty(), "the grace is over");
+    }
+
+    #[test]
+    fn a_sync_forgets_the_live_messages_of_its_conversation_still_queued() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
+        let mut inner = session.inner.borrow_mut();
+        let msg = |conv: &Key, seq| Tag::Msg { conv: conv.clone(), seq };
+        inner.append(Bytes::from_static(b"0123"), msg(&a, 1), 0);
+        inner.append(Bytes::from_static(b"ack"), Tag::Control, 0);
+        inner.append(Bytes::from_static(b"aa"), msg(&a, 2), 0);
+        inner.append(Bytes::from_static(b"bb"), msg(&b, 5), 0);
+        inner.append(Bytes::from_static(b"gap"), Tag::Gap { conv: a.clone(), from: 3, to: 4 }, 0);
+        inner.consume(1, 0);
+        inner.forget_queued(&a);
+        let left: Vec<&[u8]> = inner.out.iter().map(|o| &o.bytes[..]).collect();
+        assert_eq!(left, vec![&b"0123"[..], b"ack", b"bb"], "the started frame stays");
+        assert_eq!(inner.out_bytes, 3 + 3 + 2);
+        // Given up on: only the started frame stays, so a close frame can follow it.
+        inner
+            .replay
+            .get_or_insert_with(Box::default)
+            .items
+            .push_back(Pending::Frame(Bytes::from_static(b"s")));
+        inner.drop_unsent();
+        assert_eq!(inner.out.len(), 1);
+        assert_eq!(inner.out_bytes, 3);
+        assert!(inner.replay.is_none());
+    }
+
+    #[test]
+    fn the_head_frame_dates_from_when_it_became_first() {
+        let session = Session::for_test(TimerId { index: 0, generation: 0 });
+        let mut inner = session.inner.borrow_mut();
+        inner.append(Bytes::from_static(b"one"), Tag::Control, 10);
+        inner.append(Bytes::from_static(b"two"), Tag::Control, 20);
+        assert_eq!(inner.head_since, 10);
+        inner.consume(2, 30);
+        assert_eq!(inner.head_since, 10, "half written: still the same head");
+        inner.consume(1, 40);
+        assert_eq!(inner.head_since, 40, "the next frame is first from now");
     }
 
     #[test]
@@ -1323,9 +1730,10 @@ mod tests {
         session.start_sync(&b);
         let mut inner = session.inner.borrow_mut();
         assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT);
-        inner.end_sync(&a);
-        inner.end_sync(&b);
+        inner.sync_answered(&a, Then::Send);
+        inner.sync_answered(&b, Then::Send);
         assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT - 2);
-        assert_eq!(inner.mode("b"), None);
+        assert_eq!(inner.replay_done(&b), None);
+        assert!(inner.mode("b").is_none());
     }
 }

@@ -112,6 +112,10 @@ pub struct Shard {
     /// Messages this shard sends itself, handled in order by a task like any peer's.
     local: RefCell<VecDeque<ShardMsg>>,
     local_waker: Cell<Option<Waker>>,
+    /// Client sessions in their grace after `hello`, by the shard-clock ms it ends, in
+    /// that order (the grace is the same for all): see `session::SYNC_GRACE_MS`.
+    graces: RefCell<VecDeque<(u64, TimerId)>>,
+    grace_waker: Cell<Option<Waker>>,
     /// Sessions with frames queued since the flusher last ran (see `Session::queue`).
     flush_list: RefCell<Vec<TimerId>>,
     flush_waker: Cell<Option<Waker>>,
@@ -218,7 +222,17 @@ impl Shard {
             return last;
         }
         let mut order = self.order.borrow_mut();
-        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(last));
+        let h = order.entry(conv.clone()).or_insert_with(|| {
+            // The node has just taken an interest in `conv` and subscribed to it: a
+            // message another node published before the subscription reached it is lost
+            // to this node, and with no later message nothing would show the hole. One
+            // tail check once the conversation is quiet finds it.
+            let mut h = Holdback::new(last);
+            h.active_ms = self.now_ms();
+            h.check_queued = true;
+            self.checks.borrow_mut().push_back(conv.clone());
+            h
+        });
         h.saw(last);
         let delivered = h.delivered();
         drop(order);
@@ -420,7 +434,7 @@ impl Shard {
 
     /// Closes every session of `user` on this shard with 4001; returns how many.
     fn kick(&self, user: &str) -> usize {
-        let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
+        let ids: Vec<TimerId> = self.hub.borrow().all_of_user(user);
         let mut closed = 0;
         for s in ids.into_iter().filter_map(|id| self.session(id)) {
             s.request_close(codec::close::KICKED, "disconnected by the server");
@@ -521,18 +535,60 @@ impl Shard {
         self.schedule(session.id, session.next_deadline(self.config.heartbeat.idle_timeout_ms));
         self.metrics.connections.inc();
         if let Kind::Client { user, .. } = &session.kind {
-            let first = self.hub.borrow_mut().attach(user, session.id);
+            let first = self.hub.borrow_mut().arrive(user, session.id);
             if first {
-                self.loading.set(self.loading.get() + 1);
-                self.route(self.owner_of(user), ShardMsg::LoadUser { shard: self.id, user: user.clone() });
                 if let Some(links) = self.links() {
                     // Pushes, disconnects and membership changes of the user, from any node.
                     links.bus.subscribe(Topic::user(user));
                 }
             }
+            // The join: the user's conversations from its owner, then one `Join` to the
+            // owner of each (see `settle`).
+            self.loading.set(self.loading.get() + 1);
+            let load = ShardMsg::LoadUser { shard: self.id, user: user.clone(), session: session.id };
+            self.route(self.owner_of(user), load);
             self.presence_changed(PresenceOp::Add { user: user.clone(), entry: self.presence(&session) });
         }
         session
+    }
+
+    /// Every owner has answered a client session's join: it takes part in its user's
+    /// conversations from here, gets its `hello`, and its grace starts.
+    fn settle(&self, session: &Session) {
+        let Kind::Client { user, .. } = &session.kind else { return };
+        if !self.hub.borrow_mut().settle(user, session.id) {
+            return;
+        }
+        session.opened(self, &self.conn_id(session.conn));
+        let due = self.now_ms() + session::SYNC_GRACE_MS;
+        self.graces.borrow_mut().push_back((due, session.id));
+        if let Some(w) = self.grace_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ends the grace of each session when it is due: the live messages it held for a
+    /// first `sync` that did not come go out.
+    async fn run_graces(self: Rc<Self>) {
+        loop {
+            let (due, id) = futures_lite::future::poll_fn(|cx| match self.graces.borrow().front() {
+                Some(&next) => Poll::Ready(next),
+                None => {
+                    self.grace_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            let now = self.now_ms();
+            if due > now {
+                glommio::timer::sleep(Duration::from_millis(due - now)).await;
+                continue;
+            }
+            self.graces.borrow_mut().pop_front();
+            if let Some(session) = self.session(id) {
+                session.release_held(&self);
+            }
+        }
     }
 
     pub fn unregister(&self, session: &Session) {
@@ -633,7 +689,9 @@ impl Shard {
             ShardMsg::Sync { session, user, conv, reply } => {
                 conv::on_sync(self, session, user, conv, reply).await
             }
-            ShardMsg::Join { shard, user, convs } => conv::on_join(self, shard, user, convs).await,
+            ShardMsg::Join { shard, user, convs, session } => {
+                conv::on_join(self, shard, user, convs, session).await
+            }
             ShardMsg::InterestOff { shard, conv } => self.unwant(&conv, shard),
             ShardMsg::Members { reply, conv, op, users } => {
                 // It waits on the users' owners: run it beside the receive loop.
@@ -644,17 +702,17 @@ impl Shard {
             ShardMsg::Conversation { reply, conv } => conv::on_conversation(self, reply, conv).await,
 
             // As a user's owner.
-            ShardMsg::LoadUser { shard, user } => {
+            ShardMsg::LoadUser { shard, user, session } => {
                 // A store error leaves the list empty; the client's syncs join what it needs.
                 let convs = self.store.user_convs(&user).await.unwrap_or_default();
-                self.route(shard, ShardMsg::UserConvs { user, convs });
+                self.route(shard, ShardMsg::UserConvs { user, convs, session });
             }
             ShardMsg::LinkUser { reply, user, conv, member } => {
                 let done = self.store.link_user(&user, &conv, member).await;
                 self.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
             }
             ShardMsg::Presence { reply, user } => {
-                let ids: Vec<TimerId> = self.hub.borrow().of_user(&user).to_vec();
+                let ids: Vec<TimerId> = self.hub.borrow().all_of_user(&user);
                 let list =
                     ids.into_iter().filter_map(|id| self.session(id)).map(|s| self.presence(&s)).collect();
                 self.mesh.reply(reply, Reply::Presence(list));
@@ -681,8 +739,7 @@ impl Shard {
                     let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
                     for id in ids {
                         if let Some(s) = self.session(id) {
-                            s.push(frame.clone(), self);
-                            self.metrics.pushes.inc();
+                            s.push_bounded(frame.clone(), self);
                         }
                     }
                 }
@@ -691,8 +748,7 @@ impl Shard {
                 let sessions = self.sessions.borrow().all();
                 for (i, s) in sessions.iter().enumerate() {
                     if matches!(s.kind, Kind::Client { .. }) {
-                        s.push(frame.clone(), self);
-                        self.metrics.pushes.inc();
+                        s.push_bounded(frame.clone(), self);
                     }
                     if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
                         glommio::yield_if_needed().await;
@@ -749,18 +805,27 @@ impl Shard {
                     s.finish_sync(self, &conv, reply, result);
                 }
             }
-            ShardMsg::Joined { user, convs } => {
+            ShardMsg::Joined { user, convs, session } => {
                 self.loaded();
-                let mut hub = self.hub.borrow_mut();
-                for conv in &convs {
-                    hub.join(&user, conv);
+                {
+                    let mut hub = self.hub.borrow_mut();
+                    for (conv, _) in &convs {
+                        hub.join(&user, conv);
+                    }
+                }
+                let Some(s) = self.session(session).filter(|s| !s.is_open()) else { return };
+                for (conv, upto) in &convs {
+                    if *upto > 0 {
+                        s.skip_earlier(conv, *upto);
+                    }
+                }
+                if s.join_answered() {
+                    self.settle(&s);
                 }
             }
-            ShardMsg::UserConvs { user, convs } => {
+            ShardMsg::UserConvs { user, convs, session } => {
                 self.loaded();
-                if !self.hub.borrow().has_user(&user) {
-                    return;
-                }
+                let Some(s) = self.session(session) else { return };
                 let mut by_owner: Vec<(usize, Vec<Key>)> = Vec::new();
                 for conv in convs {
                     let owner = self.owner_of(&conv);
@@ -769,9 +834,14 @@ impl Shard {
                         None => by_owner.push((owner, vec![conv])),
                     }
                 }
+                s.join_started(by_owner.len());
+                if by_owner.is_empty() {
+                    return self.settle(&s);
+                }
                 for (owner, convs) in by_owner {
                     self.loading.set(self.loading.get() + 1);
-                    self.route(owner, ShardMsg::Join { shard: self.id, user: user.clone(), convs });
+                    let join = ShardMsg::Join { shard: self.id, user: user.clone(), convs, session };
+                    self.route(owner, join);
                 }
             }
             ShardMsg::Reply { id, reply } => self.mesh.complete(id, reply),
@@ -838,6 +908,8 @@ pub async fn run(setup: ShardSetup) {
         local_waker: Cell::new(None),
         flush_list: RefCell::default(),
         flush_waker: Cell::new(None),
+        graces: RefCell::default(),
+        grace_waker: Cell::new(None),
         sessions: RefCell::new(Slab::default()),
         wheel: RefCell::new(Wheel::new(tick_ms, 4096)),
         gate: Gate::new(),
@@ -854,6 +926,7 @@ pub async fn run(setup: ShardSetup) {
     }
     glommio::spawn_local(receive_local(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_flusher()).detach();
+    glommio::spawn_local(shard.clone().run_graces()).detach();
     if shard.redis().is_some() {
         glommio::spawn_local(shard.clone().run_repairs()).detach();
         glommio::spawn_local(shard.clone().run_presence()).detach();

@@ -508,3 +508,75 @@ fn a_device_ahead_of_its_new_node_gets_no_seq_twice() {
     let (msgs, _) = collect_msgs(&mut phone, conv, |m, _| !m.is_empty());
     assert_eq!(seqs(&msgs), vec![next], "the phone, which held {lost} already");
 }
+
+/// Production heartbeats: nothing a test sees can be a side effect of a heartbeat (the
+/// first ping comes 12.5 to 25 s after connecting).
+const PRODUCTION_HEARTBEATS: &str = "[heartbeat]\nping_interval_ms = 25000\nidle_timeout_ms = 60000\n";
+
+#[test]
+fn a_client_that_never_syncs_gets_other_nodes_messages_from_its_hello_on() {
+    // Issue 16, bug 1, in a cluster: a device that never syncs connects to a node that
+    // follows none of its conversations yet; a message sent on another node right after
+    // its hello must reach it (the subscription may still be on its way to the
+    // publisher: the node's tail check finds what it missed).
+    let (_redis, nodes, _) = cluster(PRODUCTION_HEARTBEATS);
+    for round in 0..4 {
+        let (a, b, conv) = (format!("a{round}"), format!("b{round}"), format!("c{round}"));
+        nodes[0].set_members(&conv, &[&a, &b]);
+        let (mut sender, _) = connect_client(&nodes[0], &a, "A");
+        let (mut reader, _) = connect_client(&nodes[1 + round % 2], &b, "B");
+        let ack = send_acked(&mut sender, &conv, "k1", &json!(1));
+        let got = read_json(&mut reader);
+        assert_eq!(
+            (got["op"].as_str(), got["seq"].as_u64()),
+            (Some("msg"), ack["seq"].as_u64()),
+            "round {round}: {got}"
+        );
+    }
+}
+
+#[test]
+fn a_device_back_on_another_node_hears_nothing_of_seqs_sent_while_it_was_away() {
+    // Issue 16, bug 2, in a cluster: a device that vanished (no close) and came back on
+    // another node was sent a `gap` about seqs sent while it was away before it asked for
+    // anything. PROTOCOL.md: a new connection gets nothing about earlier seqs unless it
+    // asks with `sync`.
+    let (_redis, nodes, _) = cluster(PRODUCTION_HEARTBEATS);
+    for round in 0..3 {
+        let conv = format!("c{round}");
+        nodes[0].set_members(&conv, &["u1", "u2"]);
+        let (mut sender, _) = connect_client(&nodes[0], "u1", "A");
+        let (mut phone, _) = connect_client(&nodes[1], "u2", "B");
+        let first = send_acked(&mut sender, &conv, &format!("{conv}-1"), &json!(1));
+        assert_eq!(read_op(&mut phone, "msg")["seq"], first["seq"]);
+        drop(phone);
+        let mut last = 0;
+        for i in 2..=11 {
+            let ack = send_acked(&mut sender, &conv, &format!("{conv}-{i}"), &json!(i));
+            last = ack["seq"].as_u64().expect("seq");
+        }
+        let (mut phone, _) = connect_client(&nodes[2], "u2", "B");
+        let next = send_acked(&mut sender, &conv, &format!("{conv}-next"), &json!("next"));
+        assert_eq!(next["seq"].as_u64(), Some(last + 1));
+        let got = read_json(&mut phone);
+        assert_eq!(
+            (got["op"].as_str(), got["seq"].as_u64()),
+            (Some("msg"), Some(last + 1)),
+            "round {round}: the new connection heard of an earlier seq first: {got}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_node_started_again_at_once_rejoins_on_the_same_ports() {
+    // Issue 16, bug 5: 3 of 5 immediate restarts failed with "Address already in use"
+    // (the killed process's io_uring releases its listeners a few ms after it is reaped).
+    let (redis, mut nodes, ports) = cluster("");
+    for round in 0..5 {
+        let (_ws, _) = connect_client(&nodes[1], "u1", "phone");
+        nodes[1].kill();
+        nodes[1] = start_node("n2", &redis, &ports[1], "");
+        nodes[1].wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |n| n == 2);
+        assert_eq!(nodes[1].client_addr().port(), ports[1].client, "round {round}");
+    }
+}
