@@ -404,10 +404,12 @@ async fn catch_up(
 /// behind the store (seqs on their way from other nodes): the answer names, per
 /// conversation, the last stored seq the session must not hear of when it comes.
 pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>, session: TimerId) {
+    let lasts = match shard.store.member_last_seqs(&convs, &user).await {
+        Ok(lasts) => lasts,
+        // The session's shard asks again: its `hello` waits for the store.
+        Err(_) => return shard.route(from, ShardMsg::Joined { user, convs: Err(convs), session }),
+    };
     let mut member_of = Vec::with_capacity(convs.len());
-    // A store error leaves the conversations out; the client's `sync` after `hello`
-    // joins them again once the store answers.
-    let lasts = shard.store.member_last_seqs(&convs, &user).await.unwrap_or_default();
     for (conv, last) in convs.into_iter().zip(lasts) {
         if let Some(last) = last {
             shard.want(&conv, from);
@@ -415,7 +417,7 @@ pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>, ses
             member_of.push((conv, if delivered < last { last } else { 0 }));
         }
     }
-    shard.route(from, ShardMsg::Joined { user, convs: member_of, session });
+    shard.route(from, ShardMsg::Joined { user, convs: Ok(member_of), session });
 }
 
 /// Membership change through the API. The user side is updated (and acknowledged)

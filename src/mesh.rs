@@ -216,15 +216,17 @@ pub enum ShardMsg {
         result: Result<History, ErrorCode>,
     },
     /// The answer to `Join`: the conversations confirmed, each with the last seq the
-    /// session must not hear of (stored, not yet delivered by this node; 0: none).
+    /// session must not hear of (stored, not yet delivered by this node; 0: none); or,
+    /// when the store could not be read, `Err` with the conversations to ask again.
     Joined {
         user: Key,
-        convs: Vec<(Key, u64)>,
+        convs: Result<Vec<(Key, u64)>, Vec<Key>>,
         session: TimerId,
     },
+    /// The answer to `LoadUser` (`None`: the store could not be read; ask again).
     UserConvs {
         user: Key,
-        convs: Vec<Key>,
+        convs: Option<Vec<Key>>,
         session: TimerId,
     },
 

@@ -200,9 +200,11 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
                 ClusterMsg::Msg { conv, .. } | ClusterMsg::Members { conv, .. } => {
                     shard_for(conv, shard_count)
                 }
-                ClusterMsg::Push { users, .. } => users.first().map_or(0, |u| shard_for(u, shard_count)),
+                // Pushes and broadcasts all pass through shard 0, which hands them to every
+                // shard: one path, so a connection gets them in the order the API took them
+                // on the node they came from, as it does on that node itself.
+                ClusterMsg::Push { .. } | ClusterMsg::Broadcast { .. } => 0,
                 ClusterMsg::Disconnect { user } => shard_for(user, shard_count),
-                ClusterMsg::Broadcast { .. } => 0,
             });
             let node_key = Key::from(config.node_id.as_str());
             let (bus, receivers) =

@@ -52,6 +52,9 @@ const PRESENCE_FLUSH: Duration = Duration::from_millis(20);
 /// them and asks for a full re-registration once Redis is back.
 const PRESENCE_BACKLOG: usize = 200_000;
 
+/// How long a join whose store read failed waits before it asks again.
+const JOIN_RETRY: Duration = Duration::from_millis(250);
+
 /// How long a failed gap repair waits before it tries the store again.
 const REPAIR_RETRY_MS: u64 = 500;
 
@@ -552,6 +555,24 @@ impl Shard {
         session
     }
 
+    /// A join's store read failed (Redis away): the request goes again after
+    /// [`JOIN_RETRY`], and the session's `hello` waits for it (it must not be promised
+    /// conversations it is not in the fan-out of).
+    fn ask_again(self: &Rc<Self>, msg: ShardMsg) {
+        let to = match &msg {
+            ShardMsg::LoadUser { user, .. } => self.owner_of(user),
+            ShardMsg::Join { convs, .. } => convs.first().map_or(self.id, |c| self.owner_of(c)),
+            _ => return,
+        };
+        self.loading.set(self.loading.get() + 1);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(JOIN_RETRY).await;
+            me.route(to, msg);
+        })
+        .detach();
+    }
+
     /// Every owner has answered a client session's join: it takes part in its user's
     /// conversations from here, gets its `hello`, and its grace starts.
     fn settle(&self, session: &Session) {
@@ -703,8 +724,7 @@ impl Shard {
 
             // As a user's owner.
             ShardMsg::LoadUser { shard, user, session } => {
-                // A store error leaves the list empty; the client's syncs join what it needs.
-                let convs = self.store.user_convs(&user).await.unwrap_or_default();
+                let convs = self.store.user_convs(&user).await.ok();
                 self.route(shard, ShardMsg::UserConvs { user, convs, session });
             }
             ShardMsg::LinkUser { reply, user, conv, member } => {
@@ -807,6 +827,16 @@ impl Shard {
             }
             ShardMsg::Joined { user, convs, session } => {
                 self.loaded();
+                let convs = match convs {
+                    Ok(convs) => convs,
+                    Err(convs) => {
+                        if self.session(session).is_some() {
+                            let join = ShardMsg::Join { shard: self.id, user, convs, session };
+                            self.ask_again(join);
+                        }
+                        return;
+                    }
+                };
                 {
                     let mut hub = self.hub.borrow_mut();
                     for (conv, _) in &convs {
@@ -826,6 +856,9 @@ impl Shard {
             ShardMsg::UserConvs { user, convs, session } => {
                 self.loaded();
                 let Some(s) = self.session(session) else { return };
+                let Some(convs) = convs else {
+                    return self.ask_again(ShardMsg::LoadUser { shard: self.id, user, session });
+                };
                 let mut by_owner: Vec<(usize, Vec<Key>)> = Vec::new();
                 for conv in convs {
                     let owner = self.owner_of(&conv);

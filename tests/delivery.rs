@@ -185,6 +185,39 @@ fn a_sync_after_a_gap_replays_what_fits_instead_of_another_gap() {
 }
 
 #[test]
+fn a_replay_larger_than_the_budget_is_paced_not_thinned() {
+    // Bug 4, the general case: a sync whose replay is larger than the outbound budget was
+    // cut into a `gap` at the budget, so catching up after a gap could only end in another
+    // gap. PROTOCOL.md: a replay's msgs go out as the client drains them, never thinned.
+    let server = Server::start(&merge_toml(&[
+        "shards = 2",
+        PRODUCTION_HEARTBEATS,
+        "[limits]\noutbound_queue_bytes = 65536\nsend_rate_per_sec = 100000",
+    ]));
+    server.set_members("c1", &["alice", "bob"]);
+    let (mut alice, _) = connect_synced(&server, "alice", "phone", &["c1"]);
+    // 16 MB of history: more than the kernel's socket buffers hold (4 MB at most).
+    let text = "r".repeat(16_000);
+    for i in 1..=1000 {
+        send_msg(&mut alice, "c1", &format!("m{i}"), &json!({ "i": i, "text": text }));
+        if i % 100 == 0 {
+            for _ in 0..100 {
+                read_op(&mut alice, "ack");
+            }
+        }
+    }
+    // Twice: from a fast reader, and from one whose socket takes 4 KiB at a time.
+    for rcvbuf in [1 << 20, 4096] {
+        let (mut bob, _) = connect_client_small_rcvbuf(&server, "bob", &format!("phone-{rcvbuf}"), rcvbuf);
+        let result = sync(&mut bob, "c1", 0, None);
+        assert!(result.other.is_empty(), "rcvbuf {rcvbuf}: frames besides the replay: {:?}", result.other);
+        assert_eq!(result.seqs(), (1..=1000).collect::<Vec<_>>(), "rcvbuf {rcvbuf}");
+        assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 1000, "complete": true}));
+    }
+    assert_eq!(server.metric("ringpush_slow_consumer_gaps_total"), 0);
+}
+
+#[test]
 fn a_node_killed_and_started_again_at_once_comes_up() {
     // Bug 5: a node killed with SIGKILL and started again at once (a supervisor's
     // `Restart=`) failed to bind its admin port: the dead process's io_uring releases its

@@ -105,8 +105,11 @@ impl Drop for TempDir {
 
 /// A `Command` for the `ringpush` binary with no `RINGPUSH_*` variable of the caller's
 /// environment leaking in (they would override the test's configuration).
+/// `RINGPUSH_TEST_BIN` names another binary to test instead of this build's (an older
+/// commit's, to see a new test fail on it).
 pub fn ringpush_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringpush"));
+    let bin = std::env::var_os("RINGPUSH_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ringpush").into());
+    let mut cmd = Command::new(bin);
     for (name, _) in std::env::vars_os() {
         if name.to_str().is_some_and(|n| n.starts_with("RINGPUSH_")) {
             cmd.env_remove(name);

@@ -16,6 +16,9 @@ pub struct Redis {
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    /// Every write is in its append-only file before it is answered: a restart keeps
+    /// the data.
+    durable: bool,
 }
 
 /// A loopback port nothing listens on right now and no other test process holds, for a
@@ -54,7 +57,15 @@ pub fn free_port() -> u16 {
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut redis = Redis { dir: TempDir::new("redis"), port: free_port(), child: None };
+        let mut redis = Redis { dir: TempDir::new("redis"), port: free_port(), child: None, durable: false };
+        redis.run();
+        redis
+    }
+
+    /// A server that keeps its data across restarts (append-only file, fsync on every
+    /// write), as a production Redis behind a cluster is.
+    pub fn start_durable() -> Redis {
+        let mut redis = Redis { dir: TempDir::new("redis"), port: free_port(), child: None, durable: true };
         redis.run();
         redis
     }
@@ -64,17 +75,11 @@ impl Redis {
     }
 
     fn run(&mut self) {
+        let persistence: &[&str] =
+            if self.durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(persistence)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
