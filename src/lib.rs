@@ -7,7 +7,8 @@
 //! - `client`: `ringpush connect`, a line client for trying a server by hand.
 //! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
 //! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
-//! - `session`: one connection: handshake, read loop, dispatch, outbound queue, close.
+//! - `session`: one connection: handshake, join (then `hello`), read loop, dispatch, the
+//!   per-conversation delivery modes, outbound queue and replay backlog, close.
 //! - `admission`: a shard's share of the connect rate and its per-address counts.
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.

@@ -1,8 +1,22 @@
-//! One connection: handshake -> read loop -> dispatch -> outbound queue -> close.
+//! One connection: handshake -> join -> `hello` -> read loop -> dispatch -> outbound
+//! queue -> close.
 //!
 //! A session is one glommio task that owns its `TcpStream`, plus a small [`Session`]
 //! record in the shard's table that the rest of the shard uses to reach it (heartbeats,
-//! drain, later fan-out). What an idle session costs, and why:
+//! drain, later fan-out).
+//!
+//! The delivery promises of PROTOCOL.md are kept here, per connection and conversation:
+//! - a client connection *joins* before its `hello` (`Shard::settle`): the owners of its
+//!   user's conversations answer behind every message they sent its shard before, so it
+//!   hears every seq accepted after the `hello` and nothing of earlier ones;
+//! - live messages are sent, held for a first `sync` during the grace after `hello`,
+//!   dropped while a `sync` whose replay carries them is in flight or after a `gap`, or
+//!   queued behind a replay still going out ([`ConvMode`]);
+//! - a `sync`'s answer goes into a backlog that feeds the queue as the client takes it
+//!   ([`Session::refill`]), never thinned; live messages past the budget are thinned into
+//!   `gap`s; a push that does not fit, or a queue stuck for the idle timeout, is 4002.
+//!
+//! What an idle session costs, and why:
 //! - reads go into one buffer per shard ([`READ_BUF`]); glommio's stream waits for
 //!   readiness first and then reads without a buffer of its own, so a connection that is
 //!   not sending holds no read buffer;

@@ -202,10 +202,10 @@ fn children_of(parent: u32) -> Vec<u32> {
 // Sockets
 // ---------------------------------------------------------------------------------------
 
-/// A loopback port that was free a moment ago (for nginx, which cannot report the port it
-/// bound).
+/// A loopback port for nginx, which cannot report the port it bound: reserved for this
+/// test process, below the ephemeral range (see `common::redis::free_port`).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    common::redis::free_port()
 }
 
 /// A TCP connection to `to` from the local address `from` (127.0.0.2, ...: every

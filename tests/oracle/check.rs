@@ -274,7 +274,8 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                                 bad(c.id, format!("msg {seq} of {conv}, acked before this connection began, came unasked"), trace(c, &conv, t));
                             }
                             if members.surely(&c.user, &conv, info.sent_at, info.ack_at.unwrap_or(t)) == Some(false) && !asked_below(seq) {
-                                bad(c.id, format!("msg {seq} of {conv} reached {}, not a member", c.user), trace(c, &conv, t));
+                                let history = members.history(&c.user, &conv);
+                                bad(c.id, format!("msg {seq} of {conv} (sent at {:.0} ms) reached {}, not a member ({history})", info.sent_at, c.user), trace(c, &conv, t));
                             }
                             if let Some(cid) = &info.cid {
                                 if info.from == c.user && own.get(&(conv.clone(), cid.clone())) == Some(&true) && !asked_below(seq) {
@@ -431,8 +432,9 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
 /// Who was in which conversation when, as the director's calls show it.
 struct Members {
     initial: HashMap<(String, String), bool>,
-    /// Per (user, conv): applied changes as (made at, answered at + uncertainty, member after).
-    changes: HashMap<(String, String), Vec<(Ms, Ms, bool)>>,
+    /// Per (user, conv): changes as (made at, answered at + uncertainty, member after),
+    /// `None` after a call that failed (it may or may not have been applied).
+    changes: HashMap<(String, String), Vec<(Ms, Ms, Option<bool>)>>,
 }
 
 impl Members {
@@ -443,21 +445,36 @@ impl Members {
                 first.insert((user.clone(), conv.clone()), true);
             }
         }
-        let mut changes: HashMap<(String, String), Vec<(Ms, Ms, bool)>> = HashMap::new();
+        let mut changes: HashMap<(String, String), Vec<(Ms, Ms, Option<bool>)>> = HashMap::new();
         for call in calls {
-            if let Done::Member { conv, user, join, .. } = &call.what {
-                // Even a refused call may have been applied before it failed.
-                changes.entry((user.clone(), conv.clone())).or_default().push((call.at, call.done + change_ms, *join));
+            if let Done::Member { conv, user, join, ok } = &call.what {
+                let after = ok.then_some(*join);
+                changes.entry((user.clone(), conv.clone())).or_default().push((call.at, call.done + change_ms, after));
             }
         }
         Members { initial: first, changes }
+    }
+
+    /// The membership of `user` in `conv` over the run, for a report.
+    fn history(&self, user: &str, conv: &str) -> String {
+        let key = (user.to_owned(), conv.to_owned());
+        let mut out = format!("member at the start: {}", self.initial.get(&key).copied().unwrap_or(false));
+        for (at, settled, join) in self.changes.get(&key).into_iter().flatten() {
+            let what = match join {
+                Some(true) => "joined",
+                Some(false) => "left",
+                None => "a change that failed",
+            };
+            out.push_str(&format!("; {what} from {at:.0} to {settled:.0} ms"));
+        }
+        out
     }
 
     /// Whether `user` was surely a member of `conv` (`Some(true)`), surely not
     /// (`Some(false)`), throughout `from..=to`; `None` when a change was under way.
     fn surely(&self, user: &str, conv: &str, from: Ms, to: Ms) -> Option<bool> {
         let key = (user.to_owned(), conv.to_owned());
-        let mut member = self.initial.get(&key).copied().unwrap_or(false);
+        let mut member = Some(self.initial.get(&key).copied().unwrap_or(false));
         for (at, settled, join) in self.changes.get(&key).into_iter().flatten() {
             if *at <= to && from <= *settled {
                 return None;
@@ -466,7 +483,7 @@ impl Members {
                 member = *join;
             }
         }
-        Some(member)
+        member
     }
 }
 

@@ -308,7 +308,7 @@ fn direct(
                         set.remove(user);
                     }
                 }
-                Done::Member { conv: conv.clone(), user: user.clone(), join: *join }
+                Done::Member { conv: conv.clone(), user: user.clone(), join: *join, ok }
             }
             Act::Kill { node } => {
                 nodes.servers[*node].kill();

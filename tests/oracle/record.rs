@@ -96,8 +96,9 @@ pub enum Done {
     Push { k: u64, users: Option<Vec<String>>, via: Option<usize> },
     /// A message posted through the API; `seq` when it was accepted.
     Post { conv: String, body: Value, seq: Option<u64> },
-    /// A membership change (even one that failed may have been applied).
-    Member { conv: String, user: String, join: bool },
+    /// A membership change; `ok`: it was applied (200). One that failed may or may not
+    /// have been.
+    Member { conv: String, user: String, join: bool, ok: bool },
     /// A fault injected into the cluster, from `at` to `done`.
     Fault(String),
 }
