@@ -18,9 +18,12 @@
 //! - The commands of one job are sent back to back on one connection, in order; jobs of
 //!   different workers may complete in any order (callers that need an order between two
 //!   jobs await the first before submitting the second, or put both in one script).
-//! - A job answered with an error from the connection (I/O, timeout, a closed socket) may
-//!   or may not have been applied: the reply was lost. A job answered with a Redis error
-//!   reply (a script error, a wrong type) failed alone; the rest of its batch is unaffected.
+//! - A job answered with an error from the connection (I/O, timeout, a closed socket, a
+//!   read interrupted by SIGSTOP/SIGCONT) may or may not have been applied: the reply was
+//!   lost, and the answer says so ([`StoreError::Unknown`]). A job that never reached
+//!   Redis (none connected, queue full) is [`StoreError::Unavailable`], as is one answered
+//!   with a Redis error reply (a script error, a wrong type), which failed alone; the rest
+//!   of its batch is unaffected.
 //! - Scripts registered with [`RedisPool::register`] are loaded (`SCRIPT LOAD`) on every
 //!   connection before a batch that could use them, and again on every reconnect; a
 //!   `NOSCRIPT` reply (the script cache was flushed under us) reloads them all and re-sends
@@ -401,7 +404,13 @@ impl Worker {
         }
         let mut values = match self.trip(batch.iter().flat_map(|job| job.cmds.iter())) {
             Ok(values) => values,
-            Err(why) => return self.fail(batch, &why),
+            // Sent, or partly: whether Redis applied it is not known.
+            Err(why) => {
+                for job in batch.drain(..) {
+                    self.answer(job, Err(StoreError::Unknown(why.clone())));
+                }
+                return;
+            }
         };
         self.state.round_trips.fetch_add(1, Relaxed);
         if values.iter().any(is_noscript) {

@@ -230,10 +230,21 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
     let floor = shard.order.borrow().get(&conv).map_or(0, |h| h.highest());
     // A client must be a member (checked with the append, in one store call); the API
     // posts as anyone.
-    let appended = match origin {
-        Origin::Session(_) => shard.store.append_if_member(&conv, &msg, floor, &encode).await,
-        Origin::Api(_) => shard.store.append(&conv, &msg, floor, &encode).await.map(Some),
+    let append = || async {
+        match origin {
+            Origin::Session(_) => shard.store.append_if_member(&conv, &msg, floor, &encode).await,
+            Origin::Api(_) => shard.store.append(&conv, &msg, floor, &encode).await.map(Some),
+        }
     };
+    let mut appended = append().await;
+    if let (Err(StoreError::Unknown(_)), Some(_)) = (&appended, &msg.cid) {
+        // The answer was lost, not the call: the message may be stored, and then every
+        // other device gets it. Asking again with the same cid finds out (a stored one is
+        // answered as a repeat, with its seq), so the sender is not told `unavailable`
+        // about a message the others see. API posts have no cid to ask with.
+        shard.metrics.store_retries.inc();
+        appended = append().await;
+    }
     let appended = match appended {
         Ok(Some(appended)) => appended,
         Ok(None) => {
@@ -266,8 +277,8 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         if shard.redis().is_some() {
             // A Redis call that failed after it was sent may have stored the message
             // without anyone delivering it; delivery is idempotent by seq, so hand it on
-            // again (nodes that have it drop it).
-            publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), None);
+            // again (nodes that have it drop it). The repeating connection has its ack.
+            publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), exclude);
         }
     } else {
         shard.metrics.accepted.inc();

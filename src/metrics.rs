@@ -85,6 +85,8 @@ pub struct ShardMetrics {
     pub accepted: Counter,
     /// Sends answered from the dedupe window (same user, conv and cid).
     pub deduplicated: Counter,
+    /// Appends asked again because the store's answer to the first was lost.
+    pub store_retries: Counter,
     /// Requests refused, indexed like [`REFUSED_CODES`].
     pub refused: [Counter; REFUSED_CODES.len()],
     /// `msg` frames handed to sessions (live fan-out and replays).
@@ -243,6 +245,12 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
         m.deduplicated.get()
     });
     total(&mut out, "messages_delivered_total", "msg frames handed to connections.", &|m| m.delivered.get());
+    total(
+        &mut out,
+        "store_retries_total",
+        "Appends asked again because the store's answer was lost.",
+        &|m| m.store_retries.get(),
+    );
     total(&mut out, "messages_replayed_total", "msg frames sent by sync replays.", &|m| m.replayed.get());
     total(&mut out, "sync_replays_total", "sync requests answered.", &|m| m.sync_replays.get());
     total(&mut out, "pushes_delivered_total", "push and broadcast frames handed to connections.", &|m| {

@@ -580,3 +580,104 @@ fn a_killed_node_started_again_at_once_rejoins_on_the_same_ports() {
         assert_eq!(nodes[1].client_addr().port(), ports[1].client, "round {round}");
     }
 }
+
+/// A TCP relay between a node and Redis that, once armed with a marker, passes on the
+/// request holding the marker and then loses Redis's answer to it: it resets both sides
+/// instead (what a node paused with SIGSTOP, or a connection cut mid-call, sees).
+struct LossyRelay {
+    port: u16,
+    armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl LossyRelay {
+    fn start(redis_port: u16) -> LossyRelay {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the relay");
+        let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::new(Mutex::new(None));
+        let marker = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else { continue };
+                let lose = Arc::new(AtomicBool::new(false));
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                let (marker, lose_in) = (marker.clone(), lose.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                        let mut armed = marker.lock().unwrap_or_else(|e| e.into_inner());
+                        if armed.as_ref().is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == &m[..])) {
+                            // This request goes through; its answer will not.
+                            *armed = None;
+                            lose_in.store(true, Ordering::SeqCst);
+                        }
+                        drop(armed);
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(Shutdown::Both);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n @ 1..) = s_in.read(&mut buf) {
+                        if lose.load(Ordering::SeqCst) {
+                            let _ = socket2::SockRef::from(&c_out).set_linger(Some(Duration::ZERO));
+                            break;
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_out.shutdown(Shutdown::Both);
+                    let _ = s_in.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        LossyRelay { port, armed }
+    }
+
+    fn lose_answer_to(&self, marker: &str) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(marker.as_bytes().to_vec());
+    }
+}
+
+#[test]
+fn a_send_whose_store_answer_was_lost_is_acked_when_it_was_stored() {
+    // Found by the oracle (seed 5032 on three nodes): a node paused with SIGSTOP while its
+    // append was in flight lost Redis's answer (the read came back EINTR); the sender was
+    // told `unavailable` ("the message was NOT accepted") while everyone else, the sending
+    // connection included, got the stored message. The node now asks again with the same
+    // cid, which finds the stored one.
+    let redis = Redis::start();
+    let redis_port: u16 = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let relay = LossyRelay::start(redis_port);
+    let node = Server::start(&merge_toml(&[
+        CLUSTER_TOML,
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{}/0\"\n", relay.port),
+    ]));
+    node.set_members("c1", &["alice", "bob"]);
+    let (mut alice, _) = connect_synced(&node, "alice", "phone", &["c1"]);
+    let (mut bob, _) = connect_synced(&node, "bob", "phone", &["c1"]);
+    relay.lose_answer_to("lost-answer-cid");
+    send_msg(&mut alice, "c1", "lost-answer-cid", &json!("hello"));
+    let answer = read_json(&mut alice);
+    assert_eq!((answer["op"].as_str(), answer["seq"].as_u64()), (Some("ack"), Some(1)), "{answer}");
+    assert_eq!(read_op(&mut bob, "msg")["cid"], "lost-answer-cid");
+    assert!(node.metric("ringpush_store_retries_total") >= 1, "the answer was never lost");
+    // Stored once; and the sending connection gets nothing more of it.
+    let ack = send_acked(&mut alice, "c1", "next", &json!("next"));
+    assert_eq!(ack["seq"], 2);
+    assert_eq!(read_op(&mut bob, "msg")["seq"], 2);
+}

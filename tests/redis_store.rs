@@ -626,7 +626,9 @@ fn redis_down_fails_fast_then_recovers_without_a_new_pool() {
             let msg = message("u", Some("k"), 2, "{}");
             let encode = |seq| encoded("c", &msg, seq);
             let result = bounded(s.append("c", &msg, 1, &encode)).await;
-            assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+            // The first may have been written before the reset was seen (its outcome is
+            // then unknown); the rest find no connection.
+            assert!(matches!(result, Err(StoreError::Unavailable(_) | StoreError::Unknown(_))), "{result:?}");
             assert!(started.elapsed() < Duration::from_millis(2500), "took {:?}", started.elapsed());
             let started = Instant::now();
             assert!(bounded(s.is_member("c", "u")).await.is_err());
@@ -665,11 +667,19 @@ fn redis_that_stops_answering_times_jobs_out() {
         // SIGSTOP: connections stay open, nothing answers; only the timeouts end a wait.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
         let mut waits = Vec::new();
-        for _ in 0..4 {
+        for i in 0..4 {
             let started = Instant::now();
             let result = bounded(s.is_member("c", "u")).await;
             waits.push(started.elapsed());
-            assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+            if i == 0 {
+                // Sent, never answered: whether it was applied is not known.
+                assert!(matches!(result, Err(StoreError::Unknown(_))), "{result:?}");
+            } else {
+                assert!(
+                    matches!(result, Err(StoreError::Unavailable(_) | StoreError::Unknown(_))),
+                    "{result:?}"
+                );
+            }
         }
         assert!(waits.iter().all(|w| *w < Duration::from_millis(2600)), "waits {waits:?}");
         poll_until(Duration::from_secs(3), "is_up to turn false", || async { !pool.is_up() }).await;

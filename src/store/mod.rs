@@ -35,10 +35,15 @@ pub use memory::MemoryStore;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    /// The store cannot be reached right now; nothing was changed, or (a networked store
-    /// whose call failed after it was sent) the call was applied whole. Retry later.
+    /// The store cannot be reached right now, or refused the call; nothing was changed.
+    /// Retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The call was sent, and its answer was lost (the connection broke or timed out): it
+    /// may or may not have been applied, whole. Retrying is safe (an append is
+    /// de-duplicated on `(from, cid)`) and is how to find out.
+    #[error("store answer lost: {0}")]
+    Unknown(String),
 }
 
 /// A message to sequence and store.

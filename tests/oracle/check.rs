@@ -77,7 +77,12 @@ struct SendInfo {
     first_conn: usize,
 }
 
-pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)], bounds: &Bounds) -> Vec<Violation> {
+pub fn check(
+    conns: &[ConnLog],
+    calls: &[Call],
+    initial: &[(String, Vec<String>)],
+    bounds: &Bounds,
+) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut bad = |conn: usize, what: String, trace: String| out.push(Violation { conn, what, trace });
 
@@ -88,10 +93,17 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
             if let Ev::Sent { conv, cid, body } = e {
                 let key = (c.user.clone(), conv.clone(), cid.clone());
                 match sends.get(&key) {
-                    Some(s) if s.body != *body => bad(c.id, format!("cid {cid} reused with another body"), String::new()),
+                    Some(s) if s.body != *body => {
+                        bad(c.id, format!("cid {cid} reused with another body"), String::new())
+                    }
                     Some(_) => {}
                     None => {
-                        let info = SendInfo { body: body.clone(), dev: c.device.clone(), sent_at: *t, first_conn: c.id };
+                        let info = SendInfo {
+                            body: body.clone(),
+                            dev: c.device.clone(),
+                            sent_at: *t,
+                            first_conn: c.id,
+                        };
                         sends.insert(key, info);
                     }
                 }
@@ -114,9 +126,11 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                 continue;
             };
             match seq_of.insert(key, seq) {
-                Some(first) if first != seq => {
-                    bad(c.id, format!("cid {cid} of {conv} acked as seq {first} and as {seq}"), trace(c, &conv, *t))
-                }
+                Some(first) if first != seq => bad(
+                    c.id,
+                    format!("cid {cid} of {conv} acked as seq {first} and as {seq}"),
+                    trace(c, &conv, *t),
+                ),
                 _ => {}
             }
             let info = SeqInfo {
@@ -130,7 +144,10 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
             match seqs.get_mut(&(conv.clone(), seq)) {
                 Some(known) if known.cid != info.cid || known.from != info.from => bad(
                     c.id,
-                    format!("seq {seq} of {conv} acked for {}/{:?} and for {}/{cid}", known.from, known.cid, c.user),
+                    format!(
+                        "seq {seq} of {conv} acked for {}/{:?} and for {}/{cid}",
+                        known.from, known.cid, c.user
+                    ),
                     trace(c, &conv, *t),
                 ),
                 Some(known) => known.ack_at = Some(known.ack_at.map_or(*t, |a| a.min(*t))),
@@ -151,7 +168,11 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                 ack_at: Some(call.done),
             };
             if seqs.insert((conv.clone(), *seq), info).is_some() {
-                bad(0, format!("seq {seq} of {conv} given to an API post and to another message"), String::new());
+                bad(
+                    0,
+                    format!("seq {seq} of {conv} given to an API post and to another message"),
+                    String::new(),
+                );
             }
         }
     }
@@ -191,7 +212,8 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
         .map(|c| (c.at, c.done + bounds.change_ms))
         .collect();
     let disturbed = |from: Ms, to: Ms| faults.iter().any(|(a, b)| *a <= to && from <= *b);
-    let pushes: Vec<&Call> = calls.iter().filter(|c| matches!(c.what, Done::Push { via: Some(_), .. })).collect();
+    let pushes: Vec<&Call> =
+        calls.iter().filter(|c| matches!(c.what, Done::Push { via: Some(_), .. })).collect();
     // Which node took each push: pushes through one node keep their order; through
     // different nodes they have none.
     let push_via: HashMap<u64, usize> = calls
@@ -226,7 +248,9 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
             match e {
                 Ev::Sent { conv, cid, .. } => {
                     pending_acks.entry(conv.clone()).or_default().push(cid.clone());
-                    let first_here = sends.get(&(c.user.clone(), conv.clone(), cid.clone())).is_some_and(|s| s.first_conn == c.id);
+                    let first_here = sends
+                        .get(&(c.user.clone(), conv.clone(), cid.clone()))
+                        .is_some_and(|s| s.first_conn == c.id);
                     own.insert((conv.clone(), cid.clone()), first_here);
                 }
                 Ev::Synced { conv, after } => {
@@ -254,12 +278,16 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                             if seq <= prev && last.contains_key(&conv) {
                                 // The replay of an open sync may start below what was in
                                 // flight when it was asked for, once.
-                                let restart = open_syncs
-                                    .get_mut(&conv)
-                                    .and_then(|o| o.iter_mut().find(|(after, restarted)| !*restarted && *after < seq));
+                                let restart = open_syncs.get_mut(&conv).and_then(|o| {
+                                    o.iter_mut().find(|(after, restarted)| !*restarted && *after < seq)
+                                });
                                 match restart {
                                     Some(sync) => sync.1 = true,
-                                    None => bad(c.id, format!("msg {seq} of {conv} after {prev}: not increasing"), trace(c, &conv, t)),
+                                    None => bad(
+                                        c.id,
+                                        format!("msg {seq} of {conv} after {prev}: not increasing"),
+                                        trace(c, &conv, t),
+                                    ),
                                 }
                             }
                             last.insert(conv.clone(), seq);
@@ -268,18 +296,32 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                             got.entry(conv.clone()).or_default().push(seq);
                             let Some(info) = seqs.get(&(conv.clone(), seq)) else { continue };
                             if !same_message(f, info) {
-                                bad(c.id, format!("msg {seq} of {conv} differs from what was sent: {}", short(f)), trace(c, &conv, t));
+                                bad(
+                                    c.id,
+                                    format!("msg {seq} of {conv} differs from what was sent: {}", short(f)),
+                                    trace(c, &conv, t),
+                                );
                             }
                             if info.ack_at.is_some_and(|a| a < connect_at) && !asked_below(seq) {
                                 bad(c.id, format!("msg {seq} of {conv}, acked before this connection began, came unasked"), trace(c, &conv, t));
                             }
-                            if members.surely(&c.user, &conv, info.sent_at, info.ack_at.unwrap_or(t)) == Some(false) && !asked_below(seq) {
+                            if members.surely(&c.user, &conv, info.sent_at, info.ack_at.unwrap_or(t))
+                                == Some(false)
+                                && !asked_below(seq)
+                            {
                                 let history = members.history(&c.user, &conv);
                                 bad(c.id, format!("msg {seq} of {conv} (sent at {:.0} ms) reached {}, not a member ({history})", info.sent_at, c.user), trace(c, &conv, t));
                             }
                             if let Some(cid) = &info.cid {
-                                if info.from == c.user && own.get(&(conv.clone(), cid.clone())) == Some(&true) && !asked_below(seq) {
-                                    bad(c.id, format!("the sending connection got msg {seq} of its own send {cid}"), trace(c, &conv, t));
+                                if info.from == c.user
+                                    && own.get(&(conv.clone(), cid.clone())) == Some(&true)
+                                    && !asked_below(seq)
+                                {
+                                    bad(
+                                        c.id,
+                                        format!("the sending connection got msg {seq} of its own send {cid}"),
+                                        trace(c, &conv, t),
+                                    );
                                 }
                             }
                             for cid in pending_acks.get(&conv).into_iter().flatten() {
@@ -289,9 +331,11 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                                     }
                                 }
                             }
-                            let never_syncs = c.plan.sync == SyncPolicy::Never && c.plan.reader == Reader::Prompt;
+                            let never_syncs =
+                                c.plan.sync == SyncPolicy::Never && c.plan.reader == Reader::Prompt;
                             if never_syncs && info.sent_at > hello_at {
-                                let due = info.ack_at.unwrap_or(info.sent_at).max(hello_at + 1000.0) + bounds.late_ms;
+                                let due = info.ack_at.unwrap_or(info.sent_at).max(hello_at + 1000.0)
+                                    + bounds.late_ms;
                                 if t > due && !disturbed(info.sent_at, t) {
                                     bad(c.id, format!("msg {seq} of {conv} came {:.0} ms after it was due (never-syncing client)", t - due + bounds.late_ms), trace(c, &conv, t));
                                 }
@@ -303,10 +347,17 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                                 bad(c.id, format!("malformed {}", short(f)), trace(c, &conv, t));
                             }
                             if let Some(prev) = last.get(&conv).filter(|p| **p >= from) {
-                                bad(c.id, format!("gap {from}..{to} of {conv} covers msg {prev}, already sent"), trace(c, &conv, t));
+                                bad(
+                                    c.id,
+                                    format!("gap {from}..{to} of {conv} covers msg {prev}, already sent"),
+                                    trace(c, &conv, t),
+                                );
                             }
                             let earlier = (from..=to.min(from + 10_000)).find(|s| {
-                                seqs.get(&(conv.clone(), *s)).and_then(|i| i.ack_at).is_some_and(|a| a < connect_at) && !asked_below(*s)
+                                seqs.get(&(conv.clone(), *s))
+                                    .and_then(|i| i.ack_at)
+                                    .is_some_and(|a| a < connect_at)
+                                    && !asked_below(*s)
                             });
                             if let Some(s) = earlier {
                                 bad(c.id, format!("gap {from}..{to} of {conv} tells of seq {s}, acked before this connection began, unasked"), trace(c, &conv, t));
@@ -314,22 +365,39 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                             gaps.entry(conv.clone()).or_default().push((from, to));
                         }
                         "synced" => {
-                            let Some((after, _)) = open_syncs.get_mut(&conv).filter(|o| !o.is_empty()).map(|o| o.remove(0)) else {
+                            let Some((after, _)) =
+                                open_syncs.get_mut(&conv).filter(|o| !o.is_empty()).map(|o| o.remove(0))
+                            else {
                                 bad(c.id, format!("synced of {conv} nobody asked for"), trace(c, &conv, t));
                                 continue;
                             };
                             let synced_last = f["last"].as_u64().unwrap_or(0);
                             if synced_last < after {
-                                bad(c.id, format!("synced.last below the after ({after}) asked for: {}", short(f)), trace(c, &conv, t));
+                                bad(
+                                    c.id,
+                                    format!("synced.last below the after ({after}) asked for: {}", short(f)),
+                                    trace(c, &conv, t),
+                                );
                             }
                             let delivered = high.get(&conv).copied().unwrap_or(0);
                             if synced_last < delivered {
-                                bad(c.id, format!("synced.last below msg {delivered}, delivered before it: {}", short(f)), trace(c, &conv, t));
+                                bad(
+                                    c.id,
+                                    format!(
+                                        "synced.last below msg {delivered}, delivered before it: {}",
+                                        short(f)
+                                    ),
+                                    trace(c, &conv, t),
+                                );
                             }
                             // Live messages follow the replay.
                             last.insert(conv.clone(), delivered.max(synced_last));
                             if f["complete"] != true {
-                                bad(c.id, format!("history never trimmed here, yet {}", short(f)), trace(c, &conv, t));
+                                bad(
+                                    c.id,
+                                    format!("history never trimmed here, yet {}", short(f)),
+                                    trace(c, &conv, t),
+                                );
                             }
                         }
                         "ack" => {
@@ -342,7 +410,14 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                             let k = f["body"]["k"].as_u64().unwrap_or(0);
                             let via = push_via.get(&k).copied().unwrap_or(usize::MAX);
                             if let Some(prev) = last_push_via.get(&via).filter(|p| **p >= k) {
-                                bad(c.id, format!("push {k} after push {prev}, both through node {}: out of order", via + 1), trace_all(c, i));
+                                bad(
+                                    c.id,
+                                    format!(
+                                        "push {k} after push {prev}, both through node {}: out of order",
+                                        via + 1
+                                    ),
+                                    trace_all(c, i),
+                                );
                             }
                             last_push_via.insert(via, k);
                             pushes_seen.push(k);
@@ -372,7 +447,11 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                                 list.retain(|pending| *pending != cid);
                             }
                         }
-                        _ => bad(c.id, format!("a frame PROTOCOL.md does not define: {}", short(f)), trace_all(c, i)),
+                        _ => bad(
+                            c.id,
+                            format!("a frame PROTOCOL.md does not define: {}", short(f)),
+                            trace_all(c, i),
+                        ),
                     }
                 }
                 Ev::Close(code) => {
@@ -405,7 +484,10 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                 continue;
             }
             // Its own sends reach the sending connection as acks.
-            let own_send = info.cid.as_ref().is_some_and(|cid| info.from == c.user && own.contains_key(&(conv.clone(), cid.clone())));
+            let own_send = info
+                .cid
+                .as_ref()
+                .is_some_and(|cid| info.from == c.user && own.contains_key(&(conv.clone(), cid.clone())));
             let as_msg = own_send || got.get(conv).is_some_and(|g| g.contains(seq));
             let in_gap = gaps.get(conv).is_some_and(|g| g.iter().any(|(f, t)| f <= seq && seq <= t));
             if !as_msg && !in_gap {
@@ -413,15 +495,27 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
                     "sent by {} at {:.0} ms, acked at {ack_at:.0} ms; this connection: hello at {hello_at:.0} ms, end at {end_at:.0} ms",
                     info.from, info.sent_at
                 );
-                bad(c.id, format!("seq {seq} of {conv} never arrived, as msg or in a gap ({when})"), trace(c, conv, end_at));
+                bad(
+                    c.id,
+                    format!("seq {seq} of {conv} never arrived, as msg or in a gap ({when})"),
+                    trace(c, conv, end_at),
+                );
             }
         }
         if !bounds.cluster && !by_4002 {
             for call in &pushes {
                 let Done::Push { k, users, .. } = &call.what else { continue };
                 let mine = users.as_ref().is_none_or(|u| u.contains(&c.user));
-                if mine && call.at > hello_at && call.done + bounds.settle_ms < end_at && !pushes_seen.contains(k) {
-                    bad(c.id, format!("push {k} (sent at {:.0} ms) never arrived", call.at), trace_all(c, c.events.len()));
+                if mine
+                    && call.at > hello_at
+                    && call.done + bounds.settle_ms < end_at
+                    && !pushes_seen.contains(k)
+                {
+                    bad(
+                        c.id,
+                        format!("push {k} (sent at {:.0} ms) never arrived", call.at),
+                        trace_all(c, c.events.len()),
+                    );
                 }
             }
         }
@@ -429,12 +523,16 @@ pub fn check(conns: &[ConnLog], calls: &[Call], initial: &[(String, Vec<String>)
     out
 }
 
+/// A membership change: made at, answered at (plus the uncertainty after it), and whether
+/// the user is a member after it (`None` after a call that failed: it may or may not have
+/// been applied).
+type Change = (Ms, Ms, Option<bool>);
+
 /// Who was in which conversation when, as the director's calls show it.
 struct Members {
     initial: HashMap<(String, String), bool>,
-    /// Per (user, conv): changes as (made at, answered at + uncertainty, member after),
-    /// `None` after a call that failed (it may or may not have been applied).
-    changes: HashMap<(String, String), Vec<(Ms, Ms, Option<bool>)>>,
+    /// Per (user, conv): its changes.
+    changes: HashMap<(String, String), Vec<Change>>,
 }
 
 impl Members {
@@ -445,11 +543,15 @@ impl Members {
                 first.insert((user.clone(), conv.clone()), true);
             }
         }
-        let mut changes: HashMap<(String, String), Vec<(Ms, Ms, Option<bool>)>> = HashMap::new();
+        let mut changes: HashMap<(String, String), Vec<Change>> = HashMap::new();
         for call in calls {
             if let Done::Member { conv, user, join, ok } = &call.what {
                 let after = ok.then_some(*join);
-                changes.entry((user.clone(), conv.clone())).or_default().push((call.at, call.done + change_ms, after));
+                changes.entry((user.clone(), conv.clone())).or_default().push((
+                    call.at,
+                    call.done + change_ms,
+                    after,
+                ));
             }
         }
         Members { initial: first, changes }
@@ -560,7 +662,7 @@ fn trace(c: &ConnLog, conv: &str, until: Ms) -> String {
         .iter()
         .filter(|(t, _)| *t <= until)
         .filter(|(_, e)| match e {
-            Ev::Frame(f) => f["op"] == "hello" || f["conv"] == conv,
+            Ev::Frame(f) => f["op"] == "hello" || f["op"] == "error" || f["conv"] == conv,
             Ev::Sent { conv: x, .. } | Ev::Synced { conv: x, .. } => x == conv,
             _ => true,
         })
@@ -571,12 +673,8 @@ fn trace(c: &ConnLog, conv: &str, until: Ms) -> String {
 
 /// All of the connection's events up to index `until` (exclusive of nothing: included).
 fn trace_all(c: &ConnLog, until: usize) -> String {
-    let lines: Vec<String> = c
-        .events
-        .iter()
-        .take(until + 1)
-        .map(|(t, e)| format!("  {t:>9.1} ms  {}", describe(e)))
-        .collect();
+    let lines: Vec<String> =
+        c.events.iter().take(until + 1).map(|(t, e)| format!("  {t:>9.1} ms  {}", describe(e))).collect();
     tail(header(c), &lines)
 }
 

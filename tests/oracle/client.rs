@@ -90,7 +90,13 @@ struct Conn<'a, 's> {
 }
 
 impl<'a, 's> Conn<'a, 's> {
-    fn run(device: &'a DevicePlan, plan: ConnPlan, rng: &mut Rng, memory: &mut Memory, shared: &'a Shared<'s>) {
+    fn run(
+        device: &'a DevicePlan,
+        plan: ConnPlan,
+        rng: &mut Rng,
+        memory: &mut Memory,
+        shared: &'a Shared<'s>,
+    ) {
         let id = {
             let mut next = shared.next_conn.lock().unwrap_or_else(|e| e.into_inner());
             *next += 1;
@@ -286,7 +292,8 @@ impl<'a, 's> Conn<'a, 's> {
                 self.log.events.push((now, Ev::Close(code)));
             }
             Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
                 let now = self.now();
                 self.log.events.push((now, Ev::Eof(e.to_string())));
@@ -375,7 +382,8 @@ impl<'a, 's> Conn<'a, 's> {
         match self.ws.send(Message::text(frame.to_string())) {
             Ok(()) => {}
             // The frame stays in tungstenite's buffer and goes with the next write.
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => {
                 let now = self.now();
                 self.log.events.push((now, Ev::Eof(format!("write: {e}"))));
@@ -393,7 +401,8 @@ fn jitter(rng: &mut Rng, every: Duration) -> Duration {
 
 fn connect(shared: &Shared<'_>, device: &DevicePlan, plan: &ConnPlan) -> Result<Ws, String> {
     let addr = shared.nodes[plan.node];
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| e.to_string())?;
     if let Reader::Slow { .. } = plan.reader {
         socket.set_recv_buffer_size(4096).map_err(|e| e.to_string())?;
     }
@@ -402,7 +411,8 @@ fn connect(shared: &Shared<'_>, device: &DevicePlan, plan: &ConnPlan) -> Result<
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-    let token = ringpush::auth::mint(shared.secret, &device.user, &device.device, 3600).map_err(|e| e.to_string())?;
+    let token =
+        ringpush::auth::mint(shared.secret, &device.user, &device.device, 3600).map_err(|e| e.to_string())?;
     let url = format!("ws://{addr}/ws?token={token}");
     let (ws, _) = tungstenite::client(url.as_str(), stream).map_err(|e| format!("upgrade: {e}"))?;
     ws.get_ref().set_read_timeout(Some(TICK)).map_err(|e| e.to_string())?;

@@ -22,10 +22,10 @@
 //! A failure prints the seed, the command that replays it, and per violation the
 //! shortest trace of frames that shows it.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod check;
 mod client;
+#[path = "../common/mod.rs"]
+mod common;
 mod plan;
 mod record;
 
@@ -74,10 +74,8 @@ fn single_node_seeds() {
 
 #[test]
 fn cluster_seeds() {
-    let failed: Vec<String> = CLUSTER_SEEDS
-        .iter()
-        .filter_map(|&seed| run_seed(seed, 3, Duration::from_secs(16)).err())
-        .collect();
+    let failed: Vec<String> =
+        CLUSTER_SEEDS.iter().filter_map(|&seed| run_seed(seed, 3, Duration::from_secs(16)).err()).collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -99,7 +97,9 @@ fn by_hand() {
     }
     let hours: f64 = env("ORACLE_HOURS").and_then(|v| v.parse().ok()).unwrap_or(0.1);
     let first: u64 = env("ORACLE_FIRST").and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() % 1_000_000)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() % 1_000_000)
     });
     let until = Instant::now() + Duration::from_secs_f64(hours * 3600.0);
     let mut seed = first;
@@ -128,7 +128,11 @@ fn run_seed(seed: u64, nodes: usize, duration: Duration) -> Result<(), String> {
     let mut violations = check::check(&conns, &calls, &plan.convs, &bounds);
     for (node, log) in logs.iter().enumerate() {
         if log.contains("panicked") {
-            violations.push(Violation { conn: 0, what: format!("node {} panicked", node + 1), trace: log.clone() });
+            violations.push(Violation {
+                conn: 0,
+                what: format!("node {} panicked", node + 1),
+                trace: log.clone(),
+            });
         }
     }
     if let Err(why) = calls_ok {
@@ -207,10 +211,21 @@ impl Nodes {
         self.api_via(method, path, body).map(|(answer, _)| answer)
     }
 
-    fn api_via(&self, method: &str, path: &str, body: &serde_json::Value) -> Option<(serde_json::Value, usize)> {
+    fn api_via(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Option<(serde_json::Value, usize)> {
         for (i, s) in self.servers.iter().enumerate() {
             let auth = format!("Bearer {API_KEY}");
-            let resp = common::try_http(s.admin_addr(), method, path, &[("Authorization", auth.as_str())], Some(&body.to_string()));
+            let resp = common::try_http(
+                s.admin_addr(),
+                method,
+                path,
+                &[("Authorization", auth.as_str())],
+                Some(&body.to_string()),
+            );
             match resp {
                 Ok(r) if r.status / 100 == 2 => return serde_json::from_str(&r.body).ok().map(|a| (a, i)),
                 Ok(r) if r.status == 503 => continue,
@@ -230,11 +245,15 @@ fn run(plan: &Plan) -> (Record, Result<(), String>, Vec<String>) {
     let members: Mutex<BTreeMap<String, HashSet<String>>> = Mutex::new(BTreeMap::new());
     let mut setup = Ok(());
     for (conv, users) in &plan.convs {
-        let answer = nodes.api("PUT", &format!("/api/v1/conversations/{conv}/members"), &json!({ "users": users }));
+        let answer =
+            nodes.api("PUT", &format!("/api/v1/conversations/{conv}/members"), &json!({ "users": users }));
         if answer.is_none() {
             setup = Err(format!("could not set the members of {conv}"));
         }
-        members.lock().unwrap_or_else(|e| e.into_inner()).insert(conv.clone(), users.iter().cloned().collect());
+        members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conv.clone(), users.iter().cloned().collect());
     }
     let clock = Clock::start();
     let winding_down = AtomicBool::new(false);
@@ -278,23 +297,34 @@ fn direct(
         let what = match act {
             Act::Push { users } => {
                 k += 1;
-                let body = json!({ "users": users, "body": { "k": k, "pad": "p".repeat(k as usize * 37 % 2000) } });
+                let body =
+                    json!({ "users": users, "body": { "k": k, "pad": "p".repeat(k as usize * 37 % 2000) } });
                 let via = nodes.api_via("POST", "/api/v1/push", &body).map(|(_, node)| node);
                 Done::Push { k, users: Some(users.clone()), via }
             }
             Act::Broadcast => {
                 k += 1;
-                let via = nodes.api_via("POST", "/api/v1/broadcast", &json!({ "body": { "k": k } })).map(|(_, n)| n);
+                let via = nodes
+                    .api_via("POST", "/api/v1/broadcast", &json!({ "body": { "k": k } }))
+                    .map(|(_, n)| n);
                 Done::Push { k, users: None, via }
             }
             Act::Post { conv } => {
                 let body = json!({ "post": t0 as u64 });
-                let answer = nodes.api("POST", &format!("/api/v1/conversations/{conv}/messages"), &json!({ "from": "system", "body": body }));
+                let answer = nodes.api(
+                    "POST",
+                    &format!("/api/v1/conversations/{conv}/messages"),
+                    &json!({ "from": "system", "body": body }),
+                );
                 Done::Post { conv: conv.clone(), body, seq: answer.and_then(|a| a["seq"].as_u64()) }
             }
             Act::Member { conv, user, join } => {
                 let answer = if *join {
-                    nodes.api("POST", &format!("/api/v1/conversations/{conv}/members"), &json!({ "users": [user] }))
+                    nodes.api(
+                        "POST",
+                        &format!("/api/v1/conversations/{conv}/members"),
+                        &json!({ "users": [user] }),
+                    )
                 } else {
                     nodes.api("DELETE", &format!("/api/v1/conversations/{conv}/members/{user}"), &json!({}))
                 };

@@ -64,7 +64,10 @@ pub enum SyncPolicy {
 pub enum Reader {
     Prompt,
     /// A 4 KiB receive buffer; reads for `read`, then stops for `pause`, over and over.
-    Slow { read: Duration, pause: Duration },
+    Slow {
+        read: Duration,
+        pause: Duration,
+    },
 }
 
 /// How a connection ends, once its lifetime is over.
@@ -135,16 +138,29 @@ pub struct DevicePlan {
 /// What the director does, at a time from the start of the run.
 #[derive(Clone, Debug)]
 pub enum Act {
-    Push { users: Vec<String> },
+    Push {
+        users: Vec<String>,
+    },
     Broadcast,
     /// A message posted through the API (no `dev`, no `cid`).
-    Post { conv: String },
+    Post {
+        conv: String,
+    },
     /// A user joins or leaves a conversation (`POST` or `DELETE` on its members).
-    Member { conv: String, user: String, join: bool },
+    Member {
+        conv: String,
+        user: String,
+        join: bool,
+    },
     /// A node killed with SIGKILL and started again at once on the same ports.
-    Kill { node: usize },
+    Kill {
+        node: usize,
+    },
     /// A node stopped with SIGSTOP, continued with SIGCONT after `for_`.
-    Pause { node: usize, for_: Duration },
+    Pause {
+        node: usize,
+        for_: Duration,
+    },
     /// Redis killed and started again at once (durable: it keeps its data).
     RestartRedis,
 }

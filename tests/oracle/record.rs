@@ -37,8 +37,15 @@ pub enum Ev {
     Close(u16),
     /// The stream ended (EOF, reset, or an error).
     Eof(String),
-    Sent { conv: String, cid: String, body: Value },
-    Synced { conv: String, after: u64 },
+    Sent {
+        conv: String,
+        cid: String,
+        body: Value,
+    },
+    Synced {
+        conv: String,
+        after: u64,
+    },
     /// The client stops reading and goes (its last event).
     End(&'static str),
 }
