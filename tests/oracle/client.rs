@@ -83,9 +83,12 @@ struct Conn<'a, 's> {
     ws: Ws,
     /// Highest seq of each conversation seen on this connection.
     seen: HashMap<String, u64>,
-    /// Conversations told of with a `gap`, not yet synced since.
+    /// Conversations told of with a `gap`, or whose `sync` was answered `unavailable`,
+    /// not yet synced since: PROTOCOL.md has the client sync them (again).
     gapped: HashSet<String>,
     syncing: HashSet<String>,
+    /// A sync answered `unavailable` is asked again after a pause, not at once.
+    retry_after: HashMap<String, Instant>,
     ended: bool,
 }
 
@@ -129,6 +132,7 @@ impl<'a, 's> Conn<'a, 's> {
             seen: HashMap::new(),
             gapped: HashSet::new(),
             syncing: HashSet::new(),
+            retry_after: HashMap::new(),
             ended: false,
         };
         conn.live(rng, memory);
@@ -207,7 +211,8 @@ impl<'a, 's> Conn<'a, 's> {
             // A gap calls for a sync from its start (a client that never syncs ignores it).
             if self.plan.sync != SyncPolicy::Never {
                 for conv in self.gapped.clone() {
-                    if !self.syncing.contains(&conv) {
+                    let waiting = self.retry_after.get(&conv).is_some_and(|at| Instant::now() < *at);
+                    if !self.syncing.contains(&conv) && !waiting {
                         self.sync(&conv, memory);
                     }
                 }
@@ -228,7 +233,8 @@ impl<'a, 's> Conn<'a, 's> {
             }
             if self.plan.sync != SyncPolicy::Never {
                 for conv in self.gapped.clone() {
-                    if !self.syncing.contains(&conv) {
+                    let waiting = self.retry_after.get(&conv).is_some_and(|at| Instant::now() < *at);
+                    if !self.syncing.contains(&conv) && !waiting {
                         self.sync(&conv, memory);
                         last_heard = Instant::now();
                     }
@@ -323,14 +329,20 @@ impl<'a, 's> Conn<'a, 's> {
                 memory.unacked.retain(|(c, id, _)| !(c == &conv && id == cid));
             }
             Some("error") => {
-                // A sync that failed is no longer running; a send refused is not retried
-                // (`not_member`) or is retried on the next connection (`unavailable`).
+                // A sync that failed is no longer running, and is asked again when the store
+                // was unavailable; a send refused is not retried (`not_member`) or is
+                // retried on the next connection (`unavailable`).
                 if let Some(cid) = frame["cid"].as_str() {
-                    if frame["code"] != "unavailable" {
+                    let unavailable = frame["code"] == "unavailable";
+                    if !unavailable {
                         memory.unacked.retain(|(_, id, _)| id != cid);
                     }
                     if let Some(conv) = cid.strip_prefix("sync:") {
                         self.syncing.remove(conv);
+                        if unavailable {
+                            self.gapped.insert(conv.to_owned());
+                            self.retry_after.insert(conv.to_owned(), Instant::now() + Duration::from_millis(250));
+                        }
                     }
                 }
             }
