@@ -18,7 +18,7 @@ use crate::mesh::{Key, Origin, Reply, ReplyTo, SessionRef, ShardMsg};
 use crate::protocol::{self, ErrorCode, MsgFields};
 use crate::session::SyncReply;
 use crate::shard::Shard;
-use crate::store::{History, MemberOp, NewMessage, Store, StoreError};
+use crate::store::{Appended, History, MemberOp, MemberView, NewMessage, Store, StoreError};
 use crate::wheel::TimerId;
 use crate::ws::codec;
 
@@ -140,12 +140,48 @@ pub struct Holdback {
     pub active_ms: u64,
     /// A tail check is queued.
     pub check_queued: bool,
+    /// The conversation's members version that this node's view of its membership (the
+    /// shards' indexes) reflects. A message taken under a newer one means a change this
+    /// node missed (a `members` message lost between nodes): delivery waits while the
+    /// member set is read again (see [`Shard::reconcile`]).
+    pub members_version: u64,
+    /// The newest members version heard of (from a message or a change).
+    pub members_wanted: u64,
+    /// The member set is being read again: nothing is handed on meanwhile.
+    pub reconciling: bool,
 }
 
 impl Holdback {
-    /// Starts after `baseline`: seqs up to it are the clients' to `sync`.
-    pub fn new(baseline: u64) -> Holdback {
-        Holdback { delivered: baseline, highest: baseline, ..Holdback::default() }
+    /// Starts after `baseline`: seqs up to it are the clients' to `sync`. The membership
+    /// the node's sessions were joined under is `members_version`.
+    pub fn new(baseline: u64, members_version: u64) -> Holdback {
+        Holdback {
+            delivered: baseline,
+            highest: baseline,
+            members_version,
+            members_wanted: members_version,
+            ..Holdback::default()
+        }
+    }
+
+    /// A message or change was taken under members version `version`: true when this node
+    /// must read the member set again before it hands anything more on (and was not
+    /// already doing so).
+    pub fn needs_reconcile(&mut self, version: u64) -> bool {
+        self.members_wanted = self.members_wanted.max(version);
+        if self.members_wanted <= self.members_version || self.reconciling {
+            return false;
+        }
+        self.reconciling = true;
+        true
+    }
+
+    /// The member set was read again, under `version`. True when a newer change was heard
+    /// of meanwhile (read once more).
+    pub fn reconciled(&mut self, version: u64) -> bool {
+        self.members_version = self.members_version.max(version);
+        self.reconciling = self.members_wanted > self.members_version;
+        self.reconciling
     }
 
     pub fn delivered(&self) -> u64 {
@@ -172,8 +208,11 @@ impl Holdback {
         self.highest = self.highest.max(last);
     }
 
-    /// The next message in order, if it is here.
+    /// The next message in order, if it is here (none while the member set is read again).
     pub fn next_ready(&mut self) -> Option<(u64, Held)> {
+        if self.reconciling {
+            return None;
+        }
         let entry = self.held.first_entry()?;
         if *entry.key() != self.delivered + 1 {
             return None;
@@ -278,23 +317,24 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
             // A Redis call that failed after it was sent may have stored the message
             // without anyone delivering it; delivery is idempotent by seq, so hand it on
             // again (nodes that have it drop it). The repeating connection has its ack.
-            publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), exclude);
+            publish_and_deliver(shard, &conv, &appended, exclude);
         }
     } else {
         shard.metrics.accepted.inc();
-        publish_and_deliver(shard, &conv, appended.seq, appended.frame.clone(), exclude);
+        publish_and_deliver(shard, &conv, &appended, exclude);
         shard.metrics.fanout_latency.record(started.elapsed());
     }
 }
 
 /// Sends a message sequenced here to the other nodes (in a cluster) and to this node's
 /// sessions.
-fn publish_and_deliver(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+fn publish_and_deliver(shard: &Shard, conv: &Key, appended: &Appended, exclude: Option<SessionRef>) {
+    let (seq, members_version) = (appended.seq, appended.members_version);
     if shard.links().is_some() {
-        let json = codec::text_payload(&frame);
-        shard.publish(Topic::conv(conv), ClusterMsg::Msg { conv: conv.clone(), seq, json });
+        let json = codec::text_payload(&appended.frame);
+        shard.publish(Topic::conv(conv), ClusterMsg::Msg { conv: conv.clone(), seq, members_version, json });
     }
-    shard.deliver_in_order(conv, seq, frame, exclude);
+    shard.deliver_in_order(conv, seq, appended.frame.clone(), exclude, members_version);
 }
 
 /// Hands a sequenced frame to every shard that wants the conversation's messages (in
@@ -333,8 +373,9 @@ fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
 /// session's shard also receives the conversation's live messages, in order after the
 /// replay (the reply and later `Deliver`s travel the same FIFO channel).
 pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, mut reply: SyncReply) {
-    let result = match shard.store.is_member(&conv, &user).await {
-        Ok(true) => match shard.store.history(&conv, reply.after, reply.limit).await {
+    let view = fresh_views(shard, std::slice::from_ref(&conv), &user).await.map(|mut v| v.pop().flatten());
+    let result = match view {
+        Ok(Some(view)) => match shard.store.history(&conv, reply.after, reply.limit).await {
             Ok(mut history) => {
                 // A client that holds stored seqs this node has not delivered yet (they
                 // reached it through another node) must not get them again when they
@@ -345,7 +386,7 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, m
                 // In a cluster the store may already hold seqs this node has not delivered
                 // yet (on their way from another node): the replay stops where delivery
                 // is, and the rest follows live, in order, after `synced`.
-                let delivered = shard.saw_last_seq(&conv, history.last_seq);
+                let delivered = shard.saw_last_seq(&conv, history.last_seq, Some(view.members_version));
                 if delivered < history.last_seq {
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
@@ -357,7 +398,7 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, m
             }
             Err(_) => Err(ErrorCode::Unavailable),
         },
-        Ok(false) => Err(ErrorCode::NotMember),
+        Ok(None) => Err(ErrorCode::NotMember),
         Err(_) => Err(ErrorCode::Unavailable),
     };
     shard.metrics.sync_replays.inc();
@@ -415,16 +456,17 @@ async fn catch_up(
 /// behind the store (seqs on their way from other nodes): the answer names, per
 /// conversation, the last stored seq the session must not hear of when it comes.
 pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>, session: TimerId) {
-    let lasts = match shard.store.member_last_seqs(&convs, &user).await {
-        Ok(lasts) => lasts,
+    let views = match fresh_views(shard, &convs, &user).await {
+        Ok(views) => views,
         // The session's shard asks again: its `hello` waits for the store.
         Err(_) => return shard.route(from, ShardMsg::Joined { user, convs: Err(convs), session }),
     };
     let mut member_of = Vec::with_capacity(convs.len());
-    for (conv, last) in convs.into_iter().zip(lasts) {
-        if let Some(last) = last {
+    for (conv, view) in convs.into_iter().zip(views) {
+        if let Some(view) = view {
             shard.want(&conv, from);
-            let delivered = shard.saw_last_seq(&conv, last);
+            let last = view.last_seq;
+            let delivered = shard.saw_last_seq(&conv, last, Some(view.members_version));
             member_of.push((conv, if delivered < last { last } else { 0 }));
         }
     }
@@ -466,26 +508,43 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
         for topic in topics {
             let msg = ClusterMsg::Members {
                 conv: conv.clone(),
+                members_version: change.members_version,
                 added: change.added.clone(),
                 removed: change.removed.clone(),
             };
             shard.publish(topic, msg);
         }
     }
-    members_changed(shard, &conv, change.added, change.removed).await;
+    members_changed(shard, &conv, change.added, change.removed, change.members_version).await;
     shard.mesh.reply(reply, Reply::Members { count: change.count });
 }
 
-/// Tells this node's shards of a membership change of `conv` (owned here).
-async fn members_changed(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
+/// Tells this node's shards of a membership change of `conv` (owned here), which made its
+/// members version `version`. A change this node's view is not one behind of (one it
+/// already reflects, or one after a change it missed) is not applied piecemeal: the
+/// member set is read again instead (see [`Shard::reconcile`]).
+async fn members_changed(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>, version: u64) {
+    if let Some(h) = shard.order.borrow_mut().get_mut(conv) {
+        if version <= h.members_version {
+            return; // already reflected (a reconcile read it)
+        }
+        if version > h.members_version + 1 || h.reconciling {
+            if h.needs_reconcile(version) {
+                shard.reconcile_later(conv);
+            }
+            return;
+        }
+        h.members_version = version;
+        h.members_wanted = h.members_wanted.max(version);
+    }
     if !added.is_empty() {
         // Every shard may hold sessions of the new members: send it this conversation
         // until it says it has none (it answers `InterestOff` on the first message).
         shard.want_all(conv);
         if shard.redis().is_some() {
             // The new members' sessions are live in it from here: take the baseline.
-            if let Ok(Some(last)) = shard.store.member_last_seq(conv, &added[0]).await {
-                shard.saw_last_seq(conv, last);
+            if let Ok(Some(view)) = shard.store.member_view(conv, &added[0]).await {
+                shard.saw_last_seq(conv, view.last_seq, Some(view.members_version));
             }
         }
     }
@@ -502,18 +561,41 @@ async fn members_changed(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Ve
 }
 
 /// A membership change made on another node (the store is already changed).
-pub async fn on_remote_members(shard: &Shard, conv: Key, added: Vec<Key>, removed: Vec<Key>) {
-    members_changed(shard, &conv, added, removed).await;
+pub async fn on_remote_members(shard: &Shard, conv: Key, added: Vec<Key>, removed: Vec<Key>, version: u64) {
+    members_changed(shard, &conv, added, removed, version).await;
 }
 
-/// A message sequenced on another node.
-pub fn on_remote_msg(shard: &Shard, conv: Key, seq: u64, json: Bytes) {
+/// A message sequenced on another node, under members version `members_version`.
+pub fn on_remote_msg(shard: &Shard, conv: Key, seq: u64, members_version: u64, json: Bytes) {
     if shard.interest.borrow().shards(&conv).is_none() {
         // Subscriptions are by bucket: other conversations of the bucket come along.
         shard.metrics.cluster_ignored.inc();
         return;
     }
-    shard.deliver_in_order(&conv, seq, codec::text_frame(&json), None);
+    shard.deliver_in_order(&conv, seq, codec::text_frame(&json), None, members_version);
+}
+
+/// The member views of `user` in `convs`, each read under a members version no older than
+/// the one this node's view of the conversation already reflects: an answer older than
+/// that would undo a change already applied (it is read again).
+async fn fresh_views(
+    shard: &Shard,
+    convs: &[Key],
+    user: &str,
+) -> Result<Vec<Option<MemberView>>, StoreError> {
+    let mut attempts = 0;
+    loop {
+        let views = shard.store.member_views(convs, user).await?;
+        let order = shard.order.borrow();
+        let stale = convs.iter().zip(&views).any(|(conv, view)| {
+            let read = view.map_or(u64::MAX, |v| v.members_version);
+            order.get(conv).is_some_and(|h| read < h.members_version)
+        });
+        attempts += 1;
+        if !stale || attempts >= 5 {
+            return Ok(views);
+        }
+    }
 }
 
 /// Reads seqs `after+1 ..= upto` of `conv` from the store and delivers them in order;
@@ -542,14 +624,14 @@ pub async fn repair(shard: &Shard, conv: &Key, after: u64, upto: u64) -> bool {
     }
     for m in history.messages {
         shard.metrics.cluster_repaired.inc();
-        shard.deliver_in_order(conv, m.seq, m.frame, None);
+        shard.deliver_in_order(conv, m.seq, m.frame, None, m.members_version);
     }
     true
 }
 
 pub async fn on_conversation(shard: &Shard, reply: ReplyTo, conv: Key) {
     let answer = match shard.store.conversation(&conv).await {
-        Ok((members, last_seq)) => Reply::Conversation { members, last_seq },
+        Ok(c) => Reply::Conversation { members: c.members, last_seq: c.last_seq },
         Err(_) => Reply::Unavailable,
     };
     shard.mesh.reply(reply, answer);
@@ -569,7 +651,7 @@ mod tests {
 
     #[test]
     fn holdback_delivers_in_seq_order() {
-        let mut h = Holdback::new(10);
+        let mut h = Holdback::new(10, 0);
         assert!(!h.offer(10, frame(0)), "at or below the baseline: old");
         assert!(h.offer(12, frame(2)));
         assert_eq!(drain(&mut h), Vec::<u64>::new(), "11 is missing");
@@ -583,7 +665,7 @@ mod tests {
 
     #[test]
     fn holdback_knows_holes_it_only_heard_of() {
-        let mut h = Holdback::new(3);
+        let mut h = Holdback::new(3, 0);
         h.saw(6);
         assert_eq!(h.hole(), Some((3, 6)), "a store read saw 6: 4..=6 are due");
         h.offer(5, frame(5));

@@ -99,6 +99,30 @@ impl<S: Copy + Eq> Hub<S> {
         }
     }
 
+    /// `conv`'s members are exactly `members` (read again after a change this shard's
+    /// node missed): every local user joins or leaves it accordingly. Returns true when
+    /// `conv` has no session left on this shard.
+    pub fn reconcile(&mut self, conv: &Key, members: &[Key]) -> bool {
+        let had = !self.in_conv(conv).is_empty();
+        let members: HashSet<&str> = members.iter().map(|m| &**m).collect();
+        let users: Vec<(Key, bool)> = self
+            .users
+            .iter()
+            .filter_map(|(user, local)| {
+                let member = members.contains(&**user);
+                (member != local.convs.contains(conv)).then(|| (user.clone(), member))
+            })
+            .collect();
+        for (user, member) in users {
+            if member {
+                self.join(&user, conv);
+            } else {
+                self.leave(&user, conv);
+            }
+        }
+        had && self.in_conv(conv).is_empty()
+    }
+
     /// `user` left `conv`. Returns true when `conv` has no session left on this shard.
     pub fn leave(&mut self, user: &str, conv: &Key) -> bool {
         let Some(local) = self.users.get_mut(user) else { return false };

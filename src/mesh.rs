@@ -171,6 +171,12 @@ pub enum ShardMsg {
         added: Vec<Key>,
         removed: Vec<Key>,
     },
+    /// `conv`'s members are exactly these now (read again after a change this node
+    /// missed): bring the shard's index in line.
+    MembersNow {
+        conv: Key,
+        members: Arc<[Key]>,
+    },
     Push {
         users: Arc<[Key]>,
         frame: Bytes,

@@ -110,6 +110,8 @@ pub struct ShardMetrics {
     pub cluster_repairs: Counter,
     /// Cluster: messages recovered by gap repairs.
     pub cluster_repaired: Counter,
+    /// Cluster: member sets read again after a membership change this node missed.
+    pub cluster_reconciles: Counter,
 }
 
 /// Error codes counted in `ringpush_requests_refused_total`.
@@ -317,6 +319,12 @@ pub fn render_node(node: &crate::server::Node, shards: &[Arc<ShardMetrics>], out
         total(out, "cluster_repaired_total", "Messages recovered by gap repairs.", &|m| {
             m.cluster_repaired.get()
         });
+        total(
+            out,
+            "cluster_reconciles_total",
+            "Member sets read again after a missed membership change.",
+            &|m| m.cluster_reconciles.get(),
+        );
         let purges = node.presence_purges.load(Ordering::Relaxed);
         let _ = writeln!(
             out,

@@ -101,6 +101,9 @@ pub struct Shard {
     /// Conversations with a hole to repair, by due time (shard milliseconds).
     repairs: RefCell<VecDeque<(u64, Key)>>,
     repair_waker: Cell<Option<Waker>>,
+    /// Conversations whose member set must be read again (see [`Shard::reconcile`]).
+    reconciles: RefCell<VecDeque<Key>>,
+    reconcile_waker: Cell<Option<Waker>>,
     /// Conversations due for a tail check once quiet (see [`conv::QUIET_MS`]).
     checks: RefCell<VecDeque<Key>>,
     /// Presence changes of this shard's connections not yet written to Redis.
@@ -219,8 +222,11 @@ impl Shard {
 
     /// A store read saw `last` as the last seq of `conv`, which this node has an interest
     /// in: the first read is the delivery baseline (seqs up to it are the clients' to
-    /// `sync`), a later one may show a hole to repair. Returns the seq delivered so far.
-    pub fn saw_last_seq(&self, conv: &Key, last: u64) -> u64 {
+    /// `sync`), a later one may show a hole to repair. A read of a member's view also
+    /// names the members version it was made under (`members_version`): the first one is
+    /// what this node's view of the membership starts from. Returns the seq delivered so
+    /// far.
+    pub fn saw_last_seq(&self, conv: &Key, last: u64, members_version: Option<u64>) -> u64 {
         if self.redis().is_none() {
             return last;
         }
@@ -230,7 +236,8 @@ impl Shard {
             // message another node published before the subscription reached it is lost
             // to this node, and with no later message nothing would show the hole. One
             // tail check once the conversation is quiet finds it.
-            let mut h = Holdback::new(last);
+            // Without a membership read, 0: the first message read it again.
+            let mut h = Holdback::new(last, members_version.unwrap_or(0));
             h.active_ms = self.now_ms();
             h.check_queued = true;
             self.checks.borrow_mut().push_back(conv.clone());
@@ -251,8 +258,17 @@ impl Shard {
     }
 
     /// Hands a sequenced message to the shards that want it, in seq order: at once with
-    /// the embedded store; through the conversation's [`Holdback`] with Redis.
-    pub fn deliver_in_order(&self, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+    /// the embedded store; through the conversation's [`Holdback`] with Redis, where a
+    /// message taken under a members version newer than this node's view first has the
+    /// member set read again (see [`Shard::reconcile`]).
+    pub fn deliver_in_order(
+        &self,
+        conv: &Key,
+        seq: u64,
+        frame: Bytes,
+        exclude: Option<SessionRef>,
+        members_version: u64,
+    ) {
         if self.redis().is_none() {
             return conv::fan_out(self, conv, seq, frame, exclude);
         }
@@ -262,7 +278,7 @@ impl Shard {
         let now = self.now_ms();
         let mut order = self.order.borrow_mut();
         // No baseline yet (its read is on the way): this message starts the order.
-        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(seq - 1));
+        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(seq - 1, 0));
         h.active_ms = now;
         if !h.check_queued {
             h.check_queued = true;
@@ -270,6 +286,10 @@ impl Shard {
         }
         if !h.offer(seq, (frame, exclude)) {
             return;
+        }
+        if h.needs_reconcile(members_version) {
+            drop(order);
+            return self.reconcile_later(conv);
         }
         let mut ready = Vec::new();
         while let Some(next) = h.next_ready() {
@@ -296,6 +316,69 @@ impl Shard {
         if let Some(w) = self.repair_waker.take() {
             w.wake();
         }
+    }
+
+    /// Queues a read of `conv`'s member set (its [`Holdback`] is paused meanwhile).
+    pub fn reconcile_later(&self, conv: &Key) {
+        self.reconciles.borrow_mut().push_back(conv.clone());
+        if let Some(w) = self.reconcile_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Brings this node's view of a conversation's membership up to date, one conversation
+    /// at a time: a change made on another node reaches this one as a `members` message,
+    /// which can be lost (a node restarted, a subscription not yet in place); the next
+    /// message of the conversation then carries a members version newer than this node's
+    /// view. Until the member set is read again, nothing of the conversation is handed on
+    /// (a removed member must not get it); then every shard gets the set
+    /// ([`ShardMsg::MembersNow`]) ahead of the conversation's next messages.
+    async fn run_reconciles(self: Rc<Self>) {
+        loop {
+            let conv = futures_lite::future::poll_fn(|cx| match self.reconciles.borrow_mut().pop_front() {
+                Some(next) => Poll::Ready(next),
+                None => {
+                    self.reconcile_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            self.reconcile(&conv).await;
+        }
+    }
+
+    async fn reconcile(&self, conv: &Key) {
+        let read = loop {
+            if !self.order.borrow().get(conv).is_some_and(|h| h.reconciling) {
+                return; // the node gave the conversation up meanwhile
+            }
+            match self.store.conversation(conv).await {
+                Ok(read) => break read,
+                Err(_) => glommio::timer::sleep(Duration::from_millis(REPAIR_RETRY_MS)).await,
+            }
+        };
+        self.metrics.cluster_reconciles.inc();
+        // Sessions of members added meanwhile may be on any shard.
+        self.want_all(conv);
+        let members: Arc<[Key]> = read.members.into();
+        for target in 0..self.shard_count {
+            self.route(target, ShardMsg::MembersNow { conv: conv.clone(), members: members.clone() });
+        }
+        let mut order = self.order.borrow_mut();
+        let Some(h) = order.get_mut(conv) else { return };
+        if h.reconciled(read.members_version) {
+            drop(order);
+            return self.reconcile_later(conv);
+        }
+        let mut ready = Vec::new();
+        while let Some(next) = h.next_ready() {
+            ready.push(next);
+        }
+        drop(order);
+        for (seq, (frame, exclude)) in ready {
+            conv::fan_out(self, conv, seq, frame, exclude);
+        }
+        self.check_hole(conv);
     }
 
     /// Fills holes that outlasted [`conv::REPAIR_AFTER_MS`] from the store, one at a time.
@@ -363,7 +446,7 @@ impl Shard {
                     Ok(lasts) => {
                         for (conv, last) in batch.iter().zip(lasts) {
                             if self.order.borrow().contains_key(conv) {
-                                self.saw_last_seq(conv, last);
+                                self.saw_last_seq(conv, last, None);
                             }
                         }
                     }
@@ -449,11 +532,15 @@ impl Shard {
     /// Handles a message from another node.
     async fn on_cluster(self: &Rc<Self>, env: Envelope) {
         match env.msg {
-            ClusterMsg::Msg { conv, seq, json } => conv::on_remote_msg(self, conv, seq, json),
-            ClusterMsg::Members { conv, added, removed } => {
+            ClusterMsg::Msg { conv, seq, members_version, json } => {
+                conv::on_remote_msg(self, conv, seq, members_version, json)
+            }
+            ClusterMsg::Members { conv, members_version, added, removed } => {
                 let me = self.clone();
-                glommio::spawn_local(async move { conv::on_remote_members(&me, conv, added, removed).await })
-                    .detach();
+                glommio::spawn_local(async move {
+                    conv::on_remote_members(&me, conv, added, removed, members_version).await
+                })
+                .detach();
             }
             ClusterMsg::Push { users, json } => {
                 let users: Arc<[Key]> = users.into();
@@ -740,6 +827,12 @@ impl Shard {
 
             // As a shard with sessions.
             ShardMsg::Deliver { conv, seq, frame, exclude } => self.deliver(conv, seq, frame, exclude).await,
+            ShardMsg::MembersNow { conv, members } => {
+                let emptied = self.hub.borrow_mut().reconcile(&conv, &members);
+                if emptied {
+                    self.lost_interest(conv);
+                }
+            }
             ShardMsg::MembersChanged { conv, added, removed } => {
                 let mut hub = self.hub.borrow_mut();
                 for user in &added {
@@ -928,6 +1021,8 @@ pub async fn run(setup: ShardSetup) {
         order: RefCell::default(),
         repairs: RefCell::default(),
         repair_waker: Cell::new(None),
+        reconciles: RefCell::default(),
+        reconcile_waker: Cell::new(None),
         checks: RefCell::default(),
         presence_out: RefCell::default(),
         config,
@@ -962,6 +1057,7 @@ pub async fn run(setup: ShardSetup) {
     glommio::spawn_local(shard.clone().run_graces()).detach();
     if shard.redis().is_some() {
         glommio::spawn_local(shard.clone().run_repairs()).detach();
+        glommio::spawn_local(shard.clone().run_reconciles()).detach();
         glommio::spawn_local(shard.clone().run_presence()).detach();
         glommio::spawn_local(shard.clone().run_checks()).detach();
     }

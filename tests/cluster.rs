@@ -681,3 +681,40 @@ fn a_send_whose_store_answer_was_lost_is_acked_when_it_was_stored() {
     assert_eq!(ack["seq"], 2);
     assert_eq!(read_op(&mut bob, "msg")["seq"], 2);
 }
+
+#[test]
+fn a_node_that_missed_a_membership_change_delivers_nothing_to_the_removed_member() {
+    // Found by the oracle (cluster seed 5065): a member removed through a node whose
+    // `members` message never reached another node (it had just restarted and its peers
+    // had not reconnected) went on getting the conversation there. Here node b never hears
+    // node a at all (its only peer is a dead endpoint), so every change made through a is
+    // lost to b; b must still stop delivering to the removed member, from the first
+    // message taken after the change (it carries the newer members version).
+    let redis = Redis::start();
+    let (a, b) = (Ports::free(), Ports::free());
+    let node_a = start_node("a", &redis, &a, "");
+    let node_b = start_node("b", &redis, &b, "[cluster]\npeers = [\"tcp://127.0.0.1:1\"]\n");
+    // Two conversations with the same owner shard, so that on b their messages reach a
+    // connection in the order b takes them.
+    let shards = 2;
+    let c = id_on_shard("conv-", 0, shards);
+    let c2 = id_on_shard("other-", 0, shards);
+    node_b.set_members(&c, &["u", "v"]);
+    node_b.set_members(&c2, &["u", "v"]);
+    let (mut u, _) = connect_synced(&node_b, "u", "phone", &[&c, &c2]);
+    let (mut v, _) = connect_synced(&node_b, "v", "phone", &[&c, &c2]);
+    send_acked(&mut v, &c, "before", &json!("before"));
+    assert_eq!(read_op(&mut u, "msg")["cid"], "before");
+    // Through a: b never hears of it.
+    node_a.api_expect("DELETE", &format!("/api/v1/conversations/{c}/members/u"), None, 200);
+    send_acked(&mut v, &c, "after", &json!("not for u"));
+    node_b.wait_metric("ringpush_cluster_reconciles_total", Duration::from_secs(10), |n| n >= 1);
+    // Then a message u is owed, behind it in b's order: the first frame u gets.
+    let ack = send_acked(&mut v, &c2, "marker", &json!("marker"));
+    let got = read_json(&mut u);
+    assert_eq!(
+        (got["conv"].as_str(), got["seq"].as_u64()),
+        (Some(c2.as_str()), ack["seq"].as_u64()),
+        "u, no longer a member of {c}, got {got}"
+    );
+}

@@ -81,7 +81,12 @@ fn text(json: &str) -> ClusterMsg {
 }
 
 fn msg(conv: &str, seq: u64) -> ClusterMsg {
-    ClusterMsg::Msg { conv: key(conv), seq, json: Bytes::from(format!("{{\"seq\":{seq}}}")) }
+    ClusterMsg::Msg {
+        conv: key(conv),
+        seq,
+        members_version: 1,
+        json: Bytes::from(format!("{{\"seq\":{seq}}}")),
+    }
 }
 
 /// Publishes probes from `from` on `topic` until `to` receives one of them: from then on,

@@ -20,7 +20,9 @@ use glommio::LocalExecutorBuilder;
 use redis::Value;
 use ringpush::bridge::{PoolOptions, RedisPool};
 use ringpush::protocol::{msg_json, MsgFields};
-use ringpush::store::{MemberOp, NewMessage, Presence, PresenceOp, RedisStore, Store, StoreError};
+use ringpush::store::{
+    MemberOp, MemberView, NewMessage, Presence, PresenceOp, RedisStore, Store, StoreError,
+};
 use ringpush::ws::codec::text_frame;
 
 /// Bound on any single store call in these tests (the pool promises far less).
@@ -243,8 +245,7 @@ fn seq_has_no_gaps_across_two_nodes() {
         for t in tasks {
             seqs.push(t.await);
         }
-        let (_, last) = bounded(a.conversation("c1")).await.unwrap();
-        assert_eq!(last, 200);
+        assert_eq!(bounded(a.conversation("c1")).await.unwrap().last_seq, 200);
         seqs
     });
     let mut sorted_seqs = seqs.clone();
@@ -378,37 +379,55 @@ fn members_and_user_conversations() {
     let pool = pool(&server);
     on_shard(move || async move {
         let s = store(&pool, "a", 1);
+        // Every change raises the members version by one; a call that changes nothing
+        // leaves it.
         let ch = bounded(s.set_members("c", MemberOp::Replace, &users(&["a", "b"]))).await.unwrap();
         assert_eq!((sorted(ch.added), ch.removed.len(), ch.count), (users(&["a", "b"]), 0, 2));
+        assert_eq!(ch.members_version, 1);
         let ch = bounded(s.set_members("c", MemberOp::Replace, &users(&["b", "c"]))).await.unwrap();
-        assert_eq!((ch.added, ch.removed, ch.count), (users(&["c"]), users(&["a"]), 2));
+        assert_eq!(
+            (ch.added, ch.removed, ch.count, ch.members_version),
+            (users(&["c"]), users(&["a"]), 2, 2)
+        );
         let ch = bounded(s.set_members("c", MemberOp::Add, &users(&["c", "d"]))).await.unwrap();
-        assert_eq!((ch.added, ch.count), (users(&["d"]), 3));
+        assert_eq!((ch.added, ch.count, ch.members_version), (users(&["d"]), 3, 3));
+        let ch = bounded(s.set_members("c", MemberOp::Add, &users(&["d"]))).await.unwrap();
+        assert_eq!((ch.added.len(), ch.members_version), (0, 3), "no change, no new version");
         let ch = bounded(s.set_members("c", MemberOp::Remove, &users(&["b", "zz"]))).await.unwrap();
-        assert_eq!((ch.removed, ch.count), (users(&["b"]), 2));
+        assert_eq!((ch.removed, ch.count, ch.members_version), (users(&["b"]), 2, 4));
 
         assert!(bounded(s.is_member("c", "c")).await.unwrap());
         assert!(!bounded(s.is_member("c", "b")).await.unwrap());
-        assert_eq!(bounded(s.member_last_seq("c", "c")).await.unwrap(), Some(0));
-        assert_eq!(bounded(s.member_last_seq("c", "b")).await.unwrap(), None);
-        append(&s, "c", &message("c", None, 1, "{}"), 0).await;
+        let view = |last_seq, members_version| Some(MemberView { last_seq, members_version });
+        assert_eq!(bounded(s.member_view("c", "c")).await.unwrap(), view(0, 4));
+        assert_eq!(bounded(s.member_view("c", "b")).await.unwrap(), None);
+        let first = append(&s, "c", &message("c", None, 1, "{}"), 0).await;
+        assert_eq!(first.members_version, 4, "an append answers the version it was taken under");
         append(&s, "c", &message("c", None, 2, "{}"), 0).await;
-        assert_eq!(bounded(s.member_last_seq("c", "d")).await.unwrap(), Some(2));
-        let (members, last) = bounded(s.conversation("c")).await.unwrap();
-        assert_eq!((sorted(members), last), (users(&["c", "d"]), 2));
+        assert_eq!(bounded(s.member_view("c", "d")).await.unwrap(), view(2, 4));
+        let read = bounded(s.conversation("c")).await.unwrap();
+        assert_eq!((sorted(read.members), read.last_seq, read.members_version), (users(&["c", "d"]), 2, 4));
+        // History keeps the version each message was taken under.
+        let history = bounded(s.history("c", 0, 10)).await.unwrap();
+        assert!(history.messages.iter().all(|m| m.members_version == 4), "{history:?}");
         // Many conversations in one call, in the order asked.
         let convs: Vec<Arc<str>> = vec!["c".into(), "none".into(), "c".into()];
-        assert_eq!(bounded(s.member_last_seqs(&convs, "d")).await.unwrap(), vec![Some(2), None, Some(2)]);
+        assert_eq!(bounded(s.member_views(&convs, "d")).await.unwrap(), vec![view(2, 4), None, view(2, 4)]);
         // A client's append is refused for a non-member and stores nothing; a member's
         // goes in, as does the API's (no check).
         let enc = |seq| encoded("c", &message("b", None, 3, "{}"), seq);
         let refused = bounded(s.append_if_member("c", &message("b", Some("x"), 3, "{}"), 0, &enc)).await;
         assert!(refused.unwrap().is_none());
-        assert_eq!(bounded(s.conversation("c")).await.unwrap().1, 2, "nothing stored for a non-member");
+        assert_eq!(
+            bounded(s.conversation("c")).await.unwrap().last_seq,
+            2,
+            "nothing stored for a non-member"
+        );
         let enc = |seq| encoded("c", &message("d", None, 4, "{}"), seq);
         let ok = bounded(s.append_if_member("c", &message("d", None, 4, "{}"), 0, &enc)).await.unwrap();
         assert_eq!(ok.map(|a| a.seq), Some(3));
-        assert_eq!(bounded(s.conversation("none")).await.unwrap(), (Vec::new(), 0));
+        let none = bounded(s.conversation("none")).await.unwrap();
+        assert_eq!((none.members.len(), none.last_seq, none.members_version), (0, 0, 0));
 
         let (c1, c2): (Arc<str>, Arc<str>) = ("c1".into(), "c2:x".into());
         bounded(s.link_user("u", &c1, true)).await.unwrap();
@@ -659,7 +678,10 @@ fn redis_down_fails_fast_then_recovers_without_a_new_pool() {
 #[test]
 fn redis_that_stops_answering_times_jobs_out() {
     let server = RedisServer::start();
-    let pool = pool(&server);
+    // One connection, whose scripts the first append loads: the first job after the stop
+    // is sure to be sent (not refused while loading scripts on another connection).
+    let options = PoolOptions { connections: 1, ..PoolOptions::default() };
+    let pool = RedisPool::start(&server.url(), options).expect("start the pool");
     let pid = server.child.as_ref().map(|c| c.id()).expect("running") as libc::pid_t;
     on_shard(move || async move {
         let s = store(&pool, "a", 1);

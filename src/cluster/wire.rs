@@ -5,15 +5,15 @@
 //! hand in this layout (integers little-endian):
 //!
 //! ```text
-//! u8   version          FORMAT_VERSION (1); anything else is refused, never guessed at
+//! u8   version          FORMAT_VERSION (2); anything else is refused, never guessed at
 //! u8   kind             1 msg, 2 push, 3 disconnect, 4 members, 5 broadcast
 //! id   node             the sender's node id
 //! u64  epoch            the sender's start epoch
 //! body by kind:
-//!   msg         id conv, u64 seq, blob json
+//!   msg         id conv, u64 seq, u64 members version, blob json
 //!   push        list users, blob json
 //!   disconnect  id user
-//!   members     id conv, list added, list removed
+//!   members     id conv, u64 members version, list added, list removed
 //!   broadcast   blob json
 //!
 //! id    u16 length (<= MAX_ID) + UTF-8 bytes
@@ -23,7 +23,9 @@
 //!
 //! Nothing may follow the body. A new field or kind is a new version: nodes of different
 //! versions count each other's messages as decode errors instead of misreading them, so a
-//! rolling upgrade that changes the format needs the receivers upgraded first.
+//! rolling upgrade that changes the format needs the receivers upgraded first. Version 2
+//! added the members versions (see `store`): a node that missed a `members` message
+//! finds out from the next `msg` of the conversation.
 //!
 //! [`decode`] never panics and checks every length and count against both its cap and the
 //! bytes actually left before allocating, so what it allocates is proportional to its input.
@@ -38,7 +40,7 @@ use thiserror::Error;
 use crate::mesh::{fnv1a, Key};
 
 /// The format version written first in every payload.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Longest node, conversation or user id, in bytes.
 pub const MAX_ID: usize = 1024;
 /// Most entries in one list (push recipients, members added or removed).
@@ -51,7 +53,7 @@ const LIST_MAX_BYTES: usize = 4 + MAX_LIST * ID_MAX_BYTES;
 /// An upper bound on any valid payload (a `members` message with both lists full): the
 /// SUB socket's `MAXMSGSIZE`, so a peer announcing a larger frame is cut off before
 /// libzmq allocates for it, while nothing valid is ever refused.
-pub const MAX_PAYLOAD: usize = 2 + ID_MAX_BYTES + 8 + ID_MAX_BYTES + 2 * LIST_MAX_BYTES;
+pub const MAX_PAYLOAD: usize = 2 + ID_MAX_BYTES + 8 + ID_MAX_BYTES + 8 + 2 * LIST_MAX_BYTES;
 
 /// Topic buckets per kind of key: conversations and users each hash into this many.
 pub const BUCKETS: u32 = 4096;
@@ -147,14 +149,15 @@ impl TopicFrame {
 /// clients (a `msg` frame's JSON, a `push` frame's), encoded once by the sender.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClusterMsg {
-    /// A sequenced message of `conv`: its `msg` frame's JSON text.
-    Msg { conv: Key, seq: u64, json: Bytes },
+    /// A sequenced message of `conv`: its `msg` frame's JSON text, and the conversation's
+    /// members version when it was taken.
+    Msg { conv: Key, seq: u64, members_version: u64, json: Bytes },
     /// A push frame's JSON to each of these users' devices.
     Push { users: Vec<Key>, json: Bytes },
     /// Close every connection of `user` (the API's disconnect).
     Disconnect { user: Key },
-    /// `conv` gained and lost these members.
-    Members { conv: Key, added: Vec<Key>, removed: Vec<Key> },
+    /// `conv` gained and lost these members, which made its members version this.
+    Members { conv: Key, members_version: u64, added: Vec<Key>, removed: Vec<Key> },
     /// A broadcast frame's JSON to every connection.
     Broadcast { json: Bytes },
 }
@@ -230,9 +233,10 @@ pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
     put_id(out, &env.node);
     out.extend_from_slice(&env.epoch.to_le_bytes());
     match &env.msg {
-        ClusterMsg::Msg { conv, seq, json } => {
+        ClusterMsg::Msg { conv, seq, members_version, json } => {
             put_id(out, conv);
             out.extend_from_slice(&seq.to_le_bytes());
+            out.extend_from_slice(&members_version.to_le_bytes());
             put_blob(out, json);
         }
         ClusterMsg::Push { users, json } => {
@@ -240,8 +244,9 @@ pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_blob(out, json);
         }
         ClusterMsg::Disconnect { user } => put_id(out, user),
-        ClusterMsg::Members { conv, added, removed } => {
+        ClusterMsg::Members { conv, members_version, added, removed } => {
             put_id(out, conv);
+            out.extend_from_slice(&members_version.to_le_bytes());
             put_list(out, added);
             put_list(out, removed);
         }
@@ -274,10 +279,10 @@ fn encoded_len(env: &Envelope) -> Result<usize, WireError> {
     }
     let head = 2 + id(&env.node)? + 8;
     let body = match &env.msg {
-        ClusterMsg::Msg { conv, json, .. } => id(conv)? + 8 + blob(json)?,
+        ClusterMsg::Msg { conv, json, .. } => id(conv)? + 8 + 8 + blob(json)?,
         ClusterMsg::Push { users, json } => list(users)? + blob(json)?,
         ClusterMsg::Disconnect { user } => id(user)?,
-        ClusterMsg::Members { conv, added, removed } => id(conv)? + list(added)? + list(removed)?,
+        ClusterMsg::Members { conv, added, removed, .. } => id(conv)? + 8 + list(added)? + list(removed)?,
         ClusterMsg::Broadcast { json } => blob(json)?,
     };
     Ok(head + body)
@@ -318,7 +323,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
         1 => {
             let conv = r.id()?;
             let seq = r.u64()?;
-            ClusterMsg::Msg { conv, seq, json: r.blob()? }
+            let members_version = r.u64()?;
+            ClusterMsg::Msg { conv, seq, members_version, json: r.blob()? }
         }
         2 => {
             let users = r.list()?;
@@ -327,8 +333,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
         3 => ClusterMsg::Disconnect { user: r.id()? },
         4 => {
             let conv = r.id()?;
+            let members_version = r.u64()?;
             let added = r.list()?;
-            ClusterMsg::Members { conv, added, removed: r.list()? }
+            ClusterMsg::Members { conv, members_version, added, removed: r.list()? }
         }
         _ => ClusterMsg::Broadcast { json: r.blob()? },
     };
@@ -429,13 +436,24 @@ mod tests {
             ClusterMsg::Msg {
                 conv: key("c1"),
                 seq: u64::MAX,
+                members_version: 7,
                 json: Bytes::from_static(br#"{"op":"msg","text":"h\u00e9"}"#),
             },
             ClusterMsg::Push { users: vec![key("u1"), key(""), key("ü")], json: Bytes::from_static(b"{}") },
             ClusterMsg::Push { users: vec![], json: Bytes::new() },
             ClusterMsg::Disconnect { user: key("u1") },
-            ClusterMsg::Members { conv: key("c1"), added: vec![key("a"), key("b")], removed: vec![] },
-            ClusterMsg::Members { conv: key(""), added: vec![], removed: vec![key("x")] },
+            ClusterMsg::Members {
+                conv: key("c1"),
+                members_version: 1,
+                added: vec![key("a"), key("b")],
+                removed: vec![],
+            },
+            ClusterMsg::Members {
+                conv: key(""),
+                members_version: u64::MAX,
+                added: vec![],
+                removed: vec![key("x")],
+            },
             ClusterMsg::Broadcast { json: Bytes::from_static(br#"{"op":"push"}"#) },
         ]
     }
@@ -467,14 +485,20 @@ mod tests {
         let e = Envelope {
             node: key("n"),
             epoch: 2,
-            msg: ClusterMsg::Msg { conv: key("c"), seq: 3, json: Bytes::from_static(b"{}") },
+            msg: ClusterMsg::Msg {
+                conv: key("c"),
+                seq: 3,
+                members_version: 4,
+                json: Bytes::from_static(b"{}"),
+            },
         };
         let expected: &[u8] = &[
-            1, 1, // version, kind
+            2, 1, // version, kind
             1, 0, b'n', // node
             2, 0, 0, 0, 0, 0, 0, 0, // epoch
             1, 0, b'c', // conv
             3, 0, 0, 0, 0, 0, 0, 0, // seq
+            4, 0, 0, 0, 0, 0, 0, 0, // members version
             2, 0, 0, 0, b'{', b'}', // json
         ];
         assert_eq!(encode(&e).unwrap(), expected);
@@ -498,6 +522,7 @@ mod tests {
             (
                 env(ClusterMsg::Members {
                     conv: key("c"),
+                    members_version: 1,
                     added: vec![],
                     removed: vec![key("u"); MAX_LIST + 1],
                 }),
@@ -518,19 +543,24 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_refused() {
-        let good = encode(&env(ClusterMsg::Msg { conv: key("c"), seq: 9, json: Bytes::from_static(b"{}") }))
-            .unwrap();
+        let good = encode(&env(ClusterMsg::Msg {
+            conv: key("c"),
+            seq: 9,
+            members_version: 0,
+            json: Bytes::from_static(b"{}"),
+        }))
+        .unwrap();
         let mut trailing = good.clone();
         trailing.push(0);
         let mut version = good.clone();
-        version[0] = 2;
+        version[0] = 1;
         let mut kind = good.clone();
         kind[1] = 6;
         let mut kind_zero = good.clone();
         kind_zero[1] = 0;
         // version, kind, node id "n", epoch, then the body.
         let head = |kind: u8| -> Vec<u8> {
-            let mut v = vec![1, kind, 1, 0, b'n'];
+            let mut v = vec![2, kind, 1, 0, b'n'];
             v.extend_from_slice(&7u64.to_le_bytes());
             v
         };
@@ -544,19 +574,19 @@ mod tests {
         let huge = (MAX_JSON as u32 + 1).to_le_bytes();
         let cases: Vec<(&str, Vec<u8>, WireError)> = vec![
             ("empty", vec![], WireError::Truncated { at: 0, wanted: 1, left: 0 }),
-            ("version only", vec![1], WireError::Truncated { at: 1, wanted: 1, left: 0 }),
+            ("version only", vec![2], WireError::Truncated { at: 1, wanted: 1, left: 0 }),
             ("trailing byte", trailing, WireError::TrailingBytes(1)),
-            ("other version", version, WireError::Version(2)),
+            ("an older version", version, WireError::Version(1)),
             ("unknown kind", kind, WireError::Kind(6)),
             ("kind zero", kind_zero, WireError::Kind(0)),
             (
                 "node length past the end",
-                vec![1, 3, 9, 0, b'n'],
+                vec![2, 3, 9, 0, b'n'],
                 WireError::Truncated { at: 4, wanted: 9, left: 1 },
             ),
-            ("node too long", [&[1u8, 3][..], &long_id].concat(), WireError::IdTooLong(MAX_ID + 1)),
-            ("node not UTF-8", vec![1, 3, 1, 0, 0xc3], WireError::NotUtf8),
-            ("no epoch", vec![1, 3, 1, 0, b'n', 7], WireError::Truncated { at: 5, wanted: 8, left: 1 }),
+            ("node too long", [&[2u8, 3][..], &long_id].concat(), WireError::IdTooLong(MAX_ID + 1)),
+            ("node not UTF-8", vec![2, 3, 1, 0, 0xc3], WireError::NotUtf8),
+            ("no epoch", vec![2, 3, 1, 0, b'n', 7], WireError::Truncated { at: 5, wanted: 8, left: 1 }),
             ("disconnect without user", head(3), WireError::Truncated { at: 13, wanted: 2, left: 0 }),
             ("user too long", with(3, &long_id), WireError::IdTooLong(MAX_ID + 1)),
             (
@@ -583,9 +613,14 @@ mod tests {
                 WireError::Truncated { at: 22, wanted: 5, left: 0 },
             ),
             (
+                "msg without members version",
+                with(1, &[1, 0, b'c', 3, 0, 0, 0, 0, 0, 0, 0, 1]),
+                WireError::Truncated { at: 24, wanted: 8, left: 1 },
+            ),
+            (
                 "members without removed",
-                with(4, &[1, 0, b'c', 0, 0, 0, 0]),
-                WireError::Truncated { at: 20, wanted: 4, left: 0 },
+                with(4, &[1, 0, b'c', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                WireError::Truncated { at: 28, wanted: 4, left: 0 },
             ),
         ];
         for (name, bytes, want) in cases {

@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Appended, History, MemberChange, MemberOp, NewMessage, Store, StoreError, Stored};
+use super::{
+    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Store, StoreError,
+    Stored,
+};
 
 /// A dedupe key: (sender, cid).
 type SeenKey = (Arc<str>, Arc<str>);
@@ -20,6 +23,8 @@ type SeenKey = (Arc<str>, Arc<str>);
 #[derive(Default)]
 struct Conv {
     members: HashSet<Arc<str>>,
+    /// Raised by one at every change of `members`.
+    members_version: u64,
     last_seq: u64,
     /// The newest messages, oldest first; seqs are consecutive.
     history: VecDeque<Stored>,
@@ -58,15 +63,21 @@ impl Store for MemoryStore {
         Ok(self.convs.borrow().get(conv).is_some_and(|c| c.members.contains(user)))
     }
 
-    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.convs.borrow().get(conv).filter(|c| c.members.contains(user)).map(|c| c.last_seq))
+    async fn member_view(&self, conv: &str, user: &str) -> Result<Option<MemberView>, StoreError> {
+        let convs = self.convs.borrow();
+        let member = convs.get(conv).filter(|c| c.members.contains(user));
+        Ok(member.map(|c| MemberView { last_seq: c.last_seq, members_version: c.members_version }))
     }
 
-    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
+    async fn conversation(&self, conv: &str) -> Result<Conversation, StoreError> {
         let convs = self.convs.borrow();
         Ok(match convs.get(conv) {
-            Some(c) => (c.members.iter().cloned().collect(), c.last_seq),
-            None => (Vec::new(), 0),
+            Some(c) => Conversation {
+                members: c.members.iter().cloned().collect(),
+                last_seq: c.last_seq,
+                members_version: c.members_version,
+            },
+            None => Conversation::default(),
         })
     }
 
@@ -107,7 +118,11 @@ impl Store for MemoryStore {
                 }
             }
         }
+        if !change.added.is_empty() || !change.removed.is_empty() {
+            c.members_version += 1;
+        }
         change.count = c.members.len();
+        change.members_version = c.members_version;
         Ok(change)
     }
 
@@ -137,13 +152,15 @@ impl Store for MemoryStore {
             if let Some(&(seq, ts)) = c.seen.get(key) {
                 let frame =
                     c.history.iter().find(|s| s.seq == seq).map(|s| s.frame.clone()).unwrap_or_default();
-                return Ok(Appended { seq, ts, frame, duplicate: true });
+                let members_version = c.members_version;
+                return Ok(Appended { seq, ts, frame, duplicate: true, members_version });
             }
         }
         c.last_seq += 1;
         let seq = c.last_seq;
         let frame = encode(seq);
-        c.history.push_back(Stored { seq, frame: frame.clone() });
+        let members_version = c.members_version;
+        c.history.push_back(Stored { seq, frame: frame.clone(), members_version });
         while c.history.len() > self.history_max {
             c.history.pop_front();
         }
@@ -151,7 +168,7 @@ impl Store for MemoryStore {
             c.seen.insert(key.clone(), (seq, msg.ts));
             c.seen_order.push_back((msg.ts + self.dedupe_window_ms, key));
         }
-        Ok(Appended { seq, ts: msg.ts, frame, duplicate: false })
+        Ok(Appended { seq, ts: msg.ts, frame, duplicate: false, members_version })
     }
 
     async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError> {

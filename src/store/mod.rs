@@ -16,6 +16,10 @@
 //!   `(from, cid)` pair was seen within the dedupe window: then it answers the first seq
 //!   again and stores nothing.
 //! - History keeps at least the last `history.max_per_conv` messages of a conversation.
+//! - Every change of a conversation's member set raises its *members version* by one, in
+//!   the same atomic step; an append answers the version it saw, and history keeps it with
+//!   each message. A node that learns of membership from messages between nodes (which
+//!   can be lost) compares versions to know when its view is stale.
 //!
 //! Presence is not stored for this node's own connections: the shards answer it from
 //! their live sessions, so it can never outlive them. (A cluster store adds the
@@ -69,6 +73,8 @@ pub struct Appended {
     pub frame: Bytes,
     /// The `(from, cid)` pair was seen before: nothing new was stored or must be delivered.
     pub duplicate: bool,
+    /// The conversation's members version when the message was taken.
+    pub members_version: u64,
 }
 
 /// A stored message, as replayed by `sync`.
@@ -76,6 +82,24 @@ pub struct Appended {
 pub struct Stored {
     pub seq: u64,
     pub frame: Bytes,
+    /// The conversation's members version when the message was taken.
+    pub members_version: u64,
+}
+
+/// What a member's view of a conversation starts from, read at once: its last seq and
+/// the members version under which the membership was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberView {
+    pub last_seq: u64,
+    pub members_version: u64,
+}
+
+/// A conversation as [`Store::conversation`] reads it, all at once.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    pub members: Vec<Arc<str>>,
+    pub last_seq: u64,
+    pub members_version: u64,
 }
 
 /// The answer to [`Store::history`].
@@ -104,6 +128,8 @@ pub struct MemberChange {
     pub removed: Vec<Arc<str>>,
     /// Members after the change.
     pub count: usize,
+    /// The members version after the change (raised by one when anything changed).
+    pub members_version: u64,
 }
 
 /// One connection of a user, as the presence API lists it.
@@ -122,19 +148,24 @@ pub struct Presence {
 pub trait Store {
     /// Whether `user` is a member of `conv`.
     async fn is_member(&self, conv: &str, user: &str) -> Result<bool, StoreError>;
-    /// `Some(last seq of conv)` when `user` is a member, `None` when not (one round trip:
-    /// the cluster takes its ordering baseline from it).
-    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError>;
-    /// [`Store::member_last_seq`] for each of `convs` (a networked store: one round trip).
-    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+    /// `Some(view)` when `user` is a member of `conv`, `None` when not; membership, last
+    /// seq and members version read at once (the cluster takes its ordering baseline from
+    /// it, and knows which membership it saw).
+    async fn member_view(&self, conv: &str, user: &str) -> Result<Option<MemberView>, StoreError>;
+    /// [`Store::member_view`] for each of `convs` (a networked store: one round trip).
+    async fn member_views(
+        &self,
+        convs: &[Arc<str>],
+        user: &str,
+    ) -> Result<Vec<Option<MemberView>>, StoreError> {
         let mut out = Vec::with_capacity(convs.len());
         for conv in convs {
-            out.push(self.member_last_seq(conv, user).await?);
+            out.push(self.member_view(conv, user).await?);
         }
         Ok(out)
     }
-    /// Members of `conv` (any order) and its last seq.
-    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError>;
+    /// Members of `conv` (any order), its last seq and its members version.
+    async fn conversation(&self, conv: &str) -> Result<Conversation, StoreError>;
     /// Changes the member set of `conv`.
     async fn set_members(
         &self,
@@ -191,21 +222,25 @@ impl Store for NodeStore {
         }
     }
 
-    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
+    async fn member_view(&self, conv: &str, user: &str) -> Result<Option<MemberView>, StoreError> {
         match self {
-            NodeStore::Memory(s) => s.member_last_seq(conv, user).await,
-            NodeStore::Redis(s) => s.member_last_seq(conv, user).await,
+            NodeStore::Memory(s) => s.member_view(conv, user).await,
+            NodeStore::Redis(s) => s.member_view(conv, user).await,
         }
     }
 
-    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+    async fn member_views(
+        &self,
+        convs: &[Arc<str>],
+        user: &str,
+    ) -> Result<Vec<Option<MemberView>>, StoreError> {
         match self {
-            NodeStore::Memory(s) => s.member_last_seqs(convs, user).await,
-            NodeStore::Redis(s) => s.member_last_seqs(convs, user).await,
+            NodeStore::Memory(s) => s.member_views(convs, user).await,
+            NodeStore::Redis(s) => s.member_views(convs, user).await,
         }
     }
 
-    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
+    async fn conversation(&self, conv: &str) -> Result<Conversation, StoreError> {
         match self {
             NodeStore::Memory(s) => s.conversation(conv).await,
             NodeStore::Redis(s) => s.conversation(conv).await,

@@ -14,7 +14,8 @@
 //! | --- | --- | --- |
 //! | `rp:c:{conv}:m` | set | members of `conv` |
 //! | `rp:c:{conv}:seq` | string | last seq assigned in `conv` |
-//! | `rp:c:{conv}:h` | stream | history; entry id `<seq>-1`, fields `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
+//! | `rp:c:{conv}:mv` | string | members version of `conv`: raised by one at every change of `rp:c:{conv}:m` |
+//! | `rp:c:{conv}:h` | stream | history; entry id `<seq>-1`, fields `v` members version, `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
 //! | `rp:c:{conv}:d:{user}:{cid}` | string, PX `dedupe_window_ms` | `"<seq>:<ts>"` of the first message with this cid |
 //! | `rp:u:{user}:c` | set | conversations of `user` |
 //! | `rp:p:{user}` | hash | presence: field `<node>/<conn>` -> `{"device","conn","node","epoch","ip","since"}` |
@@ -49,7 +50,10 @@ use crate::bridge::Script;
 use crate::protocol::{msg_json, MsgFields};
 use crate::ws::codec::text_frame;
 
-use super::{Appended, History, MemberChange, MemberOp, NewMessage, Presence, Store, StoreError, Stored};
+use super::{
+    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, Store,
+    StoreError, Stored,
+};
 
 /// Most conversations per `reseed` script call (a long script blocks Redis).
 const RESEED_CHUNK: usize = 1000;
@@ -87,6 +91,8 @@ struct Inner {
 struct Scripts {
     append: Script,
     history: Script,
+    conversation: Script,
+    member_views: Script,
     set_members: Script,
     renew: Script,
     dead_runs: Script,
@@ -103,6 +109,9 @@ fn members_key(conv: &str) -> String {
 }
 fn seq_key(conv: &str) -> String {
     format!("rp:c:{{{conv}}}:seq")
+}
+fn members_version_key(conv: &str) -> String {
+    format!("rp:c:{{{conv}}}:mv")
 }
 fn history_key(conv: &str) -> String {
     format!("rp:c:{{{conv}}}:h")
@@ -125,23 +134,25 @@ fn presence_index_key(node: &str, epoch: u64) -> String {
     format!("rp:pn:{{{node}}}:{epoch}")
 }
 
-/// KEYS: seq, history, members, [dedupe]. ARGV: floor, max_per_conv, ts, dedupe window
-/// ms, check membership ('1'/'0'), then the stream fields as name/value pairs, the first
-/// pair being `f`, the sender. Answers `{}` when the sender must be a member and is not
-/// (nothing stored), else `{seq, ts, duplicate (0/1), fields of the first message or
-/// nil}`; seq and ts as decimal strings (Lua numbers would print as floats past 14
-/// digits). The membership check rides in the same round trip as the append.
+/// KEYS: seq, history, members, members version, [dedupe]. ARGV: floor, max_per_conv, ts,
+/// dedupe window ms, check membership ('1'/'0'), then the stream fields as name/value
+/// pairs, the first pair being `f`, the sender. Answers `{}` when the sender must be a
+/// member and is not (nothing stored), else `{seq, ts, duplicate (0/1), fields of the
+/// first message or nil, members version}`; numbers as decimal strings (Lua numbers would
+/// print as floats past 14 digits). The membership check rides in the same round trip as
+/// the append; the members version is stored with the message (field `v`).
 const APPEND: &str = r#"
 if ARGV[5] == '1' and redis.call('SISMEMBER', KEYS[3], ARGV[7]) == 0 then
   return {}
 end
-if KEYS[4] then
-  local seen = redis.call('GET', KEYS[4])
+local mv = redis.call('GET', KEYS[4]) or '0'
+if KEYS[5] then
+  local seen = redis.call('GET', KEYS[5])
   if seen then
     local at = string.find(seen, ':', 1, true)
     local seq = string.sub(seen, 1, at - 1)
     local entry = redis.call('XRANGE', KEYS[2], seq .. '-1', seq .. '-1')
-    return {seq, string.sub(seen, at + 1), 1, entry[1] and entry[1][2] or false}
+    return {seq, string.sub(seen, at + 1), 1, entry[1] and entry[1][2] or false, mv}
   end
 end
 local floor = tonumber(ARGV[1])
@@ -161,11 +172,30 @@ if cur < floor then
   redis.call('SET', KEYS[1], string.format('%d', floor))
 end
 local seq = string.format('%d', redis.call('INCR', KEYS[1]))
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', unpack(ARGV, 6))
-if KEYS[4] and tonumber(ARGV[4]) > 0 then
-  redis.call('SET', KEYS[4], seq .. ':' .. ARGV[3], 'PX', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', 'v', mv, unpack(ARGV, 6))
+if KEYS[5] and tonumber(ARGV[4]) > 0 then
+  redis.call('SET', KEYS[5], seq .. ':' .. ARGV[3], 'PX', ARGV[4])
 end
-return {seq, ARGV[3], 0}
+return {seq, ARGV[3], 0, false, mv}
+"#;
+
+/// KEYS: members, seq, members version of each conversation. ARGV: the user. Answers, per
+/// conversation, `member (1/0), last seq, members version`, read at once (a membership
+/// and its version belong together).
+const MEMBER_VIEWS: &str = r#"
+local out = {}
+for i = 1, #KEYS, 3 do
+  out[#out + 1] = redis.call('SISMEMBER', KEYS[i], ARGV[1])
+  out[#out + 1] = redis.call('GET', KEYS[i + 1]) or '0'
+  out[#out + 1] = redis.call('GET', KEYS[i + 2]) or '0'
+end
+return out
+"#;
+
+/// KEYS: members, seq, members version. Answers `{members, last seq, members version}`
+/// read at once (a member set and its version belong together).
+const CONVERSATION: &str = r#"
+return {redis.call('SMEMBERS', KEYS[1]), redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[3]) or '0'}
 "#;
 
 /// KEYS: seq, history. ARGV: first id, count. Answers `{last seq, entries}` read at once.
@@ -173,8 +203,9 @@ const HISTORY: &str = r#"
 return {redis.call('GET', KEYS[1]) or '0', redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
 "#;
 
-/// KEYS: members. ARGV: 'replace' | 'add' | 'remove', then users.
-/// Answers `{added, removed, count}`.
+/// KEYS: members, members version. ARGV: 'replace' | 'add' | 'remove', then users.
+/// Answers `{added, removed, count, members version}`; the version is raised by one when
+/// anything changed.
 const SET_MEMBERS: &str = r#"
 local added, removed = {}, {}
 if ARGV[1] == 'replace' then
@@ -196,7 +227,13 @@ else
     if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
   end
 end
-return {added, removed, redis.call('SCARD', KEYS[1])}
+local mv
+if #added > 0 or #removed > 0 then
+  mv = redis.call('INCR', KEYS[2])
+else
+  mv = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+return {added, removed, redis.call('SCARD', KEYS[1]), string.format('%d', mv)}
 "#;
 
 /// KEYS: lease, rp:nodes, rp:epochs. ARGV: epoch, ttl ms, node, node info JSON, run.
@@ -308,6 +345,8 @@ impl RedisStore {
         let scripts = Scripts {
             append: pool.register(APPEND),
             history: pool.register(HISTORY),
+            conversation: pool.register(CONVERSATION),
+            member_views: pool.register(MEMBER_VIEWS),
             set_members: pool.register(SET_MEMBERS),
             renew: pool.register(RENEW),
             dead_runs: pool.register(DEAD_RUNS),
@@ -511,53 +550,40 @@ impl Store for RedisStore {
         parse(&self.inner.pool.query_one(cmd).await?)
     }
 
-    async fn member_last_seq(&self, conv: &str, user: &str) -> Result<Option<u64>, StoreError> {
-        let mut member = ::redis::cmd("SISMEMBER");
-        member.arg(members_key(conv)).arg(user);
-        let mut seq = ::redis::cmd("GET");
-        seq.arg(seq_key(conv));
-        let values = self.inner.pool.query(vec![member, seq]).await?;
-        let [member, seq] = two(values)?;
-        match parse::<bool>(&member)? {
-            true => Ok(Some(parse::<Option<u64>>(&seq)?.unwrap_or(0))),
-            false => Ok(None),
-        }
+    async fn member_view(&self, conv: &str, user: &str) -> Result<Option<MemberView>, StoreError> {
+        let mut views = self.member_views(&[Arc::from(conv)], user).await?;
+        views.pop().ok_or_else(|| StoreError::Unavailable("redis: no reply to member_view".into()))
     }
 
-    async fn member_last_seqs(&self, convs: &[Arc<str>], user: &str) -> Result<Vec<Option<u64>>, StoreError> {
+    async fn member_views(
+        &self,
+        convs: &[Arc<str>],
+        user: &str,
+    ) -> Result<Vec<Option<MemberView>>, StoreError> {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmds = Vec::with_capacity(2 * convs.len());
+        let mut cmd = self.inner.scripts.member_views.cmd(3 * convs.len());
         for conv in convs {
-            let mut member = ::redis::cmd("SISMEMBER");
-            member.arg(members_key(conv)).arg(user);
-            let mut seq = ::redis::cmd("GET");
-            seq.arg(seq_key(conv));
-            cmds.push(member);
-            cmds.push(seq);
+            cmd.arg(members_key(conv)).arg(seq_key(conv)).arg(members_version_key(conv));
         }
-        let values = self.inner.pool.query(cmds).await?;
-        if values.len() != 2 * convs.len() {
-            return Err(StoreError::Unavailable("redis: short reply to member_last_seqs".into()));
+        cmd.arg(user);
+        let flat: Vec<u64> = parse(&self.inner.pool.query_one(cmd).await?)?;
+        if flat.len() != 3 * convs.len() {
+            return Err(StoreError::Unavailable("redis: short reply to member_views".into()));
         }
-        values
-            .chunks(2)
-            .map(|pair| match parse::<bool>(&pair[0])? {
-                true => Ok(Some(parse::<Option<u64>>(&pair[1])?.unwrap_or(0))),
-                false => Ok(None),
-            })
-            .collect()
+        Ok(flat
+            .chunks(3)
+            .map(|v| (v[0] == 1).then_some(MemberView { last_seq: v[1], members_version: v[2] }))
+            .collect())
     }
 
-    async fn conversation(&self, conv: &str) -> Result<(Vec<Arc<str>>, u64), StoreError> {
-        let mut members = ::redis::cmd("SMEMBERS");
-        members.arg(members_key(conv));
-        let mut seq = ::redis::cmd("GET");
-        seq.arg(seq_key(conv));
-        let values = self.inner.pool.query(vec![members, seq]).await?;
-        let [members, seq] = two(values)?;
-        Ok((arcs(parse(&members)?), parse::<Option<u64>>(&seq)?.unwrap_or(0)))
+    async fn conversation(&self, conv: &str) -> Result<Conversation, StoreError> {
+        let mut cmd = self.inner.scripts.conversation.cmd(3);
+        cmd.arg(members_key(conv)).arg(seq_key(conv)).arg(members_version_key(conv));
+        let (members, last_seq, members_version): (Vec<String>, u64, u64) =
+            parse(&self.inner.pool.query_one(cmd).await?)?;
+        Ok(Conversation { members: arcs(members), last_seq, members_version })
     }
 
     async fn set_members(
@@ -566,8 +592,8 @@ impl Store for RedisStore {
         op: MemberOp,
         users: &[Arc<str>],
     ) -> Result<MemberChange, StoreError> {
-        let mut cmd = self.inner.scripts.set_members.cmd(1);
-        cmd.arg(members_key(conv)).arg(match op {
+        let mut cmd = self.inner.scripts.set_members.cmd(2);
+        cmd.arg(members_key(conv)).arg(members_version_key(conv)).arg(match op {
             MemberOp::Replace => "replace",
             MemberOp::Add => "add",
             MemberOp::Remove => "remove",
@@ -575,9 +601,9 @@ impl Store for RedisStore {
         for user in users {
             cmd.arg(&**user);
         }
-        let (added, removed, count): (Vec<String>, Vec<String>, usize) =
+        let (added, removed, count, members_version): (Vec<String>, Vec<String>, usize, u64) =
             parse(&self.inner.pool.query_one(cmd).await?)?;
-        Ok(MemberChange { added: arcs(added), removed: arcs(removed), count })
+        Ok(MemberChange { added: arcs(added), removed: arcs(removed), count, members_version })
     }
 
     async fn append(
@@ -613,8 +639,11 @@ impl Store for RedisStore {
             Some(entry) => entry.seq <= first,
             None => after >= last_seq,
         };
-        let messages =
-            entries.iter().take(limit).map(|e| Stored { seq: e.seq, frame: e.frame(conv) }).collect();
+        let messages = entries
+            .iter()
+            .take(limit)
+            .map(|e| Stored { seq: e.seq, frame: e.frame(conv), members_version: e.members_version })
+            .collect();
         Ok(History { messages, last_seq, complete })
     }
 
@@ -634,6 +663,7 @@ impl Store for RedisStore {
 /// A history stream entry, as far as a `msg` frame needs it.
 struct Entry {
     seq: u64,
+    members_version: u64,
     from: String,
     dev: Option<String>,
     cid: Option<String>,
@@ -652,7 +682,15 @@ impl Entry {
 
     fn from_fields(seq: u64, fields: &Value) -> Result<Entry, StoreError> {
         let fields: Vec<Vec<u8>> = parse(fields)?;
-        let mut entry = Entry { seq, from: String::new(), dev: None, cid: None, ts: 0, body: Vec::new() };
+        let mut entry = Entry {
+            seq,
+            members_version: 0,
+            from: String::new(),
+            dev: None,
+            cid: None,
+            ts: 0,
+            body: Vec::new(),
+        };
         for pair in fields.chunks_exact(2) {
             let text = || String::from_utf8_lossy(&pair[1]).into_owned();
             match &pair[0][..] {
@@ -660,6 +698,7 @@ impl Entry {
                 b"d" => entry.dev = Some(text()),
                 b"c" => entry.cid = Some(text()),
                 b"t" => entry.ts = text().parse().unwrap_or(0),
+                b"v" => entry.members_version = text().parse().unwrap_or(0),
                 b"b" => entry.body = pair[1].clone(),
                 _ => {}
             }
@@ -685,10 +724,6 @@ fn parse<T: FromRedisValue>(value: &Value) -> Result<T, StoreError> {
     from_redis_value(value).map_err(|e| StoreError::Unavailable(format!("redis: unexpected reply: {e}")))
 }
 
-fn two(values: Vec<Value>) -> Result<[Value; 2], StoreError> {
-    values.try_into().map_err(|_| StoreError::Unavailable("redis: wrong number of replies".into()))
-}
-
 fn arcs(strings: Vec<String>) -> Vec<Arc<str>> {
     strings.into_iter().map(Arc::from).collect()
 }
@@ -709,8 +744,8 @@ impl RedisStore {
     ) -> Result<Option<Appended>, StoreError> {
         let me = &*self.inner;
         let dedupe = msg.cid.as_ref().map(|cid| dedupe_key(conv, &msg.from, cid));
-        let mut cmd = me.scripts.append.cmd(if dedupe.is_some() { 4 } else { 3 });
-        cmd.arg(seq_key(conv)).arg(history_key(conv)).arg(members_key(conv));
+        let mut cmd = me.scripts.append.cmd(if dedupe.is_some() { 5 } else { 4 });
+        cmd.arg(seq_key(conv)).arg(history_key(conv)).arg(members_key(conv)).arg(members_version_key(conv));
         if let Some(key) = &dedupe {
             cmd.arg(key);
         }
@@ -736,15 +771,17 @@ impl RedisStore {
         let seq: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
         let ts: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
         let duplicate: bool = parse(&reply.next().unwrap_or(Value::Nil))?;
+        let first = reply.next();
+        let members_version: u64 = parse(&reply.next().unwrap_or(Value::Nil))?;
         if !duplicate {
-            return Ok(Some(Appended { seq, ts, frame: encode(seq), duplicate }));
+            return Ok(Some(Appended { seq, ts, frame: encode(seq), duplicate, members_version }));
         }
         // The first message's frame, rebuilt from history (empty when trimmed away).
-        let frame = match reply.next() {
+        let frame = match first {
             Some(fields @ Value::Array(_)) => Entry::from_fields(seq, &fields)?.frame(conv),
             _ => Bytes::new(),
         };
-        Ok(Some(Appended { seq, ts, frame, duplicate }))
+        Ok(Some(Appended { seq, ts, frame, duplicate, members_version }))
     }
 
     /// The last seq of each of `convs` (0 for one never written), in one round trip: the

@@ -341,7 +341,8 @@ impl<'a, 's> Conn<'a, 's> {
                         self.syncing.remove(conv);
                         if unavailable {
                             self.gapped.insert(conv.to_owned());
-                            self.retry_after.insert(conv.to_owned(), Instant::now() + Duration::from_millis(250));
+                            self.retry_after
+                                .insert(conv.to_owned(), Instant::now() + Duration::from_millis(250));
                         }
                     }
                 }
