@@ -120,6 +120,23 @@ pub const QUIET_MS: u64 = 250;
 /// (a local send) that must not get its own message.
 pub type Held = (Bytes, Option<SessionRef>);
 
+/// A membership change of a conversation, placed in its order: made when the
+/// conversation's last seq was `at`, so messages up to `at` go to the members before it
+/// and later ones to the members after it, on every node alike.
+#[derive(Debug)]
+pub struct MembersChange {
+    pub at: u64,
+    pub version: u64,
+    pub added: Vec<Key>,
+    pub removed: Vec<Key>,
+}
+
+/// What a [`Holdback`] hands on next.
+pub enum Step {
+    Msg(u64, Held),
+    Members(MembersChange),
+}
+
 /// The owner shard's delivery order for one conversation in a cluster: messages are
 /// sequenced in Redis by whichever node took the send, so they reach this node out of
 /// order (a local send can come back from Redis before an earlier seq from another node
@@ -149,6 +166,9 @@ pub struct Holdback {
     pub members_wanted: u64,
     /// The member set is being read again: nothing is handed on meanwhile.
     pub reconciling: bool,
+    /// Membership changes made after seqs this node has not handed on yet, oldest first:
+    /// each is handed on once the order reaches its seq.
+    parked: std::collections::VecDeque<MembersChange>,
 }
 
 impl Holdback {
@@ -176,9 +196,11 @@ impl Holdback {
         true
     }
 
-    /// The member set was read again, under `version`. True when a newer change was heard
-    /// of meanwhile (read once more).
+    /// The member set was read again, under `version` (the changes up to it waiting for
+    /// their seq are in it). True when a newer change was heard of meanwhile (read once
+    /// more).
     pub fn reconciled(&mut self, version: u64) -> bool {
+        self.parked.retain(|change| change.version > version);
         self.members_version = self.members_version.max(version);
         self.reconciling = self.members_wanted > self.members_version;
         self.reconciling
@@ -208,10 +230,23 @@ impl Holdback {
         self.highest = self.highest.max(last);
     }
 
-    /// The next message in order, if it is here (none while the member set is read again).
-    pub fn next_ready(&mut self) -> Option<(u64, Held)> {
+    /// The next membership change of this node's view (`change.version` is one past
+    /// `members_version`): it takes its place in the order, after seq `change.at`.
+    pub fn place(&mut self, change: MembersChange) {
+        self.highest = self.highest.max(change.at);
+        self.members_version = change.version;
+        self.members_wanted = self.members_wanted.max(change.version);
+        self.parked.push_back(change);
+    }
+
+    /// What comes next in order, if it is here: a membership change whose seq has been
+    /// handed on, else the next message (nothing while the member set is read again).
+    pub fn next_step(&mut self) -> Option<Step> {
         if self.reconciling {
             return None;
+        }
+        if self.parked.front().is_some_and(|change| change.at <= self.delivered) {
+            return self.parked.pop_front().map(Step::Members);
         }
         let entry = self.held.first_entry()?;
         if *entry.key() != self.delivered + 1 {
@@ -219,7 +254,7 @@ impl Holdback {
         }
         let (seq, held) = entry.remove_entry();
         self.delivered = seq;
-        Some((seq, held))
+        Some(Step::Msg(seq, held))
     }
 
     /// The hole to repair, as `(after, upto)`: seqs `after+1 ..= upto` are missing.
@@ -495,6 +530,13 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
             warn!(user = %user, conv = %conv, "user side of a membership change not recorded");
         }
     }
+    let count = change.count;
+    let change = MembersChange {
+        at: change.last_seq,
+        version: change.members_version,
+        added: change.added,
+        removed: change.removed,
+    };
     if shard.links().is_some() && (!change.added.is_empty() || !change.removed.is_empty()) {
         // Other nodes follow the topics of the users they hold sessions of: one message
         // per topic the changed users fall in.
@@ -508,61 +550,69 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
         for topic in topics {
             let msg = ClusterMsg::Members {
                 conv: conv.clone(),
-                members_version: change.members_version,
+                members_version: change.version,
+                last_seq: change.at,
                 added: change.added.clone(),
                 removed: change.removed.clone(),
             };
             shard.publish(topic, msg);
         }
     }
-    members_changed(shard, &conv, change.added, change.removed, change.members_version).await;
-    shard.mesh.reply(reply, Reply::Members { count: change.count });
+    members_changed(shard, &conv, change);
+    shard.mesh.reply(reply, Reply::Members { count });
 }
 
-/// Tells this node's shards of a membership change of `conv` (owned here), which made its
-/// members version `version`. A change this node's view is not one behind of (one it
-/// already reflects, or one after a change it missed) is not applied piecemeal: the
-/// member set is read again instead (see [`Shard::reconcile`]).
-async fn members_changed(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>, version: u64) {
-    if let Some(h) = shard.order.borrow_mut().get_mut(conv) {
-        if version <= h.members_version {
-            return; // already reflected (a reconcile read it)
-        }
-        if version > h.members_version + 1 || h.reconciling {
-            if h.needs_reconcile(version) {
-                shard.reconcile_later(conv);
-            }
-            return;
-        }
-        h.members_version = version;
-        h.members_wanted = h.members_wanted.max(version);
+/// A membership change of `conv` (owned here), made on this node or another. With the
+/// embedded store it is announced to the shards at once, in order with the messages.
+/// With Redis it takes its place in the conversation's [`Holdback`], after the seq it was
+/// made at (a message sequenced before it may still be on its way). A change this node's
+/// view is not one behind of (one it already reflects, or one after a change it missed)
+/// is not applied piecemeal: the member set is read again instead (see
+/// [`Shard::reconcile`]).
+pub fn members_changed(shard: &Shard, conv: &Key, change: MembersChange) {
+    if change.added.is_empty() && change.removed.is_empty() {
+        return;
     }
+    if shard.redis().is_some() {
+        let mut order = shard.order.borrow_mut();
+        if let Some(h) = order.get_mut(conv) {
+            if change.version <= h.members_version {
+                return; // already reflected (a reconcile read it)
+            }
+            if change.version > h.members_version + 1 || h.reconciling {
+                if h.needs_reconcile(change.version) {
+                    drop(order);
+                    shard.reconcile_later(conv);
+                }
+                return;
+            }
+            h.place(change);
+            drop(order);
+            return shard.drain(conv);
+        }
+        drop(order);
+        if !change.added.is_empty() {
+            // The new members' sessions may be on any shard and live from here: seqs up
+            // to the change are not theirs.
+            shard.want_all(conv);
+            shard.saw_last_seq(conv, change.at, Some(change.version));
+        }
+    }
+    announce_members(shard, conv, change.added, change.removed);
+}
+
+/// Tells every shard of a membership change, in order with the messages handed to them.
+pub fn announce_members(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
     if !added.is_empty() {
         // Every shard may hold sessions of the new members: send it this conversation
         // until it says it has none (it answers `InterestOff` on the first message).
         shard.want_all(conv);
-        if shard.redis().is_some() {
-            // The new members' sessions are live in it from here: take the baseline.
-            if let Ok(Some(view)) = shard.store.member_view(conv, &added[0]).await {
-                shard.saw_last_seq(conv, view.last_seq, Some(view.members_version));
-            }
-        }
     }
-    if !added.is_empty() || !removed.is_empty() {
-        for target in 0..shard.shard_count {
-            let msg = ShardMsg::MembersChanged {
-                conv: conv.clone(),
-                added: added.clone(),
-                removed: removed.clone(),
-            };
-            shard.route(target, msg);
-        }
+    for target in 0..shard.shard_count {
+        let msg =
+            ShardMsg::MembersChanged { conv: conv.clone(), added: added.clone(), removed: removed.clone() };
+        shard.route(target, msg);
     }
-}
-
-/// A membership change made on another node (the store is already changed).
-pub async fn on_remote_members(shard: &Shard, conv: Key, added: Vec<Key>, removed: Vec<Key>, version: u64) {
-    members_changed(shard, &conv, added, removed, version).await;
 }
 
 /// A message sequenced on another node, under members version `members_version`.
@@ -621,6 +671,8 @@ pub async fn repair(shard: &Shard, conv: &Key, after: u64, upto: u64) -> bool {
                 shard.route(target, ShardMsg::Missed { conv: conv.clone(), from: after + 1, to });
             }
         }
+        // Membership changes made at the skipped seqs take their place now.
+        shard.drain(conv);
     }
     for m in history.messages {
         shard.metrics.cluster_repaired.inc();
@@ -646,7 +698,55 @@ mod tests {
     }
 
     fn drain(h: &mut Holdback) -> Vec<u64> {
-        std::iter::from_fn(|| h.next_ready().map(|(s, _)| s)).collect()
+        steps(h).into_iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// Seqs as numbers, membership changes as `v<version>`.
+    fn steps(h: &mut Holdback) -> Vec<String> {
+        std::iter::from_fn(|| {
+            h.next_step().map(|step| match step {
+                Step::Msg(seq, _) => seq.to_string(),
+                Step::Members(change) => format!("v{}", change.version),
+            })
+        })
+        .collect()
+    }
+
+    fn change(at: u64, version: u64) -> MembersChange {
+        MembersChange { at, version, added: vec![Key::from("u")], removed: vec![] }
+    }
+
+    #[test]
+    fn a_membership_change_takes_its_place_between_two_messages() {
+        let mut h = Holdback::new(10, 1);
+        h.offer(12, frame(2));
+        h.place(change(12, 2));
+        h.place(change(13, 3));
+        assert_eq!(h.members_version, 3, "later messages are expected under the newest version");
+        assert_eq!(steps(&mut h), Vec::<String>::new(), "11 is missing: the changes wait too");
+        h.offer(11, frame(1));
+        h.offer(14, frame(4));
+        assert_eq!(steps(&mut h), vec!["11", "12", "v2"], "13 is missing: v3 waits for it");
+        h.offer(13, frame(3));
+        assert_eq!(steps(&mut h), vec!["13", "v3", "14"]);
+        h.place(change(14, 4));
+        assert_eq!(steps(&mut h), vec!["v4"], "made at a seq already handed on: at once");
+    }
+
+    #[test]
+    fn a_reconcile_replaces_the_changes_it_read() {
+        let mut h = Holdback::new(10, 1);
+        h.place(change(12, 2));
+        h.place(change(15, 3));
+        assert!(h.needs_reconcile(5), "a message under v5: v4 was missed");
+        h.offer(11, frame(1));
+        assert!(h.reconciled(2), "a read older than v5: read again");
+        assert_eq!(steps(&mut h), Vec::<String>::new(), "nothing while reading");
+        assert!(!h.reconciled(5));
+        for seq in 12..=16 {
+            h.offer(seq, frame(seq as u8));
+        }
+        assert_eq!(steps(&mut h), vec!["11", "12", "13", "14", "15", "16"], "v2 and v3 were in the read");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::cluster::{ClusterMsg, Envelope, Topic};
 use crate::config::Config;
-use crate::conv::{self, Holdback, Interest};
+use crate::conv::{self, Holdback, Interest, MembersChange, Step};
 use crate::hub::Hub;
 use crate::mesh::{self, Key, Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
@@ -291,13 +291,22 @@ impl Shard {
             drop(order);
             return self.reconcile_later(conv);
         }
-        let mut ready = Vec::new();
-        while let Some(next) = h.next_ready() {
-            ready.push(next);
-        }
         drop(order);
-        for (seq, (frame, exclude)) in ready {
-            conv::fan_out(self, conv, seq, frame, exclude);
+        self.drain(conv);
+    }
+
+    /// Hands on what is ready of `conv`'s [`Holdback`], in order: messages to the shards
+    /// that want them, membership changes to every shard. Then looks for a hole.
+    pub fn drain(&self, conv: &Key) {
+        loop {
+            let step = self.order.borrow_mut().get_mut(conv).and_then(|h| h.next_step());
+            match step {
+                Some(Step::Msg(seq, (frame, exclude))) => conv::fan_out(self, conv, seq, frame, exclude),
+                Some(Step::Members(change)) => {
+                    conv::announce_members(self, conv, change.added, change.removed)
+                }
+                None => break,
+            }
         }
         self.check_hole(conv);
     }
@@ -370,15 +379,8 @@ impl Shard {
             drop(order);
             return self.reconcile_later(conv);
         }
-        let mut ready = Vec::new();
-        while let Some(next) = h.next_ready() {
-            ready.push(next);
-        }
         drop(order);
-        for (seq, (frame, exclude)) in ready {
-            conv::fan_out(self, conv, seq, frame, exclude);
-        }
-        self.check_hole(conv);
+        self.drain(conv);
     }
 
     /// Fills holes that outlasted [`conv::REPAIR_AFTER_MS`] from the store, one at a time.
@@ -535,12 +537,9 @@ impl Shard {
             ClusterMsg::Msg { conv, seq, members_version, json } => {
                 conv::on_remote_msg(self, conv, seq, members_version, json)
             }
-            ClusterMsg::Members { conv, members_version, added, removed } => {
-                let me = self.clone();
-                glommio::spawn_local(async move {
-                    conv::on_remote_members(&me, conv, added, removed, members_version).await
-                })
-                .detach();
+            ClusterMsg::Members { conv, members_version, last_seq, added, removed } => {
+                let change = MembersChange { at: last_seq, version: members_version, added, removed };
+                conv::members_changed(self, &conv, change)
             }
             ClusterMsg::Push { users, json } => {
                 let users: Arc<[Key]> = users.into();

@@ -718,3 +718,32 @@ fn a_node_that_missed_a_membership_change_delivers_nothing_to_the_removed_member
         "u, no longer a member of {c}, got {got}"
     );
 }
+
+#[test]
+fn a_member_added_gets_no_message_sent_before_it_was_added() {
+    // Found by the oracle (cluster seed 5125): a message sequenced on one node reached
+    // another only after a member was added there, and went to the new member too. Here
+    // node b never hears node a: the message sent through a reaches b by a repair from
+    // Redis, after b has already taken the change. A change takes its place after the
+    // seq it was made at, on every node.
+    let redis = Redis::start();
+    let (a, b) = (Ports::free(), Ports::free());
+    let node_a = start_node("a", &redis, &a, "");
+    let node_b = start_node("b", &redis, &b, "[cluster]\npeers = [\"tcp://127.0.0.1:1\"]\n");
+    let c = "talk";
+    node_b.set_members(c, &["u", "v"]);
+    let (mut u, _) = connect_synced(&node_b, "u", "phone", &[c]);
+    let (mut w, _) = connect_synced(&node_b, "w", "phone", &[]);
+    let (mut v, _) = connect_synced(&node_a, "v", "phone", &[c]);
+    send_acked(&mut v, c, "early", &json!("before w"));
+    let add = json!({"users": ["w"]}).to_string();
+    node_b.api_expect("POST", &format!("/api/v1/conversations/{c}/members"), Some(&add), 200);
+    assert_eq!(read_op(&mut u, "msg")["cid"], "early", "b repaired the message it never heard");
+    let ack = send_acked(&mut u, c, "late", &json!("for w"));
+    let got = read_json(&mut w);
+    assert_eq!(
+        (got["op"].as_str(), got["seq"].as_u64()),
+        (Some("msg"), ack["seq"].as_u64()),
+        "w was added after seq 1: its first frame is the message after that, not {got}"
+    );
+}

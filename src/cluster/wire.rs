@@ -5,7 +5,7 @@
 //! hand in this layout (integers little-endian):
 //!
 //! ```text
-//! u8   version          FORMAT_VERSION (2); anything else is refused, never guessed at
+//! u8   version          FORMAT_VERSION (3); anything else is refused, never guessed at
 //! u8   kind             1 msg, 2 push, 3 disconnect, 4 members, 5 broadcast
 //! id   node             the sender's node id
 //! u64  epoch            the sender's start epoch
@@ -13,7 +13,7 @@
 //!   msg         id conv, u64 seq, u64 members version, blob json
 //!   push        list users, blob json
 //!   disconnect  id user
-//!   members     id conv, u64 members version, list added, list removed
+//!   members     id conv, u64 members version, u64 last seq, list added, list removed
 //!   broadcast   blob json
 //!
 //! id    u16 length (<= MAX_ID) + UTF-8 bytes
@@ -25,7 +25,8 @@
 //! versions count each other's messages as decode errors instead of misreading them, so a
 //! rolling upgrade that changes the format needs the receivers upgraded first. Version 2
 //! added the members versions (see `store`): a node that missed a `members` message
-//! finds out from the next `msg` of the conversation.
+//! finds out from the next `msg` of the conversation. Version 3 added the last seq a
+//! `members` change was made at, so every node applies it between the same two messages.
 //!
 //! [`decode`] never panics and checks every length and count against both its cap and the
 //! bytes actually left before allocating, so what it allocates is proportional to its input.
@@ -40,7 +41,7 @@ use thiserror::Error;
 use crate::mesh::{fnv1a, Key};
 
 /// The format version written first in every payload.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 /// Longest node, conversation or user id, in bytes.
 pub const MAX_ID: usize = 1024;
 /// Most entries in one list (push recipients, members added or removed).
@@ -156,8 +157,9 @@ pub enum ClusterMsg {
     Push { users: Vec<Key>, json: Bytes },
     /// Close every connection of `user` (the API's disconnect).
     Disconnect { user: Key },
-    /// `conv` gained and lost these members, which made its members version this.
-    Members { conv: Key, members_version: u64, added: Vec<Key>, removed: Vec<Key> },
+    /// `conv` gained and lost these members, which made its members version this, when
+    /// its last seq was `last_seq`.
+    Members { conv: Key, members_version: u64, last_seq: u64, added: Vec<Key>, removed: Vec<Key> },
     /// A broadcast frame's JSON to every connection.
     Broadcast { json: Bytes },
 }
@@ -244,9 +246,10 @@ pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_blob(out, json);
         }
         ClusterMsg::Disconnect { user } => put_id(out, user),
-        ClusterMsg::Members { conv, members_version, added, removed } => {
+        ClusterMsg::Members { conv, members_version, last_seq, added, removed } => {
             put_id(out, conv);
             out.extend_from_slice(&members_version.to_le_bytes());
+            out.extend_from_slice(&last_seq.to_le_bytes());
             put_list(out, added);
             put_list(out, removed);
         }
@@ -282,7 +285,7 @@ fn encoded_len(env: &Envelope) -> Result<usize, WireError> {
         ClusterMsg::Msg { conv, json, .. } => id(conv)? + 8 + 8 + blob(json)?,
         ClusterMsg::Push { users, json } => list(users)? + blob(json)?,
         ClusterMsg::Disconnect { user } => id(user)?,
-        ClusterMsg::Members { conv, added, removed, .. } => id(conv)? + 8 + list(added)? + list(removed)?,
+        ClusterMsg::Members { conv, added, removed, .. } => id(conv)? + 16 + list(added)? + list(removed)?,
         ClusterMsg::Broadcast { json } => blob(json)?,
     };
     Ok(head + body)
@@ -334,8 +337,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
         4 => {
             let conv = r.id()?;
             let members_version = r.u64()?;
+            let last_seq = r.u64()?;
             let added = r.list()?;
-            ClusterMsg::Members { conv, members_version, added, removed: r.list()? }
+            ClusterMsg::Members { conv, members_version, last_seq, added, removed: r.list()? }
         }
         _ => ClusterMsg::Broadcast { json: r.blob()? },
     };
@@ -445,12 +449,14 @@ mod tests {
             ClusterMsg::Members {
                 conv: key("c1"),
                 members_version: 1,
+                last_seq: 7,
                 added: vec![key("a"), key("b")],
                 removed: vec![],
             },
             ClusterMsg::Members {
                 conv: key(""),
                 members_version: u64::MAX,
+                last_seq: u64::MAX,
                 added: vec![],
                 removed: vec![key("x")],
             },
@@ -493,7 +499,7 @@ mod tests {
             },
         };
         let expected: &[u8] = &[
-            2, 1, // version, kind
+            3, 1, // version, kind
             1, 0, b'n', // node
             2, 0, 0, 0, 0, 0, 0, 0, // epoch
             1, 0, b'c', // conv
@@ -523,6 +529,7 @@ mod tests {
                 env(ClusterMsg::Members {
                     conv: key("c"),
                     members_version: 1,
+                    last_seq: 0,
                     added: vec![],
                     removed: vec![key("u"); MAX_LIST + 1],
                 }),
@@ -560,7 +567,7 @@ mod tests {
         kind_zero[1] = 0;
         // version, kind, node id "n", epoch, then the body.
         let head = |kind: u8| -> Vec<u8> {
-            let mut v = vec![2, kind, 1, 0, b'n'];
+            let mut v = vec![FORMAT_VERSION, kind, 1, 0, b'n'];
             v.extend_from_slice(&7u64.to_le_bytes());
             v
         };
@@ -574,19 +581,27 @@ mod tests {
         let huge = (MAX_JSON as u32 + 1).to_le_bytes();
         let cases: Vec<(&str, Vec<u8>, WireError)> = vec![
             ("empty", vec![], WireError::Truncated { at: 0, wanted: 1, left: 0 }),
-            ("version only", vec![2], WireError::Truncated { at: 1, wanted: 1, left: 0 }),
+            ("version only", vec![FORMAT_VERSION], WireError::Truncated { at: 1, wanted: 1, left: 0 }),
             ("trailing byte", trailing, WireError::TrailingBytes(1)),
             ("an older version", version, WireError::Version(1)),
             ("unknown kind", kind, WireError::Kind(6)),
             ("kind zero", kind_zero, WireError::Kind(0)),
             (
                 "node length past the end",
-                vec![2, 3, 9, 0, b'n'],
+                vec![FORMAT_VERSION, 3, 9, 0, b'n'],
                 WireError::Truncated { at: 4, wanted: 9, left: 1 },
             ),
-            ("node too long", [&[2u8, 3][..], &long_id].concat(), WireError::IdTooLong(MAX_ID + 1)),
-            ("node not UTF-8", vec![2, 3, 1, 0, 0xc3], WireError::NotUtf8),
-            ("no epoch", vec![2, 3, 1, 0, b'n', 7], WireError::Truncated { at: 5, wanted: 8, left: 1 }),
+            (
+                "node too long",
+                [&[FORMAT_VERSION, 3][..], &long_id].concat(),
+                WireError::IdTooLong(MAX_ID + 1),
+            ),
+            ("node not UTF-8", vec![FORMAT_VERSION, 3, 1, 0, 0xc3], WireError::NotUtf8),
+            (
+                "no epoch",
+                vec![FORMAT_VERSION, 3, 1, 0, b'n', 7],
+                WireError::Truncated { at: 5, wanted: 8, left: 1 },
+            ),
             ("disconnect without user", head(3), WireError::Truncated { at: 13, wanted: 2, left: 0 }),
             ("user too long", with(3, &long_id), WireError::IdTooLong(MAX_ID + 1)),
             (
@@ -619,8 +634,13 @@ mod tests {
             ),
             (
                 "members without removed",
-                with(4, &[1, 0, b'c', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-                WireError::Truncated { at: 28, wanted: 4, left: 0 },
+                with(4, &[1, 0, b'c', 1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                WireError::Truncated { at: 36, wanted: 4, left: 0 },
+            ),
+            (
+                "members without last seq",
+                with(4, &[1, 0, b'c', 1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0]),
+                WireError::Truncated { at: 24, wanted: 8, left: 4 },
             ),
         ];
         for (name, bytes, want) in cases {

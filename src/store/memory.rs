@@ -123,6 +123,7 @@ impl Store for MemoryStore {
         }
         change.count = c.members.len();
         change.members_version = c.members_version;
+        change.last_seq = c.last_seq;
         Ok(change)
     }
 

@@ -130,6 +130,9 @@ pub struct MemberChange {
     pub count: usize,
     /// The members version after the change (raised by one when anything changed).
     pub members_version: u64,
+    /// The conversation's last seq when the change was made: messages up to it were
+    /// taken under the members before the change, later ones under the members after.
+    pub last_seq: u64,
 }
 
 /// One connection of a user, as the presence API lists it.

@@ -203,9 +203,9 @@ const HISTORY: &str = r#"
 return {redis.call('GET', KEYS[1]) or '0', redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
 "#;
 
-/// KEYS: members, members version. ARGV: 'replace' | 'add' | 'remove', then users.
-/// Answers `{added, removed, count, members version}`; the version is raised by one when
-/// anything changed.
+/// KEYS: members, members version, seq. ARGV: 'replace' | 'add' | 'remove', then users.
+/// Answers `{added, removed, count, members version, last seq}`; the version is raised by
+/// one when anything changed, and the last seq places the change between two messages.
 const SET_MEMBERS: &str = r#"
 local added, removed = {}, {}
 if ARGV[1] == 'replace' then
@@ -233,7 +233,8 @@ if #added > 0 or #removed > 0 then
 else
   mv = tonumber(redis.call('GET', KEYS[2]) or '0')
 end
-return {added, removed, redis.call('SCARD', KEYS[1]), string.format('%d', mv)}
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+return {added, removed, redis.call('SCARD', KEYS[1]), string.format('%d', mv), string.format('%d', last)}
 "#;
 
 /// KEYS: lease, rp:nodes, rp:epochs. ARGV: epoch, ttl ms, node, node info JSON, run.
@@ -592,8 +593,8 @@ impl Store for RedisStore {
         op: MemberOp,
         users: &[Arc<str>],
     ) -> Result<MemberChange, StoreError> {
-        let mut cmd = self.inner.scripts.set_members.cmd(2);
-        cmd.arg(members_key(conv)).arg(members_version_key(conv)).arg(match op {
+        let mut cmd = self.inner.scripts.set_members.cmd(3);
+        cmd.arg(members_key(conv)).arg(members_version_key(conv)).arg(seq_key(conv)).arg(match op {
             MemberOp::Replace => "replace",
             MemberOp::Add => "add",
             MemberOp::Remove => "remove",
@@ -601,9 +602,9 @@ impl Store for RedisStore {
         for user in users {
             cmd.arg(&**user);
         }
-        let (added, removed, count, members_version): (Vec<String>, Vec<String>, usize, u64) =
+        let (added, removed, count, members_version, last_seq): (Vec<String>, Vec<String>, usize, u64, u64) =
             parse(&self.inner.pool.query_one(cmd).await?)?;
-        Ok(MemberChange { added: arcs(added), removed: arcs(removed), count, members_version })
+        Ok(MemberChange { added: arcs(added), removed: arcs(removed), count, members_version, last_seq })
     }
 
     async fn append(
