@@ -21,7 +21,8 @@ use serde_json::value::RawValue;
 
 use crate::auth::{valid_id, MAX_USER_LEN};
 use crate::cluster::{ClusterMsg, Topic};
-use crate::mesh::{shard_for, Key, Mesh, Origin, Reply, ShardMsg};
+use crate::ids::{shard_for, Key};
+use crate::mesh::{Mesh, Origin, Reply, ShardMsg};
 use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, MAX_CONV_CHARS};
 use crate::server::Node;

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use tracing::warn;
 
 use crate::cluster::{ClusterMsg, Topic};
-use crate::mesh::{Key, Origin, Reply, ReplyTo, SessionRef, ShardMsg};
+use crate::ids::Key;
+use crate::mesh::{Origin, Reply, ReplyTo, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ErrorCode, MsgFields};
-use crate::session::SyncReply;
 use crate::shard::Shard;
 use crate::store::{Appended, History, MemberOp, MemberView, NewMessage, Store, StoreError};
 use crate::wheel::TimerId;
@@ -287,7 +287,7 @@ impl Holdback {
 /// `send` (from a session) or an API post: check, sequence, store, fan out, answer.
 pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessage) {
     let started = std::time::Instant::now();
-    msg.ts = crate::session::unix_ms();
+    msg.ts = crate::clock::unix_ms();
     let encode = |seq: u64| {
         let json = protocol::msg_json(&MsgFields {
             conv: &conv,

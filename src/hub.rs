@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::mesh::Key;
+use crate::ids::Key;
 
 /// The sessions of one user on this shard and the conversations they belong to.
 struct LocalUser<S> {

@@ -24,31 +24,24 @@ use glommio::channels::shared_channel::{
 };
 use glommio::GlommioError;
 
+use crate::ids::Key;
 use crate::protocol::ErrorCode;
-use crate::session::SyncReply;
 use crate::store::{History, MemberOp, NewMessage, Presence};
 use crate::wheel::TimerId;
-
-/// Conversation and user ids travel as shared strings.
-pub type Key = Arc<str>;
 
 /// Slots per channel before messages wait in the sender's outbox.
 const CHANNEL_SLOTS: usize = 1024;
 
-/// The shard that owns `key` (a conversation or a user): FNV-1a of the key modulo the
-/// shard count. Stable across processes and versions, so every node agrees on it.
-pub fn shard_for(key: &str, shards: usize) -> usize {
-    (fnv1a(key.as_bytes()) % shards.max(1) as u64) as usize
-}
-
-/// 64-bit FNV-1a.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// What a `sync` asked for, carried to its answer.
+#[derive(Debug, Clone)]
+pub struct SyncReply {
+    pub after: u64,
+    pub limit: usize,
+    pub cid: Option<Key>,
+    /// Set by the owner: the client holds the stored seqs up to this one, which this
+    /// node had not delivered when it answered; they follow live and the session does
+    /// not send them again. 0 when the replay covers everything up to `after`.
+    pub held: u64,
 }
 
 /// A session somewhere in the process.
@@ -445,21 +438,5 @@ async fn drain_outbox(outbox: Rc<Outbox>) {
             outbox.waiting.borrow_mut().clear();
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_for_is_stable_and_spread() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        let mut hits = [0usize; 4];
-        for i in 0..4000 {
-            hits[shard_for(&format!("conv-{i}"), 4)] += 1;
-        }
-        assert!(hits.iter().all(|&h| h > 800), "{hits:?}");
     }
 }

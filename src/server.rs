@@ -25,7 +25,8 @@ use crate::cluster::{Bus, ClusterMsg, Envelope, Topic};
 use crate::config::Config;
 use crate::error::Error;
 use crate::lease;
-use crate::mesh::{self, shard_for, Key, Mesh, MeshEnds, ShardMsg};
+use crate::ids::{shard_for, Key};
+use crate::mesh::{self, Mesh, MeshEnds, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notifier;
 use crate::shard::{self, ShardSetup};
@@ -170,7 +171,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
     let admin_addr = admin.local_addr()?;
     crate::limits::report(&config, shard_count);
-    let epoch = crate::session::unix_ms();
+    let epoch = crate::clock::unix_ms();
     if config.diagnostics.demo {
         warn!(
             "diagnostics.demo is on: /demo/token hands out client tokens to anyone; \

@@ -47,7 +47,9 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::debug;
 
-use crate::mesh::{Key, Origin, SessionRef, ShardMsg};
+use crate::clock::unix_ms;
+use crate::ids::Key;
+use crate::mesh::{Origin, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
 use crate::shard::Shard;
 use crate::store::{History, NewMessage};
@@ -273,18 +275,6 @@ impl Pending {
             Pending::End(_) => 0,
         }
     }
-}
-
-/// What a `sync` asked for, carried to its answer.
-#[derive(Debug, Clone)]
-pub struct SyncReply {
-    pub after: u64,
-    pub limit: usize,
-    pub cid: Option<Key>,
-    /// Set by the owner: the client holds the stored seqs up to this one, which this
-    /// node had not delivered when it answered; they follow live and the session does
-    /// not send them again. 0 when the replay covers everything up to `after`.
-    pub held: u64,
 }
 
 /// A queued frame and what it carries, so a slow consumer's backlog can be thinned.
@@ -1306,14 +1296,6 @@ fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
-}
-
-/// Wall-clock time in unix milliseconds (message `ts`, presence `since`).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A handshake that passed every check.

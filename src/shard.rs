@@ -30,7 +30,8 @@ use crate::cluster::{ClusterMsg, Envelope, Topic};
 use crate::config::Config;
 use crate::conv::{self, Holdback, Interest, MembersChange, Step};
 use crate::hub::Hub;
-use crate::mesh::{self, Key, Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
+use crate::ids::{shard_for, Key};
+use crate::mesh::{Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::server::{ClusterLinks, Node};
 use crate::session::{self, Kind, Session};
@@ -564,7 +565,7 @@ impl Shard {
 
     /// The shard that owns a conversation or a user.
     pub fn owner_of(&self, key: &str) -> usize {
-        mesh::shard_for(key, self.shard_count)
+        shard_for(key, self.shard_count)
     }
 
     /// Sends `msg` to shard `to`; to itself it goes through the local queue, so messages

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use flume::{Receiver, RecvTimeoutError};
 use glommio::{LocalExecutorBuilder, Placement};
 use ringpush::cluster::{self, Bus, BusError, ClusterMsg, Envelope, Topic, DEFAULT_HWM};
-use ringpush::mesh::Key;
+use ringpush::ids::Key;
 
 /// Bound on every wait: generous, since a restarted peer may take a reconnect backoff.
 const DEADLINE: Duration = Duration::from_secs(10);

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use super::wire::{self, ClusterMsg, Envelope, Topic, TopicFrame, MAX_PAYLOAD};
 use super::ClusterMetrics;
-use crate::mesh::Key;
+use crate::ids::Key;
 
 /// Slots in each routing channel handed back by [`Bus::start`]; past that, inbound
 /// messages are dropped and counted.

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::mesh::{fnv1a, Key};
+use crate::ids::{fnv1a, Key};
 
 /// The format version written first in every payload.
 pub const FORMAT_VERSION: u8 = 3;

@@ -18,7 +18,8 @@ use serde::Deserialize;
 
 use super::{error, query_param, response, unix_ms};
 use crate::auth::{self, MAX_USER_LEN};
-use crate::mesh::{Key, Reply, ShardMsg};
+use crate::ids::Key;
+use crate::mesh::{Reply, ShardMsg};
 use crate::protocol::MAX_CONV_CHARS;
 use crate::shard::Shard;
 use crate::store::MemberOp;
