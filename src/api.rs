@@ -25,7 +25,7 @@ use crate::ids::{shard_for, Key};
 use crate::mesh::{Mesh, Origin, Reply, ShardMsg};
 use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, MAX_CONV_CHARS};
-use crate::server::Node;
+use crate::node::Node;
 use crate::store::{MemberOp, NewMessage};
 use crate::web;
 use crate::ws::codec;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::mesh::{Mesh, ShardMsg};
-use crate::server::Node;
+use crate::node::Node;
 
 /// How long a node's lease lives without renewal.
 pub const LEASE_TTL_MS: u64 = 3000;

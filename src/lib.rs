@@ -68,6 +68,7 @@ pub mod lease;
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod protocol;
 pub mod server;

@@ -297,7 +297,7 @@ pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
 /// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
 /// The node-wide figures: store health and, with Redis, the delivery order's repairs
 /// and, in a cluster, the ZeroMQ links.
-pub fn render_node(node: &crate::server::Node, shards: &[Arc<ShardMetrics>], out: &mut String) {
+pub fn render_node(node: &crate::node::Node, shards: &[Arc<ShardMetrics>], out: &mut String) {
     use std::sync::atomic::Ordering;
     let up = node.store_up.load(Ordering::Relaxed) as u8;
     let kind = if node.redis.is_some() { "redis" } else { "memory" };

@@ -33,7 +33,7 @@ use crate::hub::Hub;
 use crate::ids::{shard_for, Key};
 use crate::mesh::{Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
-use crate::server::{ClusterLinks, Node};
+use crate::node::{ClusterLinks, Node};
 use crate::session::{self, Kind, Session};
 use crate::store::{MemoryStore, NodeStore, Presence, PresenceOp, RedisStore, Store};
 use crate::wheel::{TimerId, Wheel};

@@ -23,7 +23,7 @@ use glommio::net::TcpStream;
 use serde_json::{json, Map, Value};
 
 use super::{query_param, unix_ms};
-use crate::server::Node;
+use crate::node::Node;
 
 /// The page: HTML, CSS and JS in one file, no external assets (its own
 /// `Content-Security-Policy` meta tag allows nothing but itself and `/events`).
