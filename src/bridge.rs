@@ -2,7 +2,7 @@
 //! `crossbeam-channel`, answers come back through a `flume` channel whose receiver is
 //! awaited on the shard (the worker's send wakes the glommio executor from its thread).
 //! A shard never blocks here: submitting is a `try_send` on a bounded queue, and a full
-//! queue is an answer ([`StoreError::Unavailable`]), not a wait.
+//! queue is an answer ([`BridgeError::Unavailable`]), not a wait.
 //!
 //! [`RedisPool`] is the Redis side: `connections` threads, each owning one blocking
 //! `redis::Connection`. A worker takes one job (waiting), then drains what else is queued
@@ -20,8 +20,8 @@
 //!   jobs await the first before submitting the second, or put both in one script).
 //! - A job answered with an error from the connection (I/O, timeout, a closed socket, a
 //!   read interrupted by SIGSTOP/SIGCONT) may or may not have been applied: the reply was
-//!   lost, and the answer says so ([`StoreError::Unknown`]). A job that never reached
-//!   Redis (none connected, queue full) is [`StoreError::Unavailable`], as is one answered
+//!   lost, and the answer says so ([`BridgeError::Unknown`]). A job that never reached
+//!   Redis (none connected, queue full) is [`BridgeError::Unavailable`], as is one answered
 //!   with a Redis error reply (a script error, a wrong type), which failed alone; the rest
 //!   of its batch is unaffected.
 //! - Scripts registered with [`RedisPool::register`] are loaded (`SCRIPT LOAD`) on every
@@ -43,8 +43,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use redis::{Cmd, Connection, Value};
 
-use crate::error::Error;
-use crate::store::StoreError;
+use thiserror::Error;
 
 /// How a [`RedisPool`] connects, batches and gives up.
 #[derive(Debug, Clone)]
@@ -100,7 +99,23 @@ pub struct PoolStats {
 }
 
 /// What the caller gets back: one value per command of the job.
-pub type Answer = Result<Vec<Value>, StoreError>;
+pub type Answer = Result<Vec<Value>, BridgeError>;
+
+/// Why a job got no answer from Redis. The store layer turns it into its own error.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BridgeError {
+    /// The job never reached Redis (none connected, queue full, pool stopped): nothing
+    /// was changed. Retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The job was sent and its answer was lost (the connection broke or timed out): it
+    /// may or may not have run, whole.
+    #[error("{0}")]
+    Unknown(String),
+    /// The pool could not be started (a bad URL, no thread).
+    #[error("{0}")]
+    Start(String),
+}
 
 /// Commands to send back to back, and where to put their replies.
 struct Job {
@@ -165,9 +180,9 @@ pub struct RedisPool {
 impl RedisPool {
     /// Starts the workers for `url`. They connect in the background: a Redis that is down
     /// now is not an error (jobs answer `Unavailable` until it is up).
-    pub fn start(url: &str, options: PoolOptions) -> Result<RedisPool, Error> {
+    pub fn start(url: &str, options: PoolOptions) -> Result<RedisPool, BridgeError> {
         let client = redis::Client::open(url)
-            .map_err(|e| Error::Start { what: "redis pool".into(), reason: format!("bad url: {e}") })?;
+            .map_err(|e| BridgeError::Start(format!("bad url: {e}")))?;
         let (queue, jobs) = crossbeam_channel::bounded(options.queue.max(1));
         let state = Arc::new(State {
             live: AtomicUsize::new(0),
@@ -191,7 +206,7 @@ impl RedisPool {
             thread::Builder::new()
                 .name(format!("redis-{i}"))
                 .spawn(move || worker.run())
-                .map_err(|e| Error::Start { what: "redis pool".into(), reason: e.to_string() })?;
+                .map_err(|e| BridgeError::Start(e.to_string()))?;
         }
         Ok(RedisPool { shared: Arc::new(Shared { queue, state }) })
     }
@@ -214,23 +229,23 @@ impl RedisPool {
             return Ok(Vec::new());
         }
         let rx = self.submit(cmds)?;
-        rx.recv_async().await.map_err(|_| StoreError::Unavailable("redis worker stopped".into()))?
+        rx.recv_async().await.map_err(|_| BridgeError::Unavailable("redis worker stopped".into()))?
     }
 
     /// [`RedisPool::query`] of one command, answering its one value.
-    pub async fn query_one(&self, cmd: Cmd) -> Result<Value, StoreError> {
+    pub async fn query_one(&self, cmd: Cmd) -> Result<Value, BridgeError> {
         let mut values = self.query(vec![cmd]).await?;
-        values.pop().ok_or_else(|| StoreError::Unavailable("redis: missing reply".into()))
+        values.pop().ok_or_else(|| BridgeError::Unavailable("redis: missing reply".into()))
     }
 
     /// Queues a job without waiting for it; the answer arrives on the returned receiver.
     /// Never blocks: a full queue is `Unavailable`.
-    pub fn submit(&self, cmds: Vec<Cmd>) -> Result<flume::Receiver<Answer>, StoreError> {
+    pub fn submit(&self, cmds: Vec<Cmd>) -> Result<flume::Receiver<Answer>, BridgeError> {
         let (reply, rx) = flume::bounded(1);
         match self.shared.queue.try_send(Job { cmds, reply }) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(StoreError::Unavailable("redis queue full".into())),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Unavailable("redis pool stopped".into())),
+            Err(TrySendError::Full(_)) => Err(BridgeError::Unavailable("redis queue full".into())),
+            Err(TrySendError::Disconnected(_)) => Err(BridgeError::Unavailable("redis pool stopped".into())),
         }
     }
 
@@ -407,7 +422,7 @@ impl Worker {
             // Sent, or partly: whether Redis applied it is not known.
             Err(why) => {
                 for job in batch.drain(..) {
-                    self.answer(job, Err(StoreError::Unknown(why.clone())));
+                    self.answer(job, Err(BridgeError::Unknown(why.clone())));
                 }
                 return;
             }
@@ -420,7 +435,7 @@ impl Worker {
         for job in batch.drain(..) {
             let mine: Vec<Value> = values.by_ref().take(job.cmds.len()).collect();
             let answer = match mine.iter().find_map(error_reply) {
-                Some(e) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+                Some(e) => Err(BridgeError::Unavailable(format!("redis: {e}"))),
                 None => Ok(mine),
             };
             self.answer(job, answer);
@@ -446,7 +461,7 @@ impl Worker {
 
     fn fail(&self, batch: &mut Vec<Job>, why: &str) {
         for job in batch.drain(..) {
-            self.answer(job, Err(StoreError::Unavailable(why.to_owned())));
+            self.answer(job, Err(BridgeError::Unavailable(why.to_owned())));
         }
     }
 

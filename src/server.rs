@@ -131,7 +131,8 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let redis = match &config.redis {
         Some(r) => {
             let options = PoolOptions { connections: REDIS_CONNECTIONS, ..PoolOptions::default() };
-            let pool = RedisPool::start(&r.url, options)?;
+            let pool = RedisPool::start(&r.url, options)
+                .map_err(|e| Error::Start { what: "redis pool".into(), reason: e.to_string() })?;
             let node_key = Key::from(config.node_id.as_str());
             Some(RedisStore::new(
                 pool,

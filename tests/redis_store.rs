@@ -18,7 +18,7 @@ use bytes::Bytes;
 use common::TempDir;
 use glommio::LocalExecutorBuilder;
 use redis::Value;
-use ringpush::bridge::{PoolOptions, RedisPool};
+use ringpush::bridge::{BridgeError, PoolOptions, RedisPool};
 use ringpush::protocol::{msg_json, MsgFields};
 use ringpush::store::{
     MemberOp, MemberView, NewMessage, Presence, PresenceOp, RedisStore, Store, StoreError,
@@ -746,7 +746,7 @@ fn a_failing_command_fails_only_its_own_job() {
                 pool.submit(vec![redis::cmd("INCR").arg("counter").clone(), redis::cmd("PING")]).unwrap();
             let bad = bounded(bad.recv_async()).await.unwrap();
             let good = bounded(good.recv_async()).await.unwrap();
-            assert!(matches!(&bad, Err(StoreError::Unavailable(e)) if e.contains("WRONGTYPE")), "{bad:?}");
+            assert!(matches!(&bad, Err(BridgeError::Unavailable(e)) if e.contains("WRONGTYPE")), "{bad:?}");
             let good = good.unwrap();
             assert_eq!(good.len(), 2);
             assert!(matches!(good[1], Value::SimpleString(ref s) if s == "PONG"), "{good:?}");

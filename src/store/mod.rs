@@ -34,6 +34,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::bridge::BridgeError;
+
 pub use self::redis::{PresenceOp, RedisPool, RedisStore};
 pub use memory::MemoryStore;
 
@@ -48,6 +50,15 @@ pub enum StoreError {
     /// de-duplicated on `(from, cid)`) and is how to find out.
     #[error("store answer lost: {0}")]
     Unknown(String),
+}
+
+impl From<BridgeError> for StoreError {
+    fn from(e: BridgeError) -> StoreError {
+        match e {
+            BridgeError::Unknown(why) => StoreError::Unknown(why),
+            BridgeError::Unavailable(why) | BridgeError::Start(why) => StoreError::Unavailable(why),
+        }
+    }
 }
 
 /// A message to sequence and store.

@@ -417,7 +417,7 @@ impl RedisStore {
                 }
             }
         }
-        me.pool.query(cmds).await.map(drop)
+        me.pool.query(cmds).await.map(drop).map_err(StoreError::from)
     }
 
     /// Every node's connections of `user` (entries that do not parse are skipped).
@@ -517,7 +517,7 @@ impl RedisStore {
     pub async fn leave(&self) -> Result<(), StoreError> {
         let me = &*self.inner;
         let cmd = self.purge_cmd(&me.run, &me.node, me.epoch, true);
-        me.pool.query_one(cmd).await.map(drop)
+        me.pool.query_one(cmd).await.map(drop).map_err(StoreError::from)
     }
 
     /// Raises each conversation's counter to at least the given seq (after Redis lost its
@@ -540,7 +540,7 @@ impl RedisStore {
                 cmd
             })
             .collect();
-        me.pool.query(cmds).await.map(drop)
+        me.pool.query(cmds).await.map(drop).map_err(StoreError::from)
     }
 }
 
@@ -651,7 +651,7 @@ impl Store for RedisStore {
     async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError> {
         let mut cmd = ::redis::cmd(if member { "SADD" } else { "SREM" });
         cmd.arg(user_convs_key(user)).arg(&**conv);
-        self.inner.pool.query_one(cmd).await.map(drop)
+        self.inner.pool.query_one(cmd).await.map(drop).map_err(StoreError::from)
     }
 
     async fn user_convs(&self, user: &str) -> Result<Vec<Arc<str>>, StoreError> {
