@@ -181,8 +181,7 @@ impl RedisPool {
     /// Starts the workers for `url`. They connect in the background: a Redis that is down
     /// now is not an error (jobs answer `Unavailable` until it is up).
     pub fn start(url: &str, options: PoolOptions) -> Result<RedisPool, BridgeError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| BridgeError::Start(format!("bad url: {e}")))?;
+        let client = redis::Client::open(url).map_err(|e| BridgeError::Start(format!("bad url: {e}")))?;
         let (queue, jobs) = crossbeam_channel::bounded(options.queue.max(1));
         let state = Arc::new(State {
             live: AtomicUsize::new(0),

@@ -24,11 +24,11 @@ use crate::bridge::{PoolOptions, RedisPool};
 use crate::cluster::{Bus, ClusterMsg, Envelope, Topic};
 use crate::config::Config;
 use crate::error::Error;
-use crate::lease;
 use crate::ids::{shard_for, Key};
+use crate::lease;
 use crate::mesh::{self, Mesh, MeshEnds, ShardMsg};
-use crate::node::{ClusterLinks, Node};
 use crate::metrics::ShardMetrics;
+use crate::node::{ClusterLinks, Node};
 use crate::notify::Notifier;
 use crate::shard::{self, ShardSetup};
 use crate::store::RedisStore;
@@ -49,8 +49,6 @@ const RING_DEPTH: usize = 4096;
 
 /// Blocking Redis connections (each on its own thread, pipelining what the shards queue).
 const REDIS_CONNECTIONS: usize = 2;
-
-
 
 /// Tells `run` to drain and return. Built from signals in `main`, from a channel in tests.
 pub struct Shutdown {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{
+use super::contract::{
     Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Store, StoreError,
     Stored,
 };

@@ -50,7 +50,7 @@ use crate::bridge::Script;
 use crate::protocol::{msg_json, MsgFields};
 use crate::ws::codec::text_frame;
 
-use super::{
+use super::contract::{
     Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, Store,
     StoreError, Stored,
 };
