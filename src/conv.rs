@@ -8,17 +8,22 @@
 //! users joins (connect, `sync`, membership change) and removed when it reports it has
 //! no session left there.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tracing::warn;
 
 use crate::cluster::{ClusterMsg, Topic};
+use crate::ctx::Ctx;
 use crate::ids::Key;
 use crate::mesh::{Origin, Reply, ReplyTo, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ErrorCode, MsgFields};
-use crate::shard::Shard;
 use crate::store::{Appended, History, MemberOp, MemberView, NewMessage, Store, StoreError};
+use crate::wake::Mailbox;
 use crate::wheel::TimerId;
 use crate::ws::codec;
 
@@ -73,7 +78,7 @@ impl Interest {
         first
     }
 
-    /// Like [`Interest::add`] for every shard.
+    /// Like [`Interest::add`] for every owner.
     pub fn add_all(&mut self, conv: &Key, shards: usize) -> bool {
         let set = self.by_conv.entry(conv.clone()).or_default();
         let first = set.is_empty();
@@ -115,6 +120,12 @@ pub const REPAIR_BATCH: usize = 1000;
 /// without it the last messages of a burst that ZeroMQ dropped would wait for the next
 /// message. One read per burst per conversation per node.
 pub const QUIET_MS: u64 = 250;
+
+/// How long a failed gap repair waits before it tries the store again.
+const REPAIR_RETRY_MS: u64 = 500;
+
+/// Conversations whose last seq one tail-check read asks the store for.
+const CHECK_BATCH: usize = 512;
 
 /// A message waiting for its turn in [`Holdback`]. `exclude` is the sending session
 /// (a local send) that must not get its own message.
@@ -284,8 +295,300 @@ impl Holdback {
     }
 }
 
+/// The owner shard's side of the conversations it owns: who wants their messages and,
+/// with Redis, each one's delivery order on this node. Driven by the shard's receive
+/// loop (messages from sessions, the API and other nodes) and by its own tasks (repairs,
+/// reconciles, tail checks).
+pub struct Owner {
+    pub ctx: Rc<Ctx>,
+    /// Which shards want the messages of the conversations this shard owns.
+    pub interest: RefCell<Interest>,
+    /// With Redis: the delivery order of each owned conversation this node has an
+    /// interest in (see [`Holdback`]). Empty with the embedded store, whose sequencing
+    /// on the owner is already in order.
+    pub order: RefCell<HashMap<Key, Holdback>>,
+    /// Conversations with a hole to repair, by due time (shard milliseconds).
+    repairs: Mailbox<(u64, Key)>,
+    /// Conversations whose member set must be read again (see [`Owner::reconcile`]).
+    reconciles: Mailbox<Key>,
+    /// Conversations due for a tail check once quiet (see [`QUIET_MS`]).
+    checks: Mailbox<Key>,
+}
+
+impl Owner {
+    pub fn new(ctx: Rc<Ctx>) -> Owner {
+        Owner {
+            ctx,
+            interest: RefCell::default(),
+            order: RefCell::default(),
+            repairs: Mailbox::default(),
+            reconciles: Mailbox::default(),
+            checks: Mailbox::default(),
+        }
+    }
+
+    /// Shard `shard` wants the messages of `conv`, owned here.
+    pub fn want(&self, conv: &Key, shard: usize) {
+        if self.interest.borrow_mut().add(conv, shard) {
+            self.interest_began(conv);
+        }
+    }
+
+    /// Every shard wants `conv` until it says otherwise (new members may be anywhere).
+    pub fn want_all(&self, conv: &Key) {
+        if self.interest.borrow_mut().add_all(conv, self.ctx.shard_count) {
+            self.interest_began(conv);
+        }
+    }
+
+    pub fn unwant(&self, conv: &Key, shard: usize) {
+        if self.interest.borrow_mut().remove(conv, shard) {
+            // No session of the node is in it any more: stop its traffic, forget its order.
+            if let Some(links) = self.ctx.links() {
+                links.bus.unsubscribe(Topic::conv(conv));
+            }
+            self.order.borrow_mut().remove(conv);
+        }
+    }
+
+    fn interest_began(&self, conv: &Key) {
+        if let Some(links) = self.ctx.links() {
+            links.bus.subscribe(Topic::conv(conv));
+        }
+    }
+
+    /// A store read saw `last` as the last seq of `conv`, which this node has an interest
+    /// in: the first read is the delivery baseline (seqs up to it are the clients' to
+    /// `sync`), a later one may show a hole to repair. A read of a member's view also
+    /// names the members version it was made under (`members_version`): the first one is
+    /// what this node's view of the membership starts from. Returns the seq delivered so
+    /// far.
+    pub fn saw_last_seq(&self, conv: &Key, last: u64, members_version: Option<u64>) -> u64 {
+        if self.ctx.redis().is_none() {
+            return last;
+        }
+        let mut order = self.order.borrow_mut();
+        let h = order.entry(conv.clone()).or_insert_with(|| {
+            // The node has just taken an interest in `conv` and subscribed to it: a
+            // message another node published before the subscription reached it is lost
+            // to this node, and with no later message nothing would show the hole. One
+            // tail check once the conversation is quiet finds it.
+            // Without a membership read, 0: the first message read it again.
+            let mut h = Holdback::new(last, members_version.unwrap_or(0));
+            h.active_ms = self.ctx.now_ms();
+            h.check_queued = true;
+            self.checks.items().push_back(conv.clone());
+            h
+        });
+        h.saw(last);
+        let delivered = h.delivered();
+        drop(order);
+        self.check_hole(conv);
+        delivered
+    }
+
+    /// The last seq of `conv` this node has handed to its shards, with Redis (the
+    /// embedded store delivers each seq as it assigns it: `None`).
+    pub fn delivered_seq(&self, conv: &Key) -> Option<u64> {
+        self.ctx.redis()?;
+        self.order.borrow().get(conv).map(|h| h.delivered())
+    }
+
+    /// Hands a sequenced message to the shards that want it, in seq order: at once with
+    /// the embedded store; through the conversation's [`Holdback`] with Redis, where a
+    /// message taken under a members version newer than this node's view first has the
+    /// member set read again (see [`Shard::reconcile`]).
+    pub fn deliver_in_order(
+        &self,
+        conv: &Key,
+        seq: u64,
+        frame: Bytes,
+        exclude: Option<SessionRef>,
+        members_version: u64,
+    ) {
+        if self.ctx.redis().is_none() {
+            return fan_out(self, conv, seq, frame, exclude);
+        }
+        if self.interest.borrow().shards(conv).is_none() {
+            return; // no session of this node is in it
+        }
+        let now = self.ctx.now_ms();
+        let mut order = self.order.borrow_mut();
+        // No baseline yet (its read is on the way): this message starts the order.
+        let h = order.entry(conv.clone()).or_insert_with(|| Holdback::new(seq - 1, 0));
+        h.active_ms = now;
+        if !h.check_queued {
+            h.check_queued = true;
+            self.checks.items().push_back(conv.clone());
+        }
+        if !h.offer(seq, (frame, exclude)) {
+            return;
+        }
+        if h.needs_reconcile(members_version) {
+            drop(order);
+            return self.reconcile_later(conv);
+        }
+        drop(order);
+        self.drain(conv);
+    }
+
+    /// Hands on what is ready of `conv`'s [`Holdback`], in order: messages to the shards
+    /// that want them, membership changes to every shard. Then looks for a hole.
+    pub fn drain(&self, conv: &Key) {
+        loop {
+            let step = self.order.borrow_mut().get_mut(conv).and_then(|h| h.next_step());
+            match step {
+                Some(Step::Msg(seq, (frame, exclude))) => fan_out(self, conv, seq, frame, exclude),
+                Some(Step::Members(change)) => announce_members(self, conv, change.added, change.removed),
+                None => break,
+            }
+        }
+        self.check_hole(conv);
+    }
+
+    /// Schedules a repair of `conv` if it has a hole and none is scheduled.
+    fn check_hole(&self, conv: &Key) {
+        let mut order = self.order.borrow_mut();
+        let Some(h) = order.get_mut(conv) else { return };
+        if h.repair_pending || h.hole().is_none() {
+            return;
+        }
+        h.repair_pending = true;
+        drop(order);
+        let due = self.ctx.now_ms() + REPAIR_AFTER_MS;
+        self.repairs.push((due, conv.clone()));
+    }
+
+    /// Queues a read of `conv`'s member set (its [`Holdback`] is paused meanwhile).
+    pub fn reconcile_later(&self, conv: &Key) {
+        self.reconciles.push(conv.clone());
+    }
+
+    /// Brings this node's view of a conversation's membership up to date, one conversation
+    /// at a time: a change made on another node reaches this one as a `members` message,
+    /// which can be lost (a node restarted, a subscription not yet in place); the next
+    /// message of the conversation then carries a members version newer than this node's
+    /// view. Until the member set is read again, nothing of the conversation is handed on
+    /// (a removed member must not get it); then every shard gets the set
+    /// ([`ShardMsg::MembersNow`]) ahead of the conversation's next messages.
+    pub async fn run_reconciles(self: Rc<Self>) {
+        loop {
+            let conv = self.reconciles.next().await;
+            self.reconcile(&conv).await;
+        }
+    }
+
+    async fn reconcile(&self, conv: &Key) {
+        let read = loop {
+            if !self.order.borrow().get(conv).is_some_and(|h| h.reconciling) {
+                return; // the node gave the conversation up meanwhile
+            }
+            match self.ctx.store.conversation(conv).await {
+                Ok(read) => break read,
+                Err(_) => glommio::timer::sleep(Duration::from_millis(REPAIR_RETRY_MS)).await,
+            }
+        };
+        self.ctx.metrics.cluster_reconciles.inc();
+        // Sessions of members added meanwhile may be on any shard.
+        self.want_all(conv);
+        let members: Arc<[Key]> = read.members.into();
+        for target in 0..self.ctx.shard_count {
+            self.ctx.route(target, ShardMsg::MembersNow { conv: conv.clone(), members: members.clone() });
+        }
+        let mut order = self.order.borrow_mut();
+        let Some(h) = order.get_mut(conv) else { return };
+        if h.reconciled(read.members_version) {
+            drop(order);
+            return self.reconcile_later(conv);
+        }
+        drop(order);
+        self.drain(conv);
+    }
+
+    /// Fills holes that outlasted [`REPAIR_AFTER_MS`] from the store, one at a time.
+    pub async fn run_repairs(self: Rc<Self>) {
+        loop {
+            let (due, conv) = self.repairs.next().await;
+            let now = self.ctx.now_ms();
+            if due > now {
+                glommio::timer::sleep(Duration::from_millis(due - now)).await;
+            }
+            let hole = match self.order.borrow_mut().get_mut(&conv) {
+                Some(h) => {
+                    h.repair_pending = false;
+                    h.hole()
+                }
+                None => None,
+            };
+            if let Some((after, upto)) = hole {
+                if !repair(&self, &conv, after, upto).await {
+                    if let Some(h) = self.order.borrow_mut().get_mut(&conv) {
+                        h.repair_pending = true;
+                        self.repairs.push((self.ctx.now_ms() + REPAIR_RETRY_MS, conv));
+                    }
+                    continue;
+                }
+                self.check_hole(&conv);
+            }
+        }
+    }
+
+    /// Tail checks: every conversation quiet for [`QUIET_MS`] since its last message
+    /// has its last seq read from the store (many per read), and a hole it reveals is
+    /// repaired like any other.
+    pub async fn run_checks(self: Rc<Self>) {
+        let Some(redis) = self.ctx.redis().cloned() else { return };
+        let tick = Duration::from_millis(QUIET_MS / 2);
+        loop {
+            glommio::timer::sleep(tick).await;
+            let now = self.ctx.now_ms();
+            let mut due = Vec::new();
+            {
+                let mut checks = self.checks.items();
+                let mut order = self.order.borrow_mut();
+                for _ in 0..checks.len() {
+                    let Some(conv) = checks.pop_front() else { break };
+                    let Some(h) = order.get_mut(&conv) else { continue };
+                    if now >= h.active_ms + QUIET_MS {
+                        h.check_queued = false;
+                        due.push(conv);
+                    } else {
+                        checks.push_back(conv);
+                    }
+                }
+            }
+            for batch in due.chunks(CHECK_BATCH) {
+                match redis.last_seqs(batch).await {
+                    Ok(lasts) => {
+                        for (conv, last) in batch.iter().zip(lasts) {
+                            if self.order.borrow().contains_key(conv) {
+                                self.saw_last_seq(conv, last, None);
+                            }
+                        }
+                    }
+                    Err(_) => self.check_all(),
+                }
+            }
+        }
+    }
+
+    /// Queues a tail check of every conversation this shard orders (after a stall, or
+    /// when Redis or the node's lease was lost).
+    pub fn check_all(&self) {
+        let mut order = self.order.borrow_mut();
+        let mut checks = self.checks.items();
+        for (conv, h) in order.iter_mut() {
+            h.active_ms = 0;
+            if !h.check_queued {
+                h.check_queued = true;
+                checks.push_back(conv.clone());
+            }
+        }
+    }
+}
+
 /// `send` (from a session) or an API post: check, sequence, store, fan out, answer.
-pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessage) {
+pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessage) {
     let started = std::time::Instant::now();
     msg.ts = crate::clock::unix_ms();
     let encode = |seq: u64| {
@@ -301,13 +604,13 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         codec::text_frame(&json)
     };
     // The highest seq this node has seen: a Redis that lost its data continues above it.
-    let floor = shard.order.borrow().get(&conv).map_or(0, |h| h.highest());
+    let floor = owner.order.borrow().get(&conv).map_or(0, |h| h.highest());
     // A client must be a member (checked with the append, in one store call); the API
     // posts as anyone.
     let append = || async {
         match origin {
-            Origin::Session(_) => shard.store.append_if_member(&conv, &msg, floor, &encode).await,
-            Origin::Api(_) => shard.store.append(&conv, &msg, floor, &encode).await.map(Some),
+            Origin::Session(_) => owner.ctx.store.append_if_member(&conv, &msg, floor, &encode).await,
+            Origin::Api(_) => owner.ctx.store.append(&conv, &msg, floor, &encode).await.map(Some),
         }
     };
     let mut appended = append().await;
@@ -316,20 +619,20 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         // other device gets it. Asking again with the same cid finds out (a stored one is
         // answered as a repeat, with its seq), so the sender is not told `unavailable`
         // about a message the others see. API posts have no cid to ask with.
-        shard.metrics.store_retries.inc();
+        owner.ctx.metrics.store_retries.inc();
         appended = append().await;
     }
     let appended = match appended {
         Ok(Some(appended)) => appended,
         Ok(None) => {
-            shard.metrics.refused_send(ErrorCode::NotMember);
+            owner.ctx.metrics.refused_send(ErrorCode::NotMember);
             let frame = protocol::error_json(msg.cid.as_deref(), ErrorCode::NotMember, "not a member");
             if let Origin::Session(session) = origin {
-                to_session(shard, session, codec::text_frame(&frame));
+                to_session(owner, session, codec::text_frame(&frame));
             }
             return;
         }
-        Err(_) => return unavailable(shard, origin, msg.cid.as_deref()),
+        Err(_) => return unavailable(owner, origin, msg.cid.as_deref()),
     };
     // The ack goes first: delivering this seq can release later ones held behind it
     // (with Redis, appends may answer out of order), and the sender must know its seq
@@ -338,59 +641,61 @@ pub async fn on_send(shard: &Shard, origin: Origin, conv: Key, mut msg: NewMessa
         Origin::Session(session) => {
             let cid = msg.cid.as_deref().unwrap_or("");
             let ack = protocol::ack_json(&conv, cid, appended.seq, appended.ts);
-            to_session(shard, session, codec::text_frame(&ack));
+            to_session(owner, session, codec::text_frame(&ack));
             Some(session)
         }
         Origin::Api(reply) => {
-            shard.mesh.reply(reply, Reply::Sent { seq: appended.seq });
+            owner.ctx.mesh.reply(reply, Reply::Sent { seq: appended.seq });
             None
         }
     };
     if appended.duplicate {
-        shard.metrics.deduplicated.inc();
-        if shard.redis().is_some() {
+        owner.ctx.metrics.deduplicated.inc();
+        if owner.ctx.redis().is_some() {
             // A Redis call that failed after it was sent may have stored the message
             // without anyone delivering it; delivery is idempotent by seq, so hand it on
             // again (nodes that have it drop it). The repeating connection has its ack.
-            publish_and_deliver(shard, &conv, &appended, exclude);
+            publish_and_deliver(owner, &conv, &appended, exclude);
         }
     } else {
-        shard.metrics.accepted.inc();
-        publish_and_deliver(shard, &conv, &appended, exclude);
-        shard.metrics.fanout_latency.record(started.elapsed());
+        owner.ctx.metrics.accepted.inc();
+        publish_and_deliver(owner, &conv, &appended, exclude);
+        owner.ctx.metrics.fanout_latency.record(started.elapsed());
     }
 }
 
 /// Sends a message sequenced here to the other nodes (in a cluster) and to this node's
 /// sessions.
-fn publish_and_deliver(shard: &Shard, conv: &Key, appended: &Appended, exclude: Option<SessionRef>) {
+fn publish_and_deliver(owner: &Owner, conv: &Key, appended: &Appended, exclude: Option<SessionRef>) {
     let (seq, members_version) = (appended.seq, appended.members_version);
-    if shard.links().is_some() {
+    if owner.ctx.links().is_some() {
         let json = codec::text_payload(&appended.frame);
-        shard.publish(Topic::conv(conv), ClusterMsg::Msg { conv: conv.clone(), seq, members_version, json });
+        owner
+            .ctx
+            .publish(Topic::conv(conv), ClusterMsg::Msg { conv: conv.clone(), seq, members_version, json });
     }
-    shard.deliver_in_order(conv, seq, appended.frame.clone(), exclude, members_version);
+    owner.deliver_in_order(conv, seq, appended.frame.clone(), exclude, members_version);
 }
 
 /// Hands a sequenced frame to every shard that wants the conversation's messages (in
 /// a cluster, through [`Shard::deliver_in_order`]).
-pub fn fan_out(shard: &Shard, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
+pub fn fan_out(owner: &Owner, conv: &Key, seq: u64, frame: Bytes, exclude: Option<SessionRef>) {
     // `route` only queues (locally or in the mesh) and never touches the interest table,
     // so the set is walked in place, without a copy per message.
-    let interest = shard.interest.borrow();
+    let interest = owner.interest.borrow();
     let Some(set) = interest.shards(conv) else { return };
     for target in set.iter() {
         let msg = ShardMsg::Deliver { conv: conv.clone(), seq, frame: frame.clone(), exclude };
-        shard.route(target, msg);
+        owner.ctx.route(target, msg);
     }
 }
 
-fn to_session(shard: &Shard, session: SessionRef, frame: Bytes) {
-    shard.route(session.shard, ShardMsg::ToSession { session: session.id, frame });
+fn to_session(owner: &Owner, session: SessionRef, frame: Bytes) {
+    owner.ctx.route(session.shard, ShardMsg::ToSession { session: session.id, frame });
 }
 
-fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
-    shard.metrics.refused_send(ErrorCode::Unavailable);
+fn unavailable(owner: &Owner, origin: Origin, cid: Option<&str>) {
+    owner.ctx.metrics.refused_send(ErrorCode::Unavailable);
     match origin {
         Origin::Session(session) => {
             let frame = protocol::error_json(
@@ -398,35 +703,35 @@ fn unavailable(shard: &Shard, origin: Origin, cid: Option<&str>) {
                 ErrorCode::Unavailable,
                 "the store is unavailable; retry with the same cid",
             );
-            to_session(shard, session, codec::text_frame(&frame));
+            to_session(owner, session, codec::text_frame(&frame));
         }
-        Origin::Api(reply) => shard.mesh.reply(reply, Reply::Unavailable),
+        Origin::Api(reply) => owner.ctx.mesh.reply(reply, Reply::Unavailable),
     }
 }
 
 /// `sync`: replay history after `after` to a session of a member. From this point the
 /// session's shard also receives the conversation's live messages, in order after the
 /// replay (the reply and later `Deliver`s travel the same FIFO channel).
-pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, mut reply: SyncReply) {
-    let view = fresh_views(shard, std::slice::from_ref(&conv), &user).await.map(|mut v| v.pop().flatten());
+pub async fn on_sync(owner: &Owner, session: SessionRef, user: Key, conv: Key, mut reply: SyncReply) {
+    let view = fresh_views(owner, std::slice::from_ref(&conv), &user).await.map(|mut v| v.pop().flatten());
     let result = match view {
-        Ok(Some(view)) => match shard.store.history(&conv, reply.after, reply.limit).await {
+        Ok(Some(view)) => match owner.ctx.store.history(&conv, reply.after, reply.limit).await {
             Ok(mut history) => {
                 // A client that holds stored seqs this node has not delivered yet (they
                 // reached it through another node) must not get them again when they
                 // come live. Seqs past the store's are not the client's to skip: the
                 // store lost its data, or the client's state is not this cluster's.
                 reply.held = reply.after.min(history.last_seq);
-                shard.want(&conv, session.shard);
+                owner.want(&conv, session.shard);
                 // In a cluster the store may already hold seqs this node has not delivered
                 // yet (on their way from another node): the replay stops where delivery
                 // is, and the rest follows live, in order, after `synced`.
-                let delivered = shard.saw_last_seq(&conv, history.last_seq, Some(view.members_version));
+                let delivered = owner.saw_last_seq(&conv, history.last_seq, Some(view.members_version));
                 if delivered < history.last_seq {
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
                 }
-                match catch_up(shard, &conv, &mut history, reply.after, reply.limit).await {
+                match catch_up(owner, &conv, &mut history, reply.after, reply.limit).await {
                     Ok(()) => Ok(history),
                     Err(_) => Err(ErrorCode::Unavailable),
                 }
@@ -436,8 +741,8 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, m
         Ok(None) => Err(ErrorCode::NotMember),
         Err(_) => Err(ErrorCode::Unavailable),
     };
-    shard.metrics.sync_replays.inc();
-    shard.route(session.shard, ShardMsg::Synced { session: session.id, conv, reply, result });
+    owner.ctx.metrics.sync_replays.inc();
+    owner.ctx.route(session.shard, ShardMsg::Synced { session: session.id, conv, reply, result });
 }
 
 /// Extends a sync's replay to every seq this node has delivered by the time the answer
@@ -447,14 +752,14 @@ pub async fn on_sync(shard: &Shard, session: SessionRef, user: Key, conv: Key, m
 /// reach the session neither live nor in the replay. Each round reads what the store holds
 /// past the replay; past `limit` the answer's `gap` covers the rest.
 async fn catch_up(
-    shard: &Shard,
+    owner: &Owner,
     conv: &Key,
     history: &mut History,
     after: u64,
     limit: usize,
 ) -> Result<(), StoreError> {
     loop {
-        let Some(delivered) = shard.delivered_seq(conv) else { return Ok(()) };
+        let Some(delivered) = owner.delivered_seq(conv) else { return Ok(()) };
         // The replay never reaches back to what the client holds already.
         let held = history.last_seq.max(after);
         if delivered <= held {
@@ -465,9 +770,9 @@ async fn catch_up(
             history.last_seq = delivered;
             return Ok(());
         }
-        let tail = shard.store.history(conv, held, room).await?;
+        let tail = owner.ctx.store.history(conv, held, room).await?;
         // Only what was delivered: later seqs reach the session live, after the answer.
-        let upto = shard.delivered_seq(conv).unwrap_or(delivered);
+        let upto = owner.delivered_seq(conv).unwrap_or(delivered);
         let before = history.messages.len();
         for m in tail.messages.into_iter().take_while(|m| m.seq <= upto) {
             // `held` covers `history.last_seq` too; the tail comes in seq order.
@@ -490,41 +795,41 @@ async fn catch_up(
 /// session hears of no seq sequenced before its join. In a cluster the node may be
 /// behind the store (seqs on their way from other nodes): the answer names, per
 /// conversation, the last stored seq the session must not hear of when it comes.
-pub async fn on_join(shard: &Shard, from: usize, user: Key, convs: Vec<Key>, session: TimerId) {
-    let views = match fresh_views(shard, &convs, &user).await {
+pub async fn on_join(owner: &Owner, from: usize, user: Key, convs: Vec<Key>, session: TimerId) {
+    let views = match fresh_views(owner, &convs, &user).await {
         Ok(views) => views,
         // The session's shard asks again: its `hello` waits for the store.
-        Err(_) => return shard.route(from, ShardMsg::Joined { user, convs: Err(convs), session }),
+        Err(_) => return owner.ctx.route(from, ShardMsg::Joined { user, convs: Err(convs), session }),
     };
     let mut member_of = Vec::with_capacity(convs.len());
     for (conv, view) in convs.into_iter().zip(views) {
         if let Some(view) = view {
-            shard.want(&conv, from);
+            owner.want(&conv, from);
             let last = view.last_seq;
-            let delivered = shard.saw_last_seq(&conv, last, Some(view.members_version));
+            let delivered = owner.saw_last_seq(&conv, last, Some(view.members_version));
             member_of.push((conv, if delivered < last { last } else { 0 }));
         }
     }
-    shard.route(from, ShardMsg::Joined { user, convs: Ok(member_of), session });
+    owner.ctx.route(from, ShardMsg::Joined { user, convs: Ok(member_of), session });
 }
 
 /// Membership change through the API. The user side is updated (and acknowledged)
 /// before the change is announced to the shards, so a session that arrives meanwhile
 /// learns of it either from its user's conversation list or from the announcement.
-pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, users: Vec<Key>) {
-    let change = match shard.store.set_members(&conv, op, &users).await {
+pub async fn on_members(owner: &Owner, reply: ReplyTo, conv: Key, op: MemberOp, users: Vec<Key>) {
+    let change = match owner.ctx.store.set_members(&conv, op, &users).await {
         Ok(change) => change,
-        Err(_) => return shard.mesh.reply(reply, Reply::Unavailable),
+        Err(_) => return owner.ctx.mesh.reply(reply, Reply::Unavailable),
     };
     for (user, member) in
         change.added.iter().map(|u| (u, true)).chain(change.removed.iter().map(|u| (u, false)))
     {
-        let owner = shard.owner_of(user);
-        let linked = if owner == shard.id {
-            shard.store.link_user(user, &conv, member).await.is_ok()
+        let user_owner = owner.ctx.owner_of(user);
+        let linked = if user_owner == owner.ctx.id {
+            owner.ctx.store.link_user(user, &conv, member).await.is_ok()
         } else {
             let ask = |reply| ShardMsg::LinkUser { reply, user: user.clone(), conv: conv.clone(), member };
-            matches!(shard.mesh.request(owner, ask).await, Some(Reply::Done))
+            matches!(owner.ctx.mesh.request(user_owner, ask).await, Some(Reply::Done))
         };
         if !linked {
             warn!(user = %user, conv = %conv, "user side of a membership change not recorded");
@@ -537,7 +842,7 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
         added: change.added,
         removed: change.removed,
     };
-    if shard.links().is_some() && (!change.added.is_empty() || !change.removed.is_empty()) {
+    if owner.ctx.links().is_some() && (!change.added.is_empty() || !change.removed.is_empty()) {
         // Other nodes follow the topics of the users they hold sessions of: one message
         // per topic the changed users fall in.
         let mut topics: Vec<Topic> = Vec::new();
@@ -555,11 +860,11 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
                 added: change.added.clone(),
                 removed: change.removed.clone(),
             };
-            shard.publish(topic, msg);
+            owner.ctx.publish(topic, msg);
         }
     }
-    members_changed(shard, &conv, change);
-    shard.mesh.reply(reply, Reply::Members { count });
+    members_changed(owner, &conv, change);
+    owner.ctx.mesh.reply(reply, Reply::Members { count });
 }
 
 /// A membership change of `conv` (owned here), made on this node or another. With the
@@ -569,12 +874,12 @@ pub async fn on_members(shard: &Shard, reply: ReplyTo, conv: Key, op: MemberOp, 
 /// view is not one behind of (one it already reflects, or one after a change it missed)
 /// is not applied piecemeal: the member set is read again instead (see
 /// [`Shard::reconcile`]).
-pub fn members_changed(shard: &Shard, conv: &Key, change: MembersChange) {
+pub fn members_changed(owner: &Owner, conv: &Key, change: MembersChange) {
     if change.added.is_empty() && change.removed.is_empty() {
         return;
     }
-    if shard.redis().is_some() {
-        let mut order = shard.order.borrow_mut();
+    if owner.ctx.redis().is_some() {
+        let mut order = owner.order.borrow_mut();
         if let Some(h) = order.get_mut(conv) {
             if change.version <= h.members_version {
                 return; // already reflected (a reconcile read it)
@@ -582,61 +887,61 @@ pub fn members_changed(shard: &Shard, conv: &Key, change: MembersChange) {
             if change.version > h.members_version + 1 || h.reconciling {
                 if h.needs_reconcile(change.version) {
                     drop(order);
-                    shard.reconcile_later(conv);
+                    owner.reconcile_later(conv);
                 }
                 return;
             }
             h.place(change);
             drop(order);
-            return shard.drain(conv);
+            return owner.drain(conv);
         }
         drop(order);
         if !change.added.is_empty() {
             // The new members' sessions may be on any shard and live from here: seqs up
             // to the change are not theirs.
-            shard.want_all(conv);
-            shard.saw_last_seq(conv, change.at, Some(change.version));
+            owner.want_all(conv);
+            owner.saw_last_seq(conv, change.at, Some(change.version));
         }
     }
-    announce_members(shard, conv, change.added, change.removed);
+    announce_members(owner, conv, change.added, change.removed);
 }
 
 /// Tells every shard of a membership change, in order with the messages handed to them.
-pub fn announce_members(shard: &Shard, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
+pub fn announce_members(owner: &Owner, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
     if !added.is_empty() {
         // Every shard may hold sessions of the new members: send it this conversation
         // until it says it has none (it answers `InterestOff` on the first message).
-        shard.want_all(conv);
+        owner.want_all(conv);
     }
-    for target in 0..shard.shard_count {
+    for target in 0..owner.ctx.shard_count {
         let msg =
             ShardMsg::MembersChanged { conv: conv.clone(), added: added.clone(), removed: removed.clone() };
-        shard.route(target, msg);
+        owner.ctx.route(target, msg);
     }
 }
 
 /// A message sequenced on another node, under members version `members_version`.
-pub fn on_remote_msg(shard: &Shard, conv: Key, seq: u64, members_version: u64, json: Bytes) {
-    if shard.interest.borrow().shards(&conv).is_none() {
+pub fn on_remote_msg(owner: &Owner, conv: Key, seq: u64, members_version: u64, json: Bytes) {
+    if owner.interest.borrow().shards(&conv).is_none() {
         // Subscriptions are by bucket: other conversations of the bucket come along.
-        shard.metrics.cluster_ignored.inc();
+        owner.ctx.metrics.cluster_ignored.inc();
         return;
     }
-    shard.deliver_in_order(&conv, seq, codec::text_frame(&json), None, members_version);
+    owner.deliver_in_order(&conv, seq, codec::text_frame(&json), None, members_version);
 }
 
 /// The member views of `user` in `convs`, each read under a members version no older than
 /// the one this node's view of the conversation already reflects: an answer older than
 /// that would undo a change already applied (it is read again).
 async fn fresh_views(
-    shard: &Shard,
+    owner: &Owner,
     convs: &[Key],
     user: &str,
 ) -> Result<Vec<Option<MemberView>>, StoreError> {
     let mut attempts = 0;
     loop {
-        let views = shard.store.member_views(convs, user).await?;
-        let order = shard.order.borrow();
+        let views = owner.ctx.store.member_views(convs, user).await?;
+        let order = owner.order.borrow();
         let stale = convs.iter().zip(&views).any(|(conv, view)| {
             let read = view.map_or(u64::MAX, |v| v.members_version);
             order.get(conv).is_some_and(|h| read < h.members_version)
@@ -651,42 +956,42 @@ async fn fresh_views(
 /// Reads seqs `after+1 ..= upto` of `conv` from the store and delivers them in order;
 /// what the store no longer has is announced to the sessions as a `gap`. False when the
 /// store could not be read (the caller retries).
-pub async fn repair(shard: &Shard, conv: &Key, after: u64, upto: u64) -> bool {
+pub async fn repair(owner: &Owner, conv: &Key, after: u64, upto: u64) -> bool {
     let limit = ((upto - after) as usize).min(REPAIR_BATCH);
-    let history = match shard.store.history(conv, after, limit).await {
+    let history = match owner.ctx.store.history(conv, after, limit).await {
         Ok(history) => history,
         Err(_) => return false,
     };
-    shard.metrics.cluster_repairs.inc();
+    owner.ctx.metrics.cluster_repairs.inc();
     // Seqs before the first one read are trimmed from history (or lost with Redis's
     // data): nothing can bring them back.
     let to = history.messages.first().map_or(upto, |m| m.seq - 1);
     if to > after {
         warn!(conv = %conv, from = after + 1, to, "messages gone before this node could deliver them");
-        if let Some(h) = shard.order.borrow_mut().get_mut(conv) {
+        if let Some(h) = owner.order.borrow_mut().get_mut(conv) {
             h.skip_to(to);
         }
-        if let Some(set) = shard.interest.borrow().shards(conv) {
+        if let Some(set) = owner.interest.borrow().shards(conv) {
             for target in set.iter() {
-                shard.route(target, ShardMsg::Missed { conv: conv.clone(), from: after + 1, to });
+                owner.ctx.route(target, ShardMsg::Missed { conv: conv.clone(), from: after + 1, to });
             }
         }
         // Membership changes made at the skipped seqs take their place now.
-        shard.drain(conv);
+        owner.drain(conv);
     }
     for m in history.messages {
-        shard.metrics.cluster_repaired.inc();
-        shard.deliver_in_order(conv, m.seq, m.frame, None, m.members_version);
+        owner.ctx.metrics.cluster_repaired.inc();
+        owner.deliver_in_order(conv, m.seq, m.frame, None, m.members_version);
     }
     true
 }
 
-pub async fn on_conversation(shard: &Shard, reply: ReplyTo, conv: Key) {
-    let answer = match shard.store.conversation(&conv).await {
+pub async fn on_conversation(owner: &Owner, reply: ReplyTo, conv: Key) {
+    let answer = match owner.ctx.store.conversation(&conv).await {
         Ok(c) => Reply::Conversation { members: c.members, last_seq: c.last_seq },
         Err(_) => Reply::Unavailable,
     };
-    shard.mesh.reply(reply, answer);
+    owner.ctx.mesh.reply(reply, answer);
 }
 
 #[cfg(test)]

@@ -48,10 +48,10 @@ use glommio::net::TcpStream;
 use tracing::debug;
 
 use crate::clock::unix_ms;
+use crate::ctx::Ctx;
 use crate::ids::Key;
 use crate::mesh::{Origin, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
-use crate::shard::Shard;
 use crate::store::{History, NewMessage};
 use crate::web::demo;
 use crate::wheel::TimerId;
@@ -83,7 +83,7 @@ pub const SYNC_GRACE_MS: u64 = 1000;
 /// into gaps on the others: at most this, and at most half of `outbound_queue_bytes`.
 const REPLAY_FILL_BYTES: usize = 2 * WRITE_BATCH_BYTES;
 
-/// Reads handled in one poll before the session yields to the rest of the shard.
+/// Reads handled in one poll before the session yields to the rest of the ctx.
 const READS_PER_POLL: usize = 16;
 
 /// Most `sync`s one connection may have in flight, over all its conversations; one more
@@ -110,7 +110,7 @@ pub enum Kind {
     Echo,
 }
 
-/// How a session is being closed, set by the session itself or by the shard.
+/// How a session is being closed, set by the session itself or by the ctx.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CloseState {
     Open,
@@ -375,42 +375,42 @@ impl Session {
 
     /// Queues a control frame for the client (never dropped for a slow consumer; bounded
     /// by the client's own requests, which are not read while the queue is over budget).
-    pub fn push(&self, frame: Bytes, shard: &Shard) {
-        self.enqueue(frame, Tag::Control, shard);
+    pub fn push(&self, frame: Bytes, ctx: &Ctx) {
+        self.enqueue(frame, Tag::Control, ctx);
     }
 
     /// Queues a `push` (or broadcast) frame within the outbound budget. A push cannot be
     /// folded into a `gap`: one that does not fit ends the connection with 4002 at once
     /// (PROTOCOL.md "Slow consumers"), so no queue grows past the budget with them.
-    pub fn push_bounded(&self, frame: Bytes, shard: &Shard) {
+    pub fn push_bounded(&self, frame: Bytes, ctx: &Ctx) {
         if self.fd.get() < 0 || !self.inner.borrow().open {
             return;
         }
-        let budget = shard.config.limits.outbound_queue_bytes;
+        let budget = ctx.config.limits.outbound_queue_bytes;
         if self.flush_due.get() && self.inner.borrow().out_bytes + frame.len() > budget {
             // Frames the flusher has not offered to the socket yet do not count.
-            self.flush(shard);
+            self.flush(ctx);
         }
         let fits = {
             let inner = self.inner.borrow();
             inner.out.is_empty() || inner.out_bytes + frame.len() <= budget
         };
         if fits {
-            shard.metrics.pushes.inc();
-            self.enqueue(frame, Tag::Control, shard);
+            ctx.metrics.pushes.inc();
+            self.enqueue(frame, Tag::Control, ctx);
         } else {
-            self.slow_consumer(shard);
+            self.slow_consumer(ctx);
         }
     }
 
     /// Gives up on a client that does not take what it is sent: what is queued and not
     /// started is dropped (the memory goes back now, not after the close handshake's
     /// wait), and the connection is closed with 4002.
-    fn slow_consumer(&self, shard: &Shard) {
+    fn slow_consumer(&self, ctx: &Ctx) {
         if self.inner.borrow().close != CloseState::Open {
             return;
         }
-        shard.metrics.slow_consumer_closes.inc();
+        ctx.metrics.slow_consumer_closes.inc();
         self.inner.borrow_mut().drop_unsent();
         self.request_close(close::SLOW_CONSUMER, "slow consumer");
     }
@@ -418,38 +418,38 @@ impl Session {
     /// Frames from a scratch buffer (one read's replies): sent right away with a
     /// non-blocking `send` when nothing is queued, copied into the queue only for what the
     /// socket does not take.
-    fn push_slice(&self, frames: &[u8], shard: &Shard) {
+    fn push_slice(&self, frames: &[u8], ctx: &Ctx) {
         let fd = self.fd.get();
         if fd < 0 {
             return;
         }
-        shard.metrics.frames_out.inc();
+        ctx.metrics.frames_out.inc();
         if !self.inner.borrow().out.is_empty() {
             // Behind frames already queued: they go out first.
-            return self.queue(Bytes::copy_from_slice(frames), Tag::Control, shard);
+            return self.queue(Bytes::copy_from_slice(frames), Tag::Control, ctx);
         }
         // An error just queues the frames; a broken socket shows up on the task's next
         // read or write.
         let sent = send_now(fd, frames).unwrap_or(0);
-        shard.metrics.socket_writes.inc();
-        shard.metrics.bytes_out.add(sent as u64);
+        ctx.metrics.socket_writes.inc();
+        ctx.metrics.bytes_out.add(sent as u64);
         if sent < frames.len() {
             // The socket is full: the rest is the session task's to write when it has
             // room, not the flusher's (its `send` would only find it full again).
             self.inner.borrow_mut().append(
                 Bytes::copy_from_slice(&frames[sent..]),
                 Tag::Control,
-                shard.now_ms(),
+                ctx.now_ms(),
             );
             self.wake();
         }
     }
 
     /// Queues `frame` if the socket is still open (see [`Session::queue`]).
-    fn enqueue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
+    fn enqueue(&self, frame: Bytes, tag: Tag, ctx: &Ctx) {
         if self.fd.get() >= 0 {
-            shard.metrics.frames_out.inc();
-            self.queue(frame, tag, shard);
+            ctx.metrics.frames_out.inc();
+            self.queue(frame, tag, ctx);
         }
     }
 
@@ -458,21 +458,21 @@ impl Session {
     /// (the rest of this fan-out, the other messages of this batch) goes out in the same
     /// `send`; a batch that reaches [`WRITE_BATCH_BYTES`] goes out at once. Frames queued
     /// behind older ones that the socket did not take are the session task's to write.
-    fn queue(&self, frame: Bytes, tag: Tag, shard: &Shard) {
-        let first = self.inner.borrow_mut().append(frame, tag, shard.now_ms());
+    fn queue(&self, frame: Bytes, tag: Tag, ctx: &Ctx) {
+        let first = self.inner.borrow_mut().append(frame, tag, ctx.now_ms());
         let full = self.inner.borrow().out_bytes >= WRITE_BATCH_BYTES;
-        self.schedule_write(first, shard);
+        self.schedule_write(first, ctx);
         if self.flush_due.get() && full {
-            self.flush(shard);
+            self.flush(ctx);
         }
     }
 
     /// Frames were appended to the queue (`first`: to an empty one): the flusher writes
     /// them when it runs, or the session task, when older frames still wait for room.
-    fn schedule_write(&self, first: bool, shard: &Shard) {
+    fn schedule_write(&self, first: bool, ctx: &Ctx) {
         if first {
             self.flush_due.set(true);
-            shard.flush_later(self.id);
+            ctx.flush_later(self.id);
         } else if !self.flush_due.get() {
             self.wake();
         }
@@ -481,7 +481,7 @@ impl Session {
     /// The shard's flusher (or a full batch) writes what is queued with non-blocking
     /// `send`s; whatever the socket does not take is left to the session task, which
     /// waits for the socket to take more.
-    pub fn flush(&self, shard: &Shard) {
+    pub fn flush(&self, ctx: &Ctx) {
         if !self.flush_due.replace(false) {
             return;
         }
@@ -490,12 +490,12 @@ impl Session {
             return;
         }
         let mut inner = self.inner.borrow_mut();
-        let now = shard.now_ms();
+        let now = ctx.now_ms();
         while !inner.out.is_empty() {
             let (wanted, sent) = inner.with_batch(|batch| (batch.len(), send_now(fd, batch)));
             let Ok(n) = sent else { break };
-            shard.metrics.socket_writes.inc();
-            shard.metrics.bytes_out.add(n as u64);
+            ctx.metrics.socket_writes.inc();
+            ctx.metrics.bytes_out.add(n as u64);
             inner.consume(n, now);
             if n < wanted {
                 break;
@@ -511,7 +511,7 @@ impl Session {
             self.wake();
         } else {
             // Room again: the next part of a replay goes in (the flusher writes it).
-            self.refill(shard);
+            self.refill(ctx);
         }
     }
 
@@ -520,9 +520,9 @@ impl Session {
     /// nothing is queued. So a replay goes out as fast as the client takes it, is never
     /// thinned, and never holds more than that in the queue. Called whenever the queue
     /// has drained some.
-    fn refill(&self, shard: &Shard) {
-        let fill = REPLAY_FILL_BYTES.min(shard.config.limits.outbound_queue_bytes / 2);
-        let now = shard.now_ms();
+    fn refill(&self, ctx: &Ctx) {
+        let fill = REPLAY_FILL_BYTES.min(ctx.config.limits.outbound_queue_bytes / 2);
+        let now = ctx.now_ms();
         let mut first = None;
         let mut inner = self.inner.borrow_mut();
         if self.fd.get() < 0 || inner.close != CloseState::Open {
@@ -539,31 +539,31 @@ impl Session {
             }
             let appended = match item {
                 Pending::Msg { bytes } => {
-                    shard.metrics.replayed.inc();
+                    ctx.metrics.replayed.inc();
                     inner.append(bytes, Tag::Replay, now)
                 }
                 Pending::Live { bytes } => {
                     if let Some(backlog) = inner.replay.as_mut() {
                         backlog.live_bytes -= bytes.len();
                     }
-                    shard.metrics.delivered.inc();
+                    ctx.metrics.delivered.inc();
                     inner.append(bytes, Tag::Replay, now)
                 }
                 Pending::Frame(bytes) => inner.append(bytes, Tag::Control, now),
                 Pending::End(conv) => match inner.replay_done(&conv) {
                     Some(gap) => {
-                        shard.metrics.slow_consumer_gaps.inc();
+                        ctx.metrics.slow_consumer_gaps.inc();
                         inner.append(gap, Tag::Control, now)
                     }
                     None => continue,
                 },
             };
-            shard.metrics.frames_out.inc();
+            ctx.metrics.frames_out.inc();
             first.get_or_insert(appended);
         }
         drop(inner);
         if let Some(first) = first {
-            self.schedule_write(first, shard);
+            self.schedule_write(first, ctx);
         }
     }
 
@@ -573,12 +573,12 @@ impl Session {
     /// synced yet; or, past the outbound budget, folded into a `gap`. Whatever the path,
     /// the connection sees each conversation's seqs in increasing order, and every seq it
     /// does not get as `msg` falls in a `gap` or a requested replay.
-    pub fn deliver(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
+    pub fn deliver(&self, ctx: &Ctx, conv: &Key, seq: u64, frame: &Bytes) {
         let mut inner = self.inner.borrow_mut();
         if self.fd.get() < 0 || !inner.open {
             return;
         }
-        let budget = shard.config.limits.outbound_queue_bytes;
+        let budget = ctx.config.limits.outbound_queue_bytes;
         let mut send_now = inner.hold_until == 0;
         if let Some(i) = inner.modes.iter().position(|m| m.conv == *conv) {
             let m = &mut inner.modes[i];
@@ -605,14 +605,14 @@ impl Session {
                 backlog.live_bytes += frame.len();
                 backlog.items.push_back(Pending::Live { bytes: frame.clone() });
                 drop(inner);
-                return self.refill(shard);
+                return self.refill(ctx);
             }
             send_now |= m.synced;
             inner.tidy(i);
         }
         if send_now {
             drop(inner);
-            return self.send_msg(shard, conv, seq, frame);
+            return self.send_msg(ctx, conv, seq, frame);
         }
         // The connection's grace: held for the client's first sync of `conv`.
         let held = inner.held.get_or_insert_with(Box::default);
@@ -622,27 +622,27 @@ impl Session {
             // Holding is bounded like the queue: past the budget the grace ends now and
             // the backlog meets the slow-consumer rules.
             drop(inner);
-            self.release_held(shard);
+            self.release_held(ctx);
         }
     }
 
     /// Queues a `msg` frame within the outbound budget, or thins the queue out into gaps.
-    fn send_msg(&self, shard: &Shard, conv: &Key, seq: u64, frame: &Bytes) {
-        let budget = shard.config.limits.outbound_queue_bytes;
+    fn send_msg(&self, ctx: &Ctx, conv: &Key, seq: u64, frame: &Bytes) {
+        let budget = ctx.config.limits.outbound_queue_bytes;
         let over = |inner: &Inner| inner.out_bytes + frame.len() > budget;
         if self.flush_due.get() && over(&self.inner.borrow()) {
             // The budget is for what the client has not taken: frames the flusher has
             // not yet offered to the socket do not count against it.
-            self.flush(shard);
+            self.flush(ctx);
         }
         let mut inner = self.inner.borrow_mut();
         if inner.out.is_empty() || !over(&inner) {
             drop(inner);
-            shard.metrics.delivered.inc();
-            return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, shard);
+            ctx.metrics.delivered.inc();
+            return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, ctx);
         }
         let gaps = inner.thin_out(conv, seq);
-        shard.metrics.slow_consumer_gaps.add(gaps as u64);
+        ctx.metrics.slow_consumer_gaps.add(gaps as u64);
         drop(inner);
         self.wake();
     }
@@ -663,7 +663,7 @@ impl Session {
     }
 
     /// A new connection's grace is over: send what was held, in order.
-    pub fn release_held(&self, shard: &Shard) {
+    pub fn release_held(&self, ctx: &Ctx) {
         let held = {
             let mut inner = self.inner.borrow_mut();
             if inner.hold_until == 0 {
@@ -676,20 +676,14 @@ impl Session {
             inner.held.take().map(|h| h.msgs).unwrap_or_default()
         };
         for (conv, seq, frame) in held {
-            self.deliver(shard, &conv, seq, &frame);
+            self.deliver(ctx, &conv, seq, &frame);
         }
     }
 
     /// The owner's answer to a `sync`: the replay and `synced` (and a `gap` for what a
     /// `limit` left out: live messages of the conversation then wait for the next sync),
     /// into the replay backlog, which goes out as the client takes it.
-    pub fn finish_sync(
-        &self,
-        shard: &Shard,
-        conv: &Key,
-        reply: SyncReply,
-        result: Result<History, ErrorCode>,
-    ) {
+    pub fn finish_sync(&self, ctx: &Ctx, conv: &Key, reply: SyncReply, result: Result<History, ErrorCode>) {
         let history = match result {
             Ok(history) => history,
             Err(code) => {
@@ -703,9 +697,9 @@ impl Session {
                     ErrorCode::NotMember => "not a member",
                     _ => "the store is unavailable; retry",
                 };
-                shard.metrics.refused_send(code);
+                ctx.metrics.refused_send(code);
                 let frame = protocol::error_json(reply.cid.as_deref(), code, message);
-                return self.push(codec::text_frame(&frame), shard);
+                return self.push(codec::text_frame(&frame), ctx);
             }
         };
         // The last seq replayed; with nothing to replay, what the client now holds
@@ -742,13 +736,13 @@ impl Session {
             }
             backlog.push_back(Pending::End(conv.clone()));
         }
-        self.refill(shard);
+        self.refill(ctx);
     }
 
     /// Seqs `from..=to` of `conv` will never reach this session live (gone from the
     /// store before this node could deliver them): tell it with a `gap`, and hold its
     /// live messages of `conv` until it syncs, as after any gap.
-    pub fn missed(&self, shard: &Shard, conv: &Key, from: u64, to: u64) {
+    pub fn missed(&self, ctx: &Ctx, conv: &Key, from: u64, to: u64) {
         let mut inner = self.inner.borrow_mut();
         if self.fd.get() < 0 || !inner.open {
             return;
@@ -774,7 +768,7 @@ impl Session {
         let held = inner.held.as_mut().map(|h| h.take(conv)).unwrap_or_default();
         drop(inner);
         for (seq, frame) in held {
-            self.send_msg(shard, conv, seq, &frame);
+            self.send_msg(ctx, conv, seq, &frame);
         }
         let mut inner = self.inner.borrow_mut();
         if inner.modes.iter().any(|m| m.conv == *conv && m.then == Then::Gapped) {
@@ -783,7 +777,7 @@ impl Session {
         inner.set_gapped(conv);
         drop(inner);
         let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
-        self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, shard);
+        self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, ctx);
     }
 
     /// Asks the session to close with `code` (drain, expiry, API disconnect).
@@ -810,18 +804,18 @@ impl Session {
     /// `idle_timeout_ms`, close it if its token expired, ping it if a ping is due, give
     /// back an outbound queue it no longer needs. Returns the next deadline, or `None`
     /// when the session is ending.
-    pub fn on_timer(&self, shard: &Shard, now: u64) -> Option<u64> {
+    pub fn on_timer(&self, ctx: &Ctx, now: u64) -> Option<u64> {
         if self.fd.get() < 0 || self.inner.borrow().close != CloseState::Open {
             return None;
         }
-        let hb = &shard.config.heartbeat;
+        let hb = &ctx.config.heartbeat;
         if now >= self.last_seen.get() + hb.idle_timeout_ms && unread_bytes(self.fd.get()) > 0 {
             // The client did send; a busy shard has not read it yet. That is life.
             self.last_seen.set(now);
         }
         if now >= self.last_seen.get() + hb.idle_timeout_ms {
             debug!(conn = %self.conn, "idle timeout");
-            shard.metrics.idle_drops.inc();
+            ctx.metrics.idle_drops.inc();
             self.set_close(CloseState::Drop);
             return None;
         }
@@ -836,12 +830,12 @@ impl Session {
         if queued && now >= head_since + hb.idle_timeout_ms {
             // The frame at the head of the queue has not gone out for the idle bound:
             // even control frames do not drain. Give up on it.
-            self.slow_consumer(shard);
+            self.slow_consumer(ctx);
             return None;
         }
         if open && now >= self.next_ping.get() {
-            self.push(Bytes::from_static(codec::PING_FRAME), shard);
-            shard.metrics.pings_sent.inc();
+            self.push(Bytes::from_static(codec::PING_FRAME), ctx);
+            ctx.metrics.pings_sent.inc();
             self.next_ping.set(now + hb.ping_interval_ms);
         }
         let mut inner = self.inner.borrow_mut();
@@ -859,13 +853,7 @@ impl Session {
     /// Drives the socket: writes what is queued, reads and handles what arrived, until the
     /// session must end. In `closing` mode data messages are ignored and only the close
     /// handshake is followed.
-    fn poll_pump(
-        &self,
-        shard: &Shard,
-        stream: &mut TcpStream,
-        cx: &mut Context<'_>,
-        closing: bool,
-    ) -> Poll<End> {
+    fn poll_pump(&self, ctx: &Ctx, stream: &mut TcpStream, cx: &mut Context<'_>, closing: bool) -> Poll<End> {
         match self.waker.take() {
             Some(w) if w.will_wake(cx.waker()) => self.waker.set(Some(w)),
             _ => self.waker.set(Some(cx.waker().clone())),
@@ -878,11 +866,11 @@ impl Session {
                     CloseState::Drop => return Poll::Ready(End::Drop),
                 }
             }
-            if let Poll::Ready(Err(_)) = self.poll_flush(shard, stream, cx) {
+            if let Poll::Ready(Err(_)) = self.poll_flush(ctx, stream, cx) {
                 return Poll::Ready(End::Eof);
             }
             // A client that does not read its own echoes stops being read from.
-            if self.inner.borrow().out_bytes > shard.config.limits.outbound_queue_bytes {
+            if self.inner.borrow().out_bytes > ctx.config.limits.outbound_queue_bytes {
                 return Poll::Pending;
             }
             let read = READ_BUF.with(|buf| {
@@ -890,7 +878,7 @@ impl Session {
                 match Pin::new(&mut *stream).poll_read(cx, &mut buf[..]) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Some(End::Eof)),
-                    Poll::Ready(Ok(n)) => Poll::Ready(self.on_bytes(shard, &buf[..n], closing)),
+                    Poll::Ready(Ok(n)) => Poll::Ready(self.on_bytes(ctx, &buf[..n], closing)),
                 }
             });
             match read {
@@ -905,12 +893,7 @@ impl Session {
     }
 
     /// Writes queued frames, several per `send` when they are small.
-    fn poll_flush(
-        &self,
-        shard: &Shard,
-        stream: &mut TcpStream,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_flush(&self, ctx: &Ctx, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut inner = self.inner.borrow_mut();
             if inner.out.is_empty() {
@@ -925,21 +908,21 @@ impl Session {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
             };
-            shard.metrics.socket_writes.inc();
-            shard.metrics.bytes_out.add(n as u64);
-            inner.consume(n, shard.now_ms());
+            ctx.metrics.socket_writes.inc();
+            ctx.metrics.bytes_out.add(n as u64);
+            inner.consume(n, ctx.now_ms());
             let refill = inner.replay.is_some();
             drop(inner);
             if refill {
-                self.refill(shard);
+                self.refill(ctx);
             }
         }
     }
 
     /// Handles bytes read from the socket. Returns why the session must end, if it must.
-    fn on_bytes(&self, shard: &Shard, data: &[u8], closing: bool) -> Option<End> {
-        shard.metrics.bytes_in.add(data.len() as u64);
-        self.last_seen.set(shard.now_ms());
+    fn on_bytes(&self, ctx: &Ctx, data: &[u8], closing: bool) -> Option<End> {
+        ctx.metrics.bytes_in.add(data.len() as u64);
+        self.last_seen.set(ctx.now_ms());
         // The codec is taken out while messages are handled, so handlers may queue frames
         // on this session without holding its borrow.
         let mut codec = std::mem::take(&mut self.inner.borrow_mut().codec);
@@ -948,13 +931,13 @@ impl Session {
         // Taken, not borrowed: a handler that queues frames never finds it in use.
         let mut replies = REPLIES.with(|r| std::mem::take(&mut *r.borrow_mut()));
         let end = loop {
-            match codec.read(&shard.ws_config, &mut input, &mut replies) {
+            match codec.read(&ctx.ws_config, &mut input, &mut replies) {
                 Next::Message(msg) => {
-                    shard.metrics.frames_in.inc();
+                    ctx.metrics.frames_in.inc();
                     if closing {
                         continue;
                     }
-                    if let Some(end) = self.on_message(shard, msg, &mut replies) {
+                    if let Some(end) = self.on_message(ctx, msg, &mut replies) {
                         break Some(end);
                     }
                 }
@@ -964,11 +947,11 @@ impl Session {
             }
         };
         if end.is_none() && codec.release() {
-            shard.metrics.codec_releases.inc();
+            ctx.metrics.codec_releases.inc();
         }
         self.inner.borrow_mut().codec = codec;
         if !replies.is_empty() {
-            self.push_slice(&replies, shard);
+            self.push_slice(&replies, ctx);
             replies.clear();
         }
         if replies.capacity() <= KEPT_SCRATCH_BYTES {
@@ -977,14 +960,14 @@ impl Session {
         end
     }
 
-    fn on_message(&self, shard: &Shard, msg: Message, replies: &mut Vec<u8>) -> Option<End> {
+    fn on_message(&self, ctx: &Ctx, msg: Message, replies: &mut Vec<u8>) -> Option<End> {
         match (&self.kind, msg) {
             (Kind::Echo, msg) => {
                 codec::append_echo(&msg, replies);
                 None
             }
             (Kind::Client { .. }, Message::Text(text)) => {
-                self.on_client_text(shard, text.as_bytes(), replies);
+                self.on_client_text(ctx, text.as_bytes(), replies);
                 None
             }
             (Kind::Client { .. }, Message::Binary(_)) => {
@@ -997,36 +980,36 @@ impl Session {
 
     /// A client frame of PROTOCOL.md: `send` and `sync` go to the conversation's owner
     /// shard; answers that need no owner (errors) go straight into `replies`.
-    fn on_client_text(&self, shard: &Shard, text: &[u8], replies: &mut Vec<u8>) {
+    fn on_client_text(&self, ctx: &Ctx, text: &[u8], replies: &mut Vec<u8>) {
         let Kind::Client { user, device } = &self.kind else { return };
         let request = match protocol::parse_request(text) {
             Ok(request) => request,
-            Err(r) => return refuse(shard, replies, r.cid.as_deref(), r.code, r.message),
+            Err(r) => return refuse(ctx, replies, r.cid.as_deref(), r.code, r.message),
         };
-        let me = SessionRef { shard: shard.id, id: self.id };
+        let me = SessionRef { shard: ctx.id, id: self.id };
         let (cid, conv, body) = match request {
             ClientRequest::Sync { cid, conv, after, limit } => {
                 if self.inner.borrow().syncs_in_flight() >= MAX_SYNCS_IN_FLIGHT {
                     let why = "too many syncs in flight; wait for synced";
-                    return refuse(shard, replies, cid.as_deref(), ErrorCode::RateLimited, why);
+                    return refuse(ctx, replies, cid.as_deref(), ErrorCode::RateLimited, why);
                 }
-                let owner = shard.owner_of(&conv);
-                let cap = shard.config.history.max_per_conv;
+                let owner = ctx.owner_of(&conv);
+                let cap = ctx.config.history.max_per_conv;
                 let limit = limit.unwrap_or(cap).clamp(1, cap);
                 let after = after.unwrap_or(0);
                 let conv: Key = Arc::from(&*conv);
                 self.start_sync(&conv);
-                shard.loading_started();
+                ctx.loading_started();
                 let reply = SyncReply { after, limit, cid: cid.as_deref().map(Key::from), held: 0 };
                 let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
-                return shard.route(owner, sync);
+                return ctx.route(owner, sync);
             }
             ClientRequest::Send { cid, conv, body } => (cid, conv, body),
         };
-        if !self.take_token(shard) {
-            return refuse(shard, replies, Some(&cid), ErrorCode::RateLimited, "too many sends; slow down");
+        if !self.take_token(ctx) {
+            return refuse(ctx, replies, Some(&cid), ErrorCode::RateLimited, "too many sends; slow down");
         }
-        let owner = shard.owner_of(&conv);
+        let owner = ctx.owner_of(&conv);
         let msg = NewMessage {
             from: user.clone(),
             dev: Some(device.clone()),
@@ -1034,13 +1017,13 @@ impl Session {
             ts: 0,
             body: Bytes::copy_from_slice(body.get().as_bytes()),
         };
-        shard.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(&*conv), msg });
+        ctx.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(&*conv), msg });
     }
 
     /// The per-connection token bucket of `limits.send_rate_per_sec` (bursts of twice that).
-    fn take_token(&self, shard: &Shard) -> bool {
-        let rate = shard.config.limits.send_rate_per_sec as f32;
-        let now = shard.now_ms();
+    fn take_token(&self, ctx: &Ctx) -> bool {
+        let rate = ctx.config.limits.send_rate_per_sec as f32;
+        let now = ctx.now_ms();
         let elapsed = now.saturating_sub(self.tokens_at.get()) as f32 / 1000.0;
         let tokens = (self.tokens.get() + elapsed * rate).min(2.0 * rate);
         self.tokens_at.set(now);
@@ -1055,8 +1038,8 @@ impl Session {
 }
 
 /// Answers a client request with an `error` frame.
-fn refuse(shard: &Shard, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCode, message: &str) {
-    shard.metrics.refused_send(code);
+fn refuse(ctx: &Ctx, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCode, message: &str) {
+    ctx.metrics.refused_send(code);
     let cid = cid.filter(|c| !c.is_empty());
     replies.extend_from_slice(&codec::text_frame(&protocol::error_json(cid, code, message)));
 }
@@ -1310,42 +1293,65 @@ struct Accepted {
     leftover: Vec<u8>,
 }
 
+/// A connection task's way into its shard's session table (the shard implements it):
+/// registering indexes the session, starts its join and its heartbeats.
+pub trait Table {
+    fn ctx(&self) -> &Ctx;
+    fn register(&self, make: impl FnOnce(TimerId) -> Session) -> Rc<Session>;
+    fn unregister(&self, session: &Session);
+}
+
+/// Clears a session's raw fd when its task lets go of the socket, however the task ends:
+/// a write from another task's fan-out (`send_now`) must never reach a descriptor number
+/// the kernel may have handed to another socket since.
+struct ReleaseFd<'a>(&'a Session);
+
+impl Drop for ReleaseFd<'_> {
+    fn drop(&mut self) {
+        self.0.fd.set(-1);
+    }
+}
+
 /// Serves one accepted TCP connection from handshake to close.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+pub async fn serve<T: Table>(table: Rc<T>, mut stream: TcpStream, peer: SocketAddr) {
     // The handshake and the close are boxed: the task then keeps, while the connection
     // is open, only the stream, the session handle and the shard handle.
-    let Some((session, early_end)) = Box::pin(open(&shard, &mut stream, peer)).await else { return };
-    let end = match early_end {
-        Some(end) => end,
-        None => futures_lite::future::poll_fn(|cx| session.poll_pump(&shard, &mut stream, cx, false)).await,
-    };
-    Box::pin(finish(&shard, &session, &mut stream, end)).await;
-    session.fd.set(-1);
-    shard.unregister(&session);
+    let Some((session, early_end)) = Box::pin(open(&*table, &mut stream, peer)).await else { return };
+    let ctx = table.ctx();
+    {
+        let _release = ReleaseFd(&session);
+        let end = match early_end {
+            Some(end) => end,
+            None => futures_lite::future::poll_fn(|cx| session.poll_pump(ctx, &mut stream, cx, false)).await,
+        };
+        Box::pin(finish(ctx, &session, &mut stream, end)).await;
+    }
+    table.unregister(&session);
 }
 
 /// Handshake, registration, the join (`hello` once it is answered), and whatever frames
 /// came with the request.
-async fn open(
-    shard: &Rc<Shard>,
+async fn open<T: Table>(
+    table: &T,
     stream: &mut TcpStream,
     peer: SocketAddr,
 ) -> Option<(Rc<Session>, Option<End>)> {
-    let limit = Duration::from_millis(shard.config.handshake_timeout_ms);
+    let ctx = table.ctx();
+    let limit = Duration::from_millis(ctx.config.handshake_timeout_ms);
     let accepted =
-        match glommio::timer::timeout(limit, async { Ok(handshake(shard, stream, peer).await) }).await {
+        match glommio::timer::timeout(limit, async { Ok(handshake(ctx, stream, peer).await) }).await {
             Ok(Some(accepted)) => accepted,
             Ok(None) => return None,
             Err(_) => {
-                shard.metrics.refused("timeout");
+                ctx.metrics.refused("timeout");
                 return None;
             }
         };
-    shard.metrics.handshakes_ok.inc();
-    let hb = &shard.config.heartbeat;
-    let now = shard.now_ms();
-    let session = shard.register(|id| Session::new(id, &accepted, now, hb.ping_interval_ms));
-    if shard.draining.get() {
+    ctx.metrics.handshakes_ok.inc();
+    let hb = &ctx.config.heartbeat;
+    let now = ctx.now_ms();
+    let session = table.register(|id| Session::new(id, &accepted, now, hb.ping_interval_ms));
+    if ctx.draining.get() {
         // The drain's close-all ran while this handshake was finishing.
         session.request_close(close::GOING_AWAY, "server shutting down");
     }
@@ -1368,7 +1374,7 @@ async fn open(
     }
     let mut end = None;
     if !accepted.leftover.is_empty() {
-        end = session.on_bytes(shard, &accepted.leftover, false);
+        end = session.on_bytes(ctx, &accepted.leftover, false);
     }
     Some((session, end))
 }
@@ -1377,23 +1383,23 @@ impl Session {
     /// The owners have answered this client connection's join (`Shard::settle`): it is in
     /// its conversations' fan-out from now on. Sends the `hello`, starts the grace in
     /// which live messages wait for the first `sync`, and lets the session task read.
-    pub fn opened(&self, shard: &Shard, node_conn: &str) {
+    pub fn opened(&self, ctx: &Ctx, node_conn: &str) {
         let Kind::Client { user, device } = &self.kind else { return };
-        let hb = &shard.config.heartbeat;
+        let hb = &ctx.config.heartbeat;
         let hello = ServerFrame::Hello {
             user,
             device,
             conn: node_conn,
-            node: &shard.config.node_id,
+            node: &ctx.config.node_id,
             ping_interval_ms: hb.ping_interval_ms,
             idle_timeout_ms: hb.idle_timeout_ms,
         };
         {
             let mut inner = self.inner.borrow_mut();
             inner.open = true;
-            inner.hold_until = shard.now_ms() + SYNC_GRACE_MS;
+            inner.hold_until = ctx.now_ms() + SYNC_GRACE_MS;
         }
-        self.push(codec::text_frame(&hello.to_json()), shard);
+        self.push(codec::text_frame(&hello.to_json()), ctx);
         self.wake();
     }
 
@@ -1422,55 +1428,53 @@ impl Session {
 }
 
 /// Ends a session the way `end` says: answer, close politely, or just drop.
-async fn finish(shard: &Shard, session: &Session, stream: &mut TcpStream, end: End) {
+async fn finish(ctx: &Ctx, session: &Session, stream: &mut TcpStream, end: End) {
     match end {
         End::Eof | End::Drop => {}
-        End::Closed => flush_for(shard, session, stream, CLOSE_WAIT).await,
+        End::Closed => flush_for(ctx, session, stream, CLOSE_WAIT).await,
         End::Fail(code, reason) => {
-            shard.metrics.close_sent(code);
-            session.push(codec::close_frame(code, reason), shard);
-            flush_for(shard, session, stream, CLOSE_WAIT).await;
+            ctx.metrics.close_sent(code);
+            session.push(codec::close_frame(code, reason), ctx);
+            flush_for(ctx, session, stream, CLOSE_WAIT).await;
         }
         End::Close(code, reason) => {
-            shard.metrics.close_sent(code);
+            ctx.metrics.close_sent(code);
             let mut out = Vec::new();
             let hint;
             let reason: &str = if code == close::GOING_AWAY {
                 // A drain: tell each client when to come back, spread so that a whole
                 // fleet does not reconnect at once.
-                let spread = shard.config.limits.reconnect_spread_ms;
-                hint = format!(
-                    "{reason}; reconnect_after_ms={}",
-                    shard.admission.borrow_mut().jitter_ms(spread)
-                );
+                let spread = ctx.config.limits.reconnect_spread_ms;
+                hint =
+                    format!("{reason}; reconnect_after_ms={}", ctx.admission.borrow_mut().jitter_ms(spread));
                 &hint
             } else {
                 reason
             };
-            session.inner.borrow_mut().codec.close(&shard.ws_config, code, reason, &mut out);
-            session.push(Bytes::from(out), shard);
+            session.inner.borrow_mut().codec.close(&ctx.ws_config, code, reason, &mut out);
+            session.push(Bytes::from(out), ctx);
             // Wait for the client's close reply; the server then closes TCP first.
             let wait = Box::pin(glommio::timer::timeout(CLOSE_WAIT, async {
-                Ok(futures_lite::future::poll_fn(|cx| session.poll_pump(shard, stream, cx, true)).await)
+                Ok(futures_lite::future::poll_fn(|cx| session.poll_pump(ctx, stream, cx, true)).await)
             }));
             if let Ok(End::Closed) = wait.await {
-                flush_for(shard, session, stream, CLOSE_WAIT).await;
+                flush_for(ctx, session, stream, CLOSE_WAIT).await;
             }
         }
     }
 }
 
 /// Writes what is queued, for at most `limit`.
-async fn flush_for(shard: &Shard, session: &Session, stream: &mut TcpStream, limit: Duration) {
+async fn flush_for(ctx: &Ctx, session: &Session, stream: &mut TcpStream, limit: Duration) {
     let flush = Box::pin(glommio::timer::timeout(limit, async {
-        let _ = futures_lite::future::poll_fn(|cx| session.poll_flush(shard, stream, cx)).await;
+        let _ = futures_lite::future::poll_fn(|cx| session.poll_flush(ctx, stream, cx)).await;
         Ok(())
     }));
     let _ = flush.await;
 }
 
 /// Reads the upgrade request and answers it. `Some` when the connection is upgraded.
-async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
+async fn handshake(ctx: &Ctx, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
     let mut head: Vec<u8> = Vec::new();
     loop {
         let n = read_into(stream, &mut head, handshake::MAX_REQUEST_BYTES + 1).await;
@@ -1482,22 +1486,22 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> O
             Ok(Some(parsed)) => parsed,
             // A plain HTTP request for the try-it page and its calls, not an upgrade.
             Err(_) if demo::is_demo_request(&head) => {
-                demo::serve(shard, stream, &head).await;
+                demo::serve(ctx, stream, &head).await;
                 return None;
             }
-            Err(refusal) => return refuse_upgrade(shard, stream, refusal).await,
+            Err(refusal) => return refuse_upgrade(ctx, stream, refusal).await,
         };
-        let checked = check(shard, &request, peer);
+        let checked = check(ctx, &request, peer);
         let mut accepted = match checked {
             Ok(accepted) => accepted,
-            Err(refusal) => return refuse_upgrade(shard, stream, refusal).await,
+            Err(refusal) => return refuse_upgrade(ctx, stream, refusal).await,
         };
         let response = handshake::accept_response(request.key);
         accepted.fd = stream.as_raw_fd();
         accepted.leftover = head[head_len..].to_vec();
         if stream.write_all(&response).await.is_err() {
-            shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-            shard.admission.borrow_mut().release(accepted.ip);
+            ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
+            ctx.admission.borrow_mut().release(accepted.ip);
             return None;
         }
         return Some(accepted);
@@ -1505,8 +1509,8 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> O
 }
 
 /// Routing, origin, token and capacity checks of an upgrade request.
-fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> Result<Accepted, Refusal> {
-    let config = &shard.config;
+fn check(ctx: &Ctx, request: &handshake::Request<'_>, peer: SocketAddr) -> Result<Accepted, Refusal> {
+    let config = &ctx.config;
     let claims = match request.path {
         "/ws" => {
             if let (false, Some(origin)) = (config.allowed_origins.is_empty(), request.origin) {
@@ -1515,39 +1519,37 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
                 }
             }
             let token = request.token().ok_or(Refusal::Unauthorized("missing token"))?;
-            let claims = shard
-                .verifier
-                .verify(token)
-                .map_err(|_| Refusal::Unauthorized("invalid or expired token"))?;
+            let claims =
+                ctx.verifier.verify(token).map_err(|_| Refusal::Unauthorized("invalid or expired token"))?;
             Some(claims)
         }
         "/echo" if config.diagnostics.echo => None,
         _ => return Err(Refusal::NotFound),
     };
-    if shard.draining.get() {
+    if ctx.draining.get() {
         return Err(Refusal::Unavailable("server is shutting down"));
     }
     let ip = request.client_ip(peer.ip(), &config.trusted_proxies);
-    if let Err(t) = shard.admission.borrow_mut().admit(ip, shard.now_ms()) {
+    if let Err(t) = ctx.admission.borrow_mut().admit(ip, ctx.now_ms()) {
         return Err(Refusal::Throttled { why: t.why, retry_after_s: t.retry_after_s });
     }
-    let count = shard.node.connections.fetch_add(1, Ordering::Relaxed);
+    let count = ctx.node.connections.fetch_add(1, Ordering::Relaxed);
     if count >= config.limits.max_connections {
-        shard.node.connections.fetch_sub(1, Ordering::Relaxed);
-        shard.admission.borrow_mut().release(ip);
+        ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
+        ctx.admission.borrow_mut().release(ip);
         return Err(Refusal::Unavailable("connection limit reached"));
     }
     let now_unix = unix_ms() / 1000;
     let expires_ms = match &claims {
         Some(c) => {
-            let left_s = shard.verifier.deadline(c).saturating_sub(now_unix);
-            shard.now_ms() + left_s * 1000
+            let left_s = ctx.verifier.deadline(c).saturating_sub(now_unix);
+            ctx.now_ms() + left_s * 1000
         }
         None => u64::MAX,
     };
     Ok(Accepted {
         claims: claims.map(|c| (Arc::from(c.sub), Arc::from(c.dev))),
-        conn: shard.next_conn(),
+        conn: ctx.next_conn(),
         ip,
         fd: -1,
         expires_ms,
@@ -1555,8 +1557,8 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
     })
 }
 
-async fn refuse_upgrade(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
-    shard.metrics.refused(refusal.label());
+async fn refuse_upgrade(ctx: &Ctx, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
+    ctx.metrics.refused(refusal.label());
     let _ = stream.write_all(&refusal.response()).await;
     let _ = stream.close().await;
     None

@@ -18,10 +18,10 @@ use serde::Deserialize;
 
 use super::{error, query_param, response, unix_ms};
 use crate::auth::{self, MAX_USER_LEN};
+use crate::ctx::Ctx;
 use crate::ids::Key;
 use crate::mesh::{Reply, ShardMsg};
 use crate::protocol::MAX_CONV_CHARS;
-use crate::shard::Shard;
 use crate::store::MemberOp;
 use crate::ws::handshake::{self, Refusal};
 
@@ -43,7 +43,7 @@ const MAX_BODY: usize = 4096;
 const DEFAULT_TTL_SECS: u64 = 3600;
 const MAX_TTL_SECS: u64 = 86_400;
 
-/// How long joining a conversation waits for its owner shard.
+/// How long joining a conversation waits for its owner ctx.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `head` holds a complete HTTP request for `/demo` or a path under it. The client
@@ -93,18 +93,18 @@ fn parse(head: &[u8]) -> Option<Request<'_>> {
 }
 
 /// Answers one `/demo` request on the client listener and closes the connection.
-pub async fn serve(shard: &Shard, stream: &mut TcpStream, head: &[u8]) {
-    let answer = if shard.config.diagnostics.demo {
-        answer(shard, stream, head).await
+pub async fn serve(ctx: &Ctx, stream: &mut TcpStream, head: &[u8]) {
+    let answer = if ctx.config.diagnostics.demo {
+        answer(ctx, stream, head).await
     } else {
-        shard.metrics.refused(Refusal::NotFound.label());
+        ctx.metrics.refused(Refusal::NotFound.label());
         Refusal::NotFound.response()
     };
     let _ = stream.write_all(&answer).await;
     let _ = stream.close().await;
 }
 
-async fn answer(shard: &Shard, stream: &mut TcpStream, head: &[u8]) -> Vec<u8> {
+async fn answer(ctx: &Ctx, stream: &mut TcpStream, head: &[u8]) -> Vec<u8> {
     let Some(req) = parse(head) else {
         return error(400, "bad_request", "malformed HTTP request");
     };
@@ -115,7 +115,7 @@ async fn answer(shard: &Shard, stream: &mut TcpStream, head: &[u8]) -> Vec<u8> {
         ("GET", "/demo/ringpush.js") => {
             response(200, "text/javascript; charset=utf-8", "", CLIENT_JS.as_bytes())
         }
-        ("GET", "/demo/token") => token(shard, req.query),
+        ("GET", "/demo/token") => token(ctx, req.query),
         ("POST", "/demo/join") => {
             if req.content_length > MAX_BODY {
                 return error(413, "too_large", "request body too large");
@@ -123,7 +123,7 @@ async fn answer(shard: &Shard, stream: &mut TcpStream, head: &[u8]) -> Vec<u8> {
             let Some(body) = read_body(stream, head, req.head_len, req.content_length).await else {
                 return error(400, "bad_request", "incomplete body");
             };
-            join(shard, req.authorization, &body).await
+            join(ctx, req.authorization, &body).await
         }
         (_, "/demo" | "/demo/" | "/demo/ringpush.js" | "/demo/token" | "/demo/join") => {
             error(405, "method_not_allowed", "wrong method for this path")
@@ -148,7 +148,7 @@ async fn read_body(stream: &mut TcpStream, head: &[u8], head_len: usize, len: us
 }
 
 /// `GET /demo/token?user=U&device=D[&ttl=SECS]`: a client token signed with `auth.secret`.
-fn token(shard: &Shard, query: &str) -> Vec<u8> {
+fn token(ctx: &Ctx, query: &str) -> Vec<u8> {
     let user = query_param(query, "user").unwrap_or_default();
     let device = query_param(query, "device").unwrap_or_default();
     if !auth::valid_id(&user, MAX_USER_LEN) || !auth::valid_id(&device, auth::MAX_DEVICE_LEN) {
@@ -160,7 +160,7 @@ fn token(shard: &Shard, query: &str) -> Vec<u8> {
         Some(Ok(t)) if (1..=MAX_TTL_SECS).contains(&t) => t,
         Some(_) => return error(400, "bad_request", "ttl is 1-86400 seconds"),
     };
-    match auth::mint(&shard.config.auth.secret, &user, &device, ttl) {
+    match auth::mint(&ctx.config.auth.secret, &user, &device, ttl) {
         Ok(token) => {
             let exp = unix_ms() / 1000 + ttl;
             let body = serde_json::json!({
@@ -180,23 +180,23 @@ struct JoinBody {
 /// `POST /demo/join` with `Authorization: Bearer <token>` and `{"conv":"c1"}`: adds the
 /// token's user to the conversation, the way `POST /api/v1/conversations/{conv}/members`
 /// does (a membership change on the conversation's owner shard).
-async fn join(shard: &Shard, authorization: Option<&str>, body: &[u8]) -> Vec<u8> {
+async fn join(ctx: &Ctx, authorization: Option<&str>, body: &[u8]) -> Vec<u8> {
     let token = authorization.and_then(|h| {
         let (scheme, rest) = h.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
-    let Some(claims) = token.and_then(|t| shard.verifier.verify(t).ok()) else {
+    let Some(claims) = token.and_then(|t| ctx.verifier.verify(t).ok()) else {
         return error(401, "unauthorized", "missing, invalid or expired token");
     };
     let conv = match serde_json::from_slice::<JoinBody>(body) {
         Ok(b) if auth::valid_id(&b.conv, MAX_CONV_CHARS) => Key::from(b.conv),
         _ => return error(400, "bad_request", "body must be {\"conv\":\"<1-128 of [A-Za-z0-9._:@-]>\"}"),
     };
-    let owner = shard.owner_of(&conv);
+    let owner = ctx.owner_of(&conv);
     let users = vec![Key::from(claims.sub)];
     let ask = |reply| ShardMsg::Members { reply, conv: conv.clone(), op: MemberOp::Add, users };
     let asked = glommio::timer::timeout(JOIN_TIMEOUT, async {
-        Ok(shard.mesh.request_via(ask, |msg| shard.route(owner, msg)).await)
+        Ok(ctx.mesh.request_via(ask, |msg| ctx.route(owner, msg)).await)
     });
     match asked.await {
         Ok(Some(Reply::Members { count })) => {
