@@ -14,7 +14,7 @@
 //! ```
 //!
 //! - `### Layer N: title` (N a positive integer; a larger N is a higher layer) starts a layer.
-//! - Each following bullet `- \`name\`...`, until the next heading (any `#` line), puts one top
+//! - Each following bullet ``- `name`...``, until the next heading (any `#` line), puts one top
 //!   module in that layer: the first backtick-quoted word is its name. Other lines (a bullet's
 //!   continuation, prose) are ignored, and so are bullets outside a layer.
 //! - A top module is `src/name.rs` with everything under `src/name/`, or `main` for
@@ -90,12 +90,13 @@ fn read_map(lib_source: &str) -> (BTreeMap<String, u32>, Vec<String>) {
         } else if doc.starts_with('#') {
             current = None;
         } else if let (Some(layer), Some(bullet)) = (current, doc.strip_prefix("- ")) {
-            match bullet.split('`').nth(1).filter(|_| bullet.matches('`').count() >= 2) {
+            let name = bullet.split('`').nth(1).filter(|_| bullet.matches('`').count() >= 2);
+            match name.map(|name| (name, layers.insert(name.to_string(), layer))) {
                 None => bad(format!("a layer {layer} bullet names no `module`: `{doc}`")),
-                Some(name) => match layers.insert(name.to_string(), layer) {
-                    Some(earlier) => bad(format!("`{name}` is in layer {earlier} and in layer {layer}")),
-                    None => {}
-                },
+                Some((name, Some(earlier))) => {
+                    bad(format!("`{name}` is in layer {earlier} and in layer {layer}"))
+                }
+                Some((_, None)) => {}
             }
         }
     }
@@ -244,14 +245,10 @@ fn use_tree(tokens: &[String], pos: &mut usize) -> Vec<Vec<String>> {
 /// The file's code without comments and string contents (quotes kept), up to its test module.
 fn code_of(source: &str) -> String {
     let lines: Vec<&str> = source.lines().collect();
-    // A string may span lines: a `//` line inside one is text, not a comment.
+    // A string may span lines; a `//` inside one is text, not a comment.
     let (mut code, mut in_string) = (String::new(), false);
     for (n, line) in lines.iter().enumerate() {
-        let trimmed = line.trim();
-        if !in_string && trimmed.starts_with("//") {
-            continue;
-        }
-        if !in_string && trimmed == "#[cfg(test)]" && next_item_is_mod(&lines[n + 1..]) {
+        if !in_string && line.trim() == "#[cfg(test)]" && next_item_is_mod(&lines[n + 1..]) {
             break;
         }
         let chars: Vec<char> = line.chars().collect();
@@ -369,6 +366,8 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// The real tree against its own map. Cargo sets `CARGO_MANIFEST_DIR`; built with plain
+/// `rustc`, the test runs from the crate's folder instead.
 #[test]
 fn the_crate_keeps_its_layers() {
     let root = PathBuf::from(option_env!("CARGO_MANIFEST_DIR").unwrap_or("."));

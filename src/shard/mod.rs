@@ -25,6 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::cluster::{ClusterMsg, Envelope, Topic};
+mod presence;
+mod table;
+
 use crate::conv::{self, MembersChange, Owner};
 use crate::ctx::{Ctx, CtxParts};
 use crate::hub::Hub;
@@ -33,24 +36,18 @@ use crate::mesh::{Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::session::{self, Kind, Session};
-use crate::store::{MemoryStore, NodeStore, Presence, PresenceOp, Store};
+use crate::store::{MemoryStore, NodeStore, PresenceOp, Store};
 use crate::wake::Mailbox;
 use crate::wheel::{TimerId, Wheel};
 use crate::ws::codec;
+use presence::PresenceWriter;
+use table::Slab;
 
 /// How long a draining shard waits for its clients' close replies before it stops.
 const DRAIN_WAIT: Duration = Duration::from_secs(3);
 
 /// Recipients served in one go before a fan-out yields to the rest of the shard.
 const FANOUT_BATCH: usize = 256;
-
-/// How often a shard writes its connections' presence changes to Redis, in one pipeline:
-/// a connection storm costs a few round trips per interval, not one per connection.
-const PRESENCE_FLUSH: Duration = Duration::from_millis(20);
-
-/// Presence changes a shard keeps for Redis while it is unreachable; past this it drops
-/// them and asks for a full re-registration once Redis is back.
-const PRESENCE_BACKLOG: usize = 200_000;
 
 /// How long a join whose store read failed waits before it asks again.
 const JOIN_RETRY: Duration = Duration::from_millis(250);
@@ -78,7 +75,7 @@ pub struct Shard {
     /// The conversations this shard owns: interest, delivery order, repairs.
     pub owner: Rc<Owner>,
     /// Presence changes of this shard's connections not yet written to Redis.
-    presence_out: RefCell<Vec<PresenceOp>>,
+    presence: Rc<PresenceWriter>,
     /// This shard's sessions by user and by conversation.
     pub hub: RefCell<Hub<TimerId>>,
     /// Client sessions in their grace after `hello`, by the shard-clock ms it ends, in
@@ -92,69 +89,6 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// How the presence API shows a client session.
-    fn presence(&self, session: &Session) -> Presence {
-        let device = match &session.kind {
-            Kind::Client { device, .. } => device.clone(),
-            Kind::Echo => Key::from(""),
-        };
-        Presence {
-            device,
-            conn: Key::from(self.ctx.conn_id(session.conn)),
-            node: self.ctx.node.node_key.clone(),
-            ip: session.ip,
-            since: session.since_unix_ms,
-        }
-    }
-
-    /// Queues a presence change for Redis (a node on Redis only).
-    fn presence_changed(&self, op: PresenceOp) {
-        if self.ctx.redis().is_none() {
-            return;
-        }
-        let mut out = self.presence_out.borrow_mut();
-        if out.len() < PRESENCE_BACKLOG {
-            out.push(op);
-        } else {
-            self.ctx.node.presence_lost.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Writes queued presence changes to Redis every [`PRESENCE_FLUSH`], one pipeline per
-    /// write; what fails is kept (bounded) and written when Redis answers again.
-    async fn run_presence(self: Rc<Self>) {
-        let Some(redis) = self.ctx.redis().cloned() else { return };
-        loop {
-            glommio::timer::sleep(PRESENCE_FLUSH).await;
-            let ops = std::mem::take(&mut *self.presence_out.borrow_mut());
-            if ops.is_empty() {
-                continue;
-            }
-            if let Err(e) = redis.presence_write(&ops).await {
-                debug!(shard = self.ctx.id, error = %e, "presence not written; keeping it");
-                let mut out = self.presence_out.borrow_mut();
-                let newer = std::mem::replace(&mut *out, ops);
-                out.extend(newer);
-                if out.len() > PRESENCE_BACKLOG {
-                    out.clear();
-                    self.ctx.node.presence_lost.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    /// Every live client session's presence, queued again (see [`ShardMsg::Reregister`]).
-    fn reregister(&self) {
-        let sessions = self.sessions.borrow().all();
-        let mut out = self.presence_out.borrow_mut();
-        out.clear();
-        for s in sessions {
-            if let Kind::Client { user, .. } = &s.kind {
-                out.push(PresenceOp::Add { user: user.clone(), entry: self.presence(&s) });
-            }
-        }
-    }
-
     /// Closes every session of `user` on this shard with 4001; returns how many.
     fn kick(&self, user: &str) -> usize {
         let ids: Vec<TimerId> = self.hub.borrow().all_of_user(user);
@@ -358,8 +292,11 @@ impl Shard {
             }
             ShardMsg::Presence { reply, user } => {
                 let ids: Vec<TimerId> = self.hub.borrow().all_of_user(&user);
-                let list =
-                    ids.into_iter().filter_map(|id| self.session(id)).map(|s| self.presence(&s)).collect();
+                let list = ids
+                    .into_iter()
+                    .filter_map(|id| self.session(id))
+                    .map(|s| presence::entry(&self.ctx, &s))
+                    .collect();
                 self.ctx.mesh.reply(reply, Reply::Presence(list));
             }
 
@@ -422,7 +359,7 @@ impl Shard {
                 }
             }
             ShardMsg::Reregister => {
-                self.reregister();
+                self.presence.reregister(&self.ctx, &self.sessions.borrow().all());
                 self.owner.check_all();
                 let Some(redis) = self.ctx.redis().cloned() else { return };
                 let seen: Vec<(Key, u64)> =
@@ -557,7 +494,10 @@ impl session::Table for Shard {
             self.ctx.loading_started();
             let load = ShardMsg::LoadUser { shard: self.ctx.id, user: user.clone(), session: session.id };
             self.ctx.route(self.ctx.owner_of(user), load);
-            self.presence_changed(PresenceOp::Add { user: user.clone(), entry: self.presence(&session) });
+            self.presence.changed(
+                &self.ctx,
+                PresenceOp::Add { user: user.clone(), entry: presence::entry(&self.ctx, &session) },
+            );
         }
         session
     }
@@ -578,7 +518,7 @@ impl session::Table for Shard {
                 }
             }
             let conn = Key::from(self.ctx.conn_id(session.conn));
-            self.presence_changed(PresenceOp::Remove { user: user.clone(), conn });
+            self.presence.changed(&self.ctx, PresenceOp::Remove { user: user.clone(), conn });
         }
     }
 }
@@ -612,7 +552,7 @@ pub async fn run(setup: ShardSetup) {
     let shard = Rc::new(Shard {
         owner: Rc::new(Owner::new(ctx.clone())),
         ctx,
-        presence_out: RefCell::default(),
+        presence: Rc::default(),
         hub: RefCell::default(),
         graces: Mailbox::default(),
         sessions: RefCell::new(Slab::default()),
@@ -632,7 +572,7 @@ pub async fn run(setup: ShardSetup) {
     if shard.ctx.redis().is_some() {
         glommio::spawn_local(shard.owner.clone().run_repairs()).detach();
         glommio::spawn_local(shard.owner.clone().run_reconciles()).detach();
-        glommio::spawn_local(shard.clone().run_presence()).detach();
+        glommio::spawn_local(shard.presence.clone().run(shard.ctx.clone())).detach();
         glommio::spawn_local(shard.owner.clone().run_checks()).detach();
     }
     if let Some(inbound) = setup.inbound {
@@ -704,72 +644,5 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// The shard's session table: a slab whose keys carry a generation, so a stale key (a
-/// wheel entry for a session that ended and whose slot was reused) finds nothing.
-#[derive(Default)]
-struct Slab {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-}
-
-struct Slot {
-    generation: u32,
-    session: Option<Rc<Session>>,
-}
-
-impl Slab {
-    fn insert(&mut self, make: impl FnOnce(TimerId) -> Session) -> Rc<Session> {
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(Slot { generation: 0, session: None });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let slot = &mut self.slots[index as usize];
-        slot.generation = slot.generation.wrapping_add(1);
-        let session = Rc::new(make(TimerId { index, generation: slot.generation }));
-        slot.session = Some(session.clone());
-        session
-    }
-
-    fn get(&self, id: TimerId) -> Option<Rc<Session>> {
-        let slot = self.slots.get(id.index as usize)?;
-        if slot.generation != id.generation {
-            return None;
-        }
-        slot.session.clone()
-    }
-
-    fn remove(&mut self, id: TimerId) {
-        if let Some(slot) = self.slots.get_mut(id.index as usize) {
-            if slot.generation == id.generation && slot.session.take().is_some() {
-                self.free.push(id.index);
-            }
-        }
-    }
-
-    fn all(&self) -> Vec<Rc<Session>> {
-        self.slots.iter().filter_map(|s| s.session.clone()).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slab_keys_carry_generations() {
-        let mut slab = Slab::default();
-        let a = slab.insert(Session::for_test);
-        let id = a.id;
-        slab.remove(id);
-        let b = slab.insert(Session::for_test);
-        assert_eq!(b.id.index, id.index);
-        assert!(slab.get(id).is_none(), "a stale key must not find the new session");
-        assert!(slab.get(b.id).is_some());
     }
 }
