@@ -2,36 +2,71 @@
 //!
 //! # Layout
 //!
-//! - `config`: the TOML configuration of PROTOCOL.md, its defaults, env overrides, checks.
-//! - `auth`: HS256 client tokens (verify on upgrade, mint for `ringpush token`).
-//! - `client`: `ringpush connect`, a line client for trying a server by hand.
+//! Modules in layers, top first. A module imports only from layers below its own (the
+//! files of one module may import each other, never in a circle); `tests/layers.rs`
+//! holds the code to this map, so keep it true as the code changes.
+//!
+//! ### Layer 11: the binary
+//! - `main`: CLI -> Config -> logging -> `server::run`.
+//!
+//! ### Layer 10: the process
 //! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
-//! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
+//!
+//! ### Layer 9: what runs on an executor
+//! - `shard`: one pinned glommio executor: its listener, its tasks, its session table
+//!   (`table`), its presence writer (`presence`), and the messages it handles.
+//! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
+//! - `lease`: the node's lease, presence and peer list in Redis (control thread).
+//!
+//! ### Layer 8: one connection
 //! - `session`: one connection: handshake, join (then `hello`), read loop, dispatch, the
 //!   per-conversation delivery modes, outbound queue and replay backlog, close.
-//! - `admission`: a shard's share of the connect rate and its per-address counts.
-//! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
-//! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
-//! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
-//! - `conv`: the owner shard's side of conversations: sequencing, fan-out, `sync`, and
-//!   with Redis the per-node delivery order (holdback, gap repair, tail checks).
-//! - `mesh`: messages between the executors of the process; `shard_for(key, n)`.
-//! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
-//!   format, hashed topics; hands what arrives to a routing function, never routes itself.
-//! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
-//!   (`memory`, or `redis` for a cluster, which also holds presence and node leases);
-//!   presence of local connections comes from the sessions themselves.
-//! - `bridge`: how shards reach blocking clients without blocking: jobs over
-//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
-//! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
-//! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
+//!
+//! ### Layer 7: what a shard does for others
+//! - `conv`: the owner shard's side of conversations (`Owner`): sequencing, fan-out,
+//!   `sync`, membership, and with Redis the per-node delivery order (holdback, gap
+//!   repair, reconciles, tail checks).
 //! - `web`: what a browser gets: the `/demo` try-it page (client listener, demo mode
 //!   only) and the live dashboard (`/`, `/events` on the admin listener), all embedded.
-//! - `metrics`: per-shard counters, summed when read.
-//! - `lease`: the node's lease, presence and peer list in Redis (control thread).
+//!
+//! ### Layer 6: a shard's shared context
+//! - `ctx`: what a shard's parts share (`Ctx`): id, config, metrics, clock, store, mesh,
+//!   the local and flush queues. Sessions, conversations and the demo page get a `&Ctx`.
+//!
+//! ### Layer 5: the process's plumbing
+//! - `mesh`: messages between the executors of the process (`ShardMsg`, `Reply`).
+//! - `node`: what every thread of a node shares (`Node`, `ClusterLinks`).
+//!
+//! ### Layer 4: other nodes and a shard's indexes
+//! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
+//!   format, hashed topics; hands what arrives to a routing function, never routes itself.
+//! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
+//!
+//! ### Layer 3: durable state and counters
+//! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
+//!   (`contract`; `memory`, or `redis` for a cluster, which also holds presence and node
+//!   leases); presence of local connections comes from the sessions themselves.
+//! - `metrics`: per-shard counters, summed when read, rendered from a table.
+//!
+//! ### Layer 2: formats and blocking clients
+//! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
+//! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
+//! - `bridge`: how shards reach blocking clients without blocking: jobs over
+//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
 //! - `limits`: the host's limits, reported at start.
+//! - `error`: the crate's start-up error type.
+//!
+//! ### Layer 1: the ground (no imports from the crate)
+//! - `config`: the TOML configuration of PROTOCOL.md, its defaults, env overrides, checks.
+//! - `http`: writing HTTP/1.1 responses (status lines, errors, 503 with Retry-After).
+//! - `auth`: HS256 client tokens (verify on upgrade, mint for `ringpush token`).
+//! - `admission`: a shard's share of the connect rate and its per-address counts.
+//! - `ids`: conversation and user ids (`Key`) and `shard_for(key, n)`.
+//! - `clock`: wall-clock unix milliseconds.
+//! - `wake`: `Mailbox`, a queue one task of an executor waits on.
+//! - `wheel`: the hashed timer wheel behind heartbeats, idle drops and token expiry.
 //! - `notify`: the systemd notify protocol (READY, WATCHDOG, STOPPING).
-//! - `error`: the crate's error type.
+//! - `client`: `ringpush connect`, a line client for trying a server by hand.
 //!
 //! # Thread model
 //!
@@ -48,9 +83,9 @@
 //! may be woken from any thread); the subscriber hands each inbound message to the
 //! owner shard of its conversation or user. The control thread keeps the node's lease.
 //!
-//! Dependencies point down: `session` and `conv` use the `Shard` context (its config,
-//! metrics, mesh and tables) rather than being handed each piece; `ws`, `protocol`,
-//! `hub`, `wheel` and `store` know nothing of shards or sessions.
+//! Dependencies point down (see the layers above): sessions and conversations get the
+//! shard's context (`Ctx`) and talk to the shard only through the mesh; `ws`,
+//! `protocol`, `hub`, `wheel` and `store` know nothing of shards or sessions.
 
 pub mod admission;
 pub mod api;

@@ -31,8 +31,8 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use thiserror::Error;
 use tracing::{debug, warn};
 
+use super::counters::ClusterMetrics;
 use super::wire::{self, ClusterMsg, Envelope, Topic, TopicFrame, MAX_PAYLOAD};
-use super::ClusterMetrics;
 use crate::ids::Key;
 
 /// Slots in each routing channel handed back by [`Bus::start`]; past that, inbound
