@@ -295,12 +295,26 @@ impl Holdback {
     }
 }
 
+/// How an owner hands sequenced messages on to the shards that want them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The embedded store: this shard sequences every message of the conversations it
+    /// owns, so each goes out as it is sequenced, in order.
+    AsSequenced,
+    /// Redis: other nodes sequence too, and their messages reach this one out of order
+    /// (or not at all) over ZeroMQ: each conversation goes through a [`Holdback`], with
+    /// repairs, reconciles and tail checks.
+    InOrder,
+}
+
 /// The owner shard's side of the conversations it owns: who wants their messages and,
 /// with Redis, each one's delivery order on this node. Driven by the shard's receive
 /// loop (messages from sessions, the API and other nodes) and by its own tasks (repairs,
 /// reconciles, tail checks).
 pub struct Owner {
     pub ctx: Rc<Ctx>,
+    /// Chosen once, from the store the node runs on.
+    pub delivery: Delivery,
     /// Which shards want the messages of the conversations this shard owns.
     pub interest: RefCell<Interest>,
     /// With Redis: the delivery order of each owned conversation this node has an
@@ -317,8 +331,10 @@ pub struct Owner {
 
 impl Owner {
     pub fn new(ctx: Rc<Ctx>) -> Owner {
+        let delivery = if ctx.redis().is_some() { Delivery::InOrder } else { Delivery::AsSequenced };
         Owner {
             ctx,
+            delivery,
             interest: RefCell::default(),
             order: RefCell::default(),
             repairs: Mailbox::default(),
@@ -364,7 +380,7 @@ impl Owner {
     /// what this node's view of the membership starts from. Returns the seq delivered so
     /// far.
     pub fn saw_last_seq(&self, conv: &Key, last: u64, members_version: Option<u64>) -> u64 {
-        if self.ctx.redis().is_none() {
+        if self.delivery == Delivery::AsSequenced {
             return last;
         }
         let mut order = self.order.borrow_mut();
@@ -390,8 +406,10 @@ impl Owner {
     /// The last seq of `conv` this node has handed to its shards, with Redis (the
     /// embedded store delivers each seq as it assigns it: `None`).
     pub fn delivered_seq(&self, conv: &Key) -> Option<u64> {
-        self.ctx.redis()?;
-        self.order.borrow().get(conv).map(|h| h.delivered())
+        match self.delivery {
+            Delivery::AsSequenced => None,
+            Delivery::InOrder => self.order.borrow().get(conv).map(|h| h.delivered()),
+        }
     }
 
     /// Hands a sequenced message to the shards that want it, in seq order: at once with
@@ -406,7 +424,7 @@ impl Owner {
         exclude: Option<SessionRef>,
         members_version: u64,
     ) {
-        if self.ctx.redis().is_none() {
+        if self.delivery == Delivery::AsSequenced {
             return fan_out(self, conv, seq, frame, exclude);
         }
         if self.interest.borrow().shards(conv).is_none() {
@@ -651,7 +669,7 @@ pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessa
     };
     if appended.duplicate {
         owner.ctx.metrics.deduplicated.inc();
-        if owner.ctx.redis().is_some() {
+        if owner.delivery == Delivery::InOrder {
             // A Redis call that failed after it was sent may have stored the message
             // without anyone delivering it; delivery is idempotent by seq, so hand it on
             // again (nodes that have it drop it). The repeating connection has its ack.
@@ -878,7 +896,7 @@ pub fn members_changed(owner: &Owner, conv: &Key, change: MembersChange) {
     if change.added.is_empty() && change.removed.is_empty() {
         return;
     }
-    if owner.ctx.redis().is_some() {
+    if owner.delivery == Delivery::InOrder {
         let mut order = owner.order.borrow_mut();
         if let Some(h) = order.get_mut(conv) {
             if change.version <= h.members_version {

@@ -28,7 +28,7 @@ use crate::cluster::{ClusterMsg, Envelope, Topic};
 mod presence;
 mod table;
 
-use crate::conv::{self, MembersChange, Owner};
+use crate::conv::{self, Delivery, MembersChange, Owner};
 use crate::ctx::{Ctx, CtxParts};
 use crate::hub::Hub;
 use crate::ids::Key;
@@ -228,7 +228,7 @@ impl Shard {
         loop {
             glommio::timer::sleep(tick).await;
             let now = self.ctx.now_ms();
-            if now > last + STALL_MS && self.ctx.redis().is_some() {
+            if now > last + STALL_MS && self.owner.delivery == Delivery::InOrder {
                 warn!(shard = self.ctx.id, stalled_ms = now - last, "the shard did not run for a while");
                 self.owner.check_all();
             }
@@ -569,7 +569,7 @@ pub async fn run(setup: ShardSetup) {
     glommio::spawn_local(receive_local(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_flusher()).detach();
     glommio::spawn_local(shard.clone().run_graces()).detach();
-    if shard.ctx.redis().is_some() {
+    if shard.owner.delivery == Delivery::InOrder {
         glommio::spawn_local(shard.owner.clone().run_repairs()).detach();
         glommio::spawn_local(shard.owner.clone().run_reconciles()).detach();
         glommio::spawn_local(shard.presence.clone().run(shard.ctx.clone())).detach();
