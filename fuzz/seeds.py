@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of fuzz/corpus/<target>/ from the inputs the tests use
-(tests/core.rs, tests/common, tests/im.rs, tests/cluster.rs, src/config.rs's tests,
+(tests/core.rs, tests/common, tests/im.rs, tests/cluster.rs, src/config/'s tests,
 systemd/ringpush.toml) and cluster payloads in the wire format of src/cluster/wire.rs.
 Deterministic; rerun after changing it and commit the files."""
 import hashlib, os, shutil, struct, sys
@@ -143,7 +143,7 @@ admin = [
 write("admin_request", admin)
 
 
-# --- config: src/config.rs's tests, tests/, the shipped file ------------------------------
+# --- config: src/config/'s tests, tests/, the shipped file ------------------------------
 full = open(os.path.join(REPO, "systemd", "ringpush.toml")).read()
 config = [
     "", full, 'api_key = "0123456789"\n[auth]\nsecret = "abcdefghij"\n',

@@ -343,7 +343,7 @@ fn ws_sends_hello_first_with_the_configured_values() {
 
 #[test]
 fn ws_default_node_id_names_the_bound_client_port() {
-    // PROTOCOL.md: `node_id` defaults to "host name + client port" (config.rs: "unique per
+    // PROTOCOL.md: `node_id` defaults to "host name + client port" (config/mod.rs: "unique per
     // host and port without any setup"). With `listen = "...:0"` the client port is the one
     // bound, so two nodes on one host must not share a node id.
     let a = Server::start("");

@@ -44,8 +44,6 @@ pub const OUTBOX_SLOTS: usize = 65_536;
 
 /// How long binding the PUB endpoint waits for it to be released (see `server`).
 const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-/// Messages queued per peer by default (`cluster.hwm`).
-pub const DEFAULT_HWM: u32 = 100_000;
 const RECONNECT_IVL_MS: i32 = 100;
 const RECONNECT_IVL_MAX_MS: i32 = 1_000;
 const HEARTBEAT_IVL_MS: i32 = 1_000;

@@ -41,8 +41,11 @@ mod bus;
 mod counters;
 mod wire;
 
-pub use bus::{Bus, BusError, Route, DEFAULT_HWM, INBOUND_SLOTS, OUTBOX_SLOTS};
+pub use bus::{Bus, BusError, Route, INBOUND_SLOTS, OUTBOX_SLOTS};
 pub use counters::{ClusterMetrics, SharedCounter};
+// The high-water mark callers of `Bus::start` pass when nothing is configured
+// (tests/cluster_bus.rs); its definition is the default of `cluster.hwm`.
+pub use crate::config::DEFAULT_HWM;
 pub use wire::{
     decode, encode, encode_into, ClusterMsg, Envelope, Topic, TopicFrame, WireError, BUCKETS, FORMAT_VERSION,
     KIND_LABELS, MAX_ID, MAX_JSON, MAX_LIST, MAX_PAYLOAD,

@@ -7,18 +7,36 @@
 //! so `ringpush check-config` output can be acted on without reading code.
 //!
 //! Secrets (`api_key`, `auth.secret`) never appear in error messages or in `Debug` output.
+//!
+//! This file owns [`Config`] and its sections, their defaults, and the entry points
+//! ([`Config::load`], [`Config::from_parts`], [`Config::validate`]). The rest is split by
+//! what it owns; none of it imports from this file (`env` and `error` take the schema as a
+//! type parameter), and nothing here imports from the rest of the crate:
+//! - `env`: the `RINGPUSH_*` variables, merged into the file's table, named in errors.
+//! - `error`: [`ConfigError`], and how a refusal is pinned on a line or a key and worded.
+//! - `node_id`: the default `node_id` and its rule; the random `api_key` and `auth.secret`.
+//! - `cidr`: [`Cidr`], the networks of `trusted_proxies`.
 
-use std::collections::BTreeMap;
+mod cidr;
+mod env;
+mod error;
+mod node_id;
+
 use std::fmt;
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
-/// Prefix of the environment variables that override the file.
-pub const ENV_PREFIX: &str = "RINGPUSH_";
+pub use cidr::{Cidr, CidrError};
+pub use env::ENV_PREFIX;
+pub use error::ConfigError;
+pub use node_id::{default_node_id, MAX_NODE_ID_LEN};
+
+use env::Overrides;
+use error::{io_message, locate, parse_document};
+use node_id::{random_hex, valid_node_id};
+
 /// Smallest accepted `limits.max_message_bytes`: the largest control-frame payload (RFC 6455).
 pub const MIN_MESSAGE_BYTES: usize = 125;
 /// Largest accepted `limits.max_message_bytes` (64 MiB).
@@ -27,13 +45,16 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const MIN_OUTBOUND_QUEUE_BYTES: usize = 1024;
 /// Shortest accepted `api_key` and `auth.secret`.
 pub const MIN_SECRET_LEN: usize = 8;
-/// Longest accepted `node_id`.
-pub const MAX_NODE_ID_LEN: usize = 64;
+/// Messages queued per peer by default (`cluster.hwm`).
+pub const DEFAULT_HWM: u32 = 100_000;
 
 /// The whole server configuration. Build it with [`Config::load`] (or [`Config::from_parts`]
 /// in tests); both apply the environment and run [`Config::validate`].
+///
+/// Those two also refuse keys the structs do not have; serde does not (no section denies
+/// unknown fields, so an unknown key is found by type rather than by serde's wording), and
+/// deserializing a `Config` directly skips them.
 #[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's name in presence answers, cluster topics and logs. Default:
     /// `<hostname>-<client port>`, unique per host and port without any setup; set it
@@ -109,7 +130,6 @@ pub struct Config {
 
 /// `[auth]`: how client tokens (HS256 JWTs) are checked.
 #[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Shared HS256 secret the backend signs client tokens with. Default: unset, and a random
     /// one is generated, so no token verifies and `ringpush token` refuses to run; set it to
@@ -128,7 +148,7 @@ pub struct AuthConfig {
 
 /// `[heartbeat]`: how dead connections are noticed.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HeartbeatConfig {
     /// Interval between server pings on an otherwise quiet connection. Default 25000 ms:
     /// under the ~30 s idle cut of common proxies and NATs; lower costs more wake-ups and
@@ -148,7 +168,7 @@ impl Default for HeartbeatConfig {
 
 /// `[limits]`: bounds that keep one client, or too many, from exhausting the process.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct LimitsConfig {
     /// Open client connections per process; over it, upgrades get `503`. Default 1000000:
     /// sized for many idle sockets; it must stay under the file-descriptor limit.
@@ -200,7 +220,7 @@ impl Default for LimitsConfig {
 
 /// `[history]`: the per-conversation window clients catch up from.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HistoryConfig {
     /// Messages kept per conversation. Default 1000: a day of a busy group chat; more costs
     /// memory (or Redis space) per conversation, fewer forces clients to the backend sooner.
@@ -215,7 +235,7 @@ impl Default for HistoryConfig {
 
 /// `[redis]`: the shared store; its presence switches from the in-memory store.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct RedisConfig {
     /// Connection URL. Default `redis://127.0.0.1:6379/0`: a local instance; use
     /// `rediss://` across untrusted networks.
@@ -231,7 +251,7 @@ impl Default for RedisConfig {
 /// `[cluster]`: node-to-node fan-out over ZeroMQ PUB/SUB; its presence makes this node
 /// part of a cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ClusterConfig {
     /// Where this node's PUB socket binds. Default `tcp://0.0.0.0:7001`: every interface;
     /// narrow it to the cluster network.
@@ -255,14 +275,14 @@ impl Default for ClusterConfig {
             pub_listen: "tcp://0.0.0.0:7001".to_owned(),
             advertise: "tcp://127.0.0.1:7001".to_owned(),
             peers: Vec::new(),
-            hwm: crate::cluster::DEFAULT_HWM,
+            hwm: DEFAULT_HWM,
         }
     }
 }
 
 /// `[diagnostics]`: endpoints for conformance tests, benchmarks and demos.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct DiagnosticsConfig {
     /// Serve `/echo` (no auth, plain RFC 6455 echo) on the client listener. Default false:
     /// it is an unauthenticated endpoint.
@@ -369,18 +389,7 @@ impl Config {
                 message: io_message(&e),
             })?,
         };
-        let mut env = Vec::new();
-        for (name, value) in std::env::vars_os() {
-            let Some(name) = name.to_str().filter(|n| n.starts_with(ENV_PREFIX)) else {
-                continue;
-            };
-            let value = value.into_string().map_err(|_| ConfigError::Env {
-                var: name.to_owned(),
-                message: "value is not valid UTF-8".to_owned(),
-            })?;
-            env.push((name.to_owned(), value));
-        }
-        Config::from_parts(&text, env)
+        Config::from_parts(&text, env::vars()?)
     }
 
     /// Same as [`Config::load`], from the file's text and an explicit environment (testable
@@ -390,7 +399,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut table = parse_document(toml_text)?;
-        let overrides = Overrides::apply(&mut table, env)?;
+        let overrides = Overrides::apply::<Config>(&mut table, env)?;
         Config::from_table(table)
             .and_then(|config| config.validate().map(|()| config))
             .map_err(|e| overrides.attribute(e))
@@ -471,9 +480,9 @@ impl Config {
             table.get("auth"),
             Some(toml::Value::Table(auth)) if auth.contains_key("secret")
         );
-        let mut config: Config = match table.clone().try_into() {
+        let mut config: Config = match error::deserialize(table.clone()) {
             Ok(config) => config,
-            Err(e) => return Err(locate(&table, &e)),
+            Err(rejection) => return Err(locate::<Config>(&table, rejection)),
         };
         if !has_node_id {
             config.node_id_generated = true;
@@ -496,380 +505,6 @@ fn check(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<(), Co
         Ok(())
     } else {
         Err(ConfigError::invalid(key, message()))
-    }
-}
-
-fn valid_node_id(id: &str) -> bool {
-    (1..=MAX_NODE_ID_LEN).contains(&id.len()) && id.bytes().all(node_id_byte)
-}
-
-fn node_id_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
-}
-
-/// `<hostname>-<port>`, with characters outside the node_id set replaced and the host name
-/// shortened so the result always passes [`Config::validate`].
-pub fn default_node_id(port: u16) -> String {
-    let suffix = format!("-{port}");
-    let host: String = hostname()
-        .bytes()
-        .map(|b| if node_id_byte(b) { b as char } else { '-' })
-        .take(MAX_NODE_ID_LEN - suffix.len())
-        .collect();
-    format!("{host}{suffix}")
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "ringpush".to_owned())
-}
-
-/// 16 bytes of `/dev/urandom`, hex-encoded (32 chars). `key` names what it is for, in the
-/// error.
-fn random_hex(key: &str) -> Result<String, ConfigError> {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(|e| {
-        ConfigError::invalid(
-            key,
-            format!("not set and cannot generate one: /dev/urandom: {}", io_message(&e)),
-        )
-    })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// An `io::Error` as the OS says it, without Rust's " (os error N)" suffix.
-fn io_message(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_owned(),
-        None => text,
-    }
-}
-
-fn one_line(text: &str) -> String {
-    text.trim().lines().map(str::trim).collect::<Vec<_>>().join("; ")
-}
-
-fn parse_document(text: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>().map_err(|e| {
-        // Bytes, not `str` slicing: the offset need not fall on a char boundary.
-        let line = e.span().map(|span| {
-            let before = &text.as_bytes()[..span.start.min(text.len())];
-            before.iter().filter(|&&b| b == b'\n').count() + 1
-        });
-        ConfigError::Syntax { line, message: one_line(e.message()) }
-    })
-}
-
-/// Deserializes a table holding only `key` (or only `key.sub`) into a `Config`, so an error
-/// can be pinned on one key: every field has a default, so nothing else can fail.
-fn probe(key: &str, sub: Option<&str>, value: &toml::Value) -> Result<(), toml::de::Error> {
-    let value = match sub {
-        None => value.clone(),
-        Some(sub) => toml::Value::Table(toml::Table::from_iter([(sub.to_owned(), value.clone())])),
-    };
-    toml::Table::from_iter([(key.to_owned(), value)]).try_into::<Config>().map(drop)
-}
-
-/// Finds the key a deserialization error is about by probing key by key; serde errors on a
-/// whole table do not carry the path.
-fn locate(table: &toml::Table, whole: &toml::de::Error) -> ConfigError {
-    let empty = toml::Value::Table(toml::Table::new());
-    for (key, value) in table {
-        let Err(err) = probe(key, None, value) else {
-            continue;
-        };
-        let is_section = matches!(value, toml::Value::Table(_)) && probe(key, None, &empty).is_ok();
-        if let (true, toml::Value::Table(section)) = (is_section, value) {
-            for (sub, sub_value) in section {
-                if let Err(e) = probe(key, Some(sub), sub_value) {
-                    return ConfigError::from_de(format!("{key}.{sub}"), &e);
-                }
-            }
-        }
-        return ConfigError::from_de(key.clone(), &err);
-    }
-    ConfigError::invalid("config", one_line(whole.message()))
-}
-
-/// The environment variables applied to a table, remembered so errors about their keys can
-/// say where the value came from.
-struct Overrides {
-    /// key path ("limits.max_connections") -> variable name.
-    vars: BTreeMap<String, String>,
-}
-
-impl Overrides {
-    /// Inserts every `RINGPUSH_<SECTION>__<KEY>` (or `RINGPUSH_<KEY>`) into `table`. A value
-    /// that parses as a TOML value is used as one (`5`, `true`, `["a","b"]`), unless the key
-    /// only accepts a string (`RINGPUSH_AUTH__SECRET=12345678`); anything else is a string.
-    fn apply(
-        table: &mut toml::Table,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Overrides, ConfigError> {
-        let mut env: Vec<(String, String)> =
-            env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
-        env.sort();
-        let mut vars = BTreeMap::new();
-        for (var, raw) in env {
-            let path: Vec<String> =
-                var[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-            let key = path.join(".");
-            let unknown = || ConfigError::UnknownEnv { var: var.clone(), key: key.clone() };
-            let (section, name) = match path.as_slice() {
-                [name] if !name.is_empty() => (None, name.as_str()),
-                [section, name] if !section.is_empty() && !name.is_empty() => {
-                    (Some(section.as_str()), name.as_str())
-                }
-                _ => return Err(unknown()),
-            };
-            let (outer, inner) = match section {
-                None => (name, None),
-                Some(section) => (section, Some(name)),
-            };
-            let value = match raw.parse::<toml::Value>() {
-                Ok(parsed) => match probe(outer, inner, &parsed) {
-                    Err(e)
-                        if !e.message().starts_with("unknown field")
-                            && probe(outer, inner, &toml::Value::String(raw.clone())).is_ok() =>
-                    {
-                        toml::Value::String(raw)
-                    }
-                    _ => parsed,
-                },
-                Err(_) => toml::Value::String(raw),
-            };
-            if let Err(e) = probe(outer, inner, &value) {
-                if e.message().starts_with("unknown field") {
-                    return Err(unknown());
-                }
-            }
-            match section {
-                None => {
-                    table.insert(name.to_owned(), value);
-                }
-                Some(section) => {
-                    let slot = table
-                        .entry(section.to_owned())
-                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                    let toml::Value::Table(section_table) = slot else {
-                        return Err(ConfigError::Env {
-                            var,
-                            message: format!("{section} in the file is not a table"),
-                        });
-                    };
-                    section_table.insert(name.to_owned(), value);
-                }
-            }
-            vars.insert(key, var);
-        }
-        Ok(Overrides { vars })
-    }
-
-    /// Adds the variable's name to an error about a key it set.
-    fn attribute(&self, error: ConfigError) -> ConfigError {
-        match error {
-            ConfigError::Invalid { key, message, var: None } => {
-                let var = self.vars.get(&key).cloned();
-                ConfigError::Invalid { key, message, var }
-            }
-            other => other,
-        }
-    }
-}
-
-/// Why a configuration was refused. `Display` is one line naming the key (or the file, line
-/// or variable); the operator fixes that and starts again.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The configuration file could not be read.
-    #[error("file {path}: {message}")]
-    File {
-        /// The path as given.
-        path: String,
-        /// The OS's reason ("No such file or directory").
-        message: String,
-    },
-    /// The file is not valid TOML.
-    #[error("{}invalid TOML: {message}", line_prefix(*.line))]
-    Syntax {
-        /// 1-based line of the error, when the parser knows it.
-        line: Option<usize>,
-        /// The parser's reason.
-        message: String,
-    },
-    /// A key in the file that ringpush does not know (typo, or wrong section).
-    #[error("unknown key {key:?}")]
-    UnknownKey {
-        /// Dotted path: `"limits.foo"`.
-        key: String,
-    },
-    /// A `RINGPUSH_*` variable that maps to no key.
-    #[error("{var}: unknown key {key:?}")]
-    UnknownEnv {
-        /// The variable's name.
-        var: String,
-        /// The dotted path it maps to.
-        key: String,
-    },
-    /// A `RINGPUSH_*` variable that cannot be applied.
-    #[error("{var}: {message}")]
-    Env {
-        /// The variable's name.
-        var: String,
-        /// Why it cannot be applied.
-        message: String,
-    },
-    /// A key with a wrong type or a value breaking its rule.
-    #[error("{key}: {message}{}", var_suffix(.var))]
-    Invalid {
-        /// Dotted path: `"heartbeat.ping_interval_ms"`.
-        key: String,
-        /// What is wrong; never contains a secret's value.
-        message: String,
-        /// The environment variable that set the key, if one did.
-        var: Option<String>,
-    },
-}
-
-fn line_prefix(line: Option<usize>) -> String {
-    line.map(|l| format!("line {l}: ")).unwrap_or_default()
-}
-
-fn var_suffix(var: &Option<String>) -> String {
-    var.as_ref().map(|v| format!(" (set by {v})")).unwrap_or_default()
-}
-
-impl ConfigError {
-    fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { key: key.to_owned(), message: message.into(), var: None }
-    }
-
-    fn from_de(key: String, e: &toml::de::Error) -> ConfigError {
-        let message = one_line(e.message());
-        if message.starts_with("unknown field") {
-            ConfigError::UnknownKey { key }
-        } else {
-            ConfigError::Invalid { key, message, var: None }
-        }
-    }
-
-    /// The dotted key the error is about (`"limits.max_connections"`), when it is about one.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            ConfigError::UnknownKey { key }
-            | ConfigError::UnknownEnv { key, .. }
-            | ConfigError::Invalid { key, .. } => Some(key),
-            ConfigError::File { .. } | ConfigError::Syntax { .. } | ConfigError::Env { .. } => None,
-        }
-    }
-}
-
-/// An IP network: `10.0.0.0/8`, `::1/128`, or a bare address (a /32 or /128).
-///
-/// IPv4-mapped IPv6 networks (`::ffff:10.0.0.0/104`) are stored as their IPv4 form, and
-/// [`Cidr::contains`] maps `::ffff:a.b.c.d` addresses to IPv4 first, so a dual-stack socket's
-/// peers match IPv4 CIDRs. Host bits below the prefix are cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    /// Network address, host bits zero; never an IPv4-mapped IPv6 address.
-    addr: IpAddr,
-    /// Prefix length: at most 32 for IPv4, 128 for IPv6.
-    prefix: u8,
-}
-
-impl Cidr {
-    /// `None` when `prefix` is longer than the address.
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<Cidr> {
-        let (addr, prefix) = match addr {
-            IpAddr::V4(_) if prefix > 32 => return None,
-            IpAddr::V6(_) if prefix > 128 => return None,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) if prefix >= 96 => (IpAddr::V4(v4), prefix - 96),
-                _ => (addr, prefix),
-            },
-            IpAddr::V4(_) => (addr, prefix),
-        };
-        let addr = match addr {
-            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & mask32(prefix)).into()),
-            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & mask128(prefix)).into()),
-        };
-        Some(Cidr { addr, prefix })
-    }
-
-    /// The network address (host bits zero).
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    /// Whether `ip` is in this network. `::ffff:a.b.c.d` is treated as `a.b.c.d`.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => u32::from(ip) & mask32(self.prefix) == u32::from(net),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => u128::from(ip) & mask128(self.prefix) == u128::from(net),
-            _ => false,
-        }
-    }
-}
-
-fn mask32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
-}
-
-fn mask128(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A string that is not a CIDR.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid CIDR {input:?}: {reason}")]
-pub struct CidrError {
-    input: String,
-    reason: &'static str,
-}
-
-impl FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Cidr, CidrError> {
-        let fail = |reason| CidrError { input: s.to_owned(), reason };
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr =
-            addr.parse().map_err(|_| fail("expected an IP address, optionally followed by /PREFIX"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                p.parse::<u8>().map_err(|_| fail("prefix too long"))?
-            }
-            Some(_) => return Err(fail("prefix must be a number")),
-        };
-        Cidr::new(addr, prefix).ok_or_else(|| fail("prefix too long"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Cidr, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -1009,7 +644,6 @@ demo = false
     fn node_id_follows_listen_port() {
         let c = with("listen = \"127.0.0.1:9000\"").unwrap();
         assert!(c.node_id.ends_with("-9000"), "{}", c.node_id);
-        assert!(valid_node_id(&default_node_id(65535)));
     }
 
     #[test]
@@ -1137,17 +771,6 @@ demo = false
     }
 
     #[test]
-    fn syntax_errors_give_the_line() {
-        let (key, text) = err_key(parse("a = 1\nb = 2\nlisten = = 3\n"));
-        assert_eq!(key, None);
-        assert!(text.starts_with("line 3: invalid TOML"), "{text}");
-        let (_, text) = err_key(parse("# héllo wörld\nnode_id = \"é\"\nx = ü\n"));
-        assert!(text.starts_with("line 3: invalid TOML"), "{text}");
-        let (_, text) = err_key(parse("[limits\n"));
-        assert!(text.starts_with("line 1: invalid TOML"), "{text}");
-    }
-
-    #[test]
     fn missing_file() {
         let e = Config::load(Some(Path::new("/nonexistent/ringpush.toml"))).unwrap_err();
         assert_eq!(e.to_string(), "file /nonexistent/ringpush.toml: No such file or directory");
@@ -1198,57 +821,5 @@ demo = false
         assert!(!debug.contains("api-key-value") && !debug.contains("secret-value"), "{debug}");
         let (_, text) = err_key(parse("api_key = \"tiny\"\n[auth]\nsecret = \"secret-value\"\n"));
         assert!(!text.contains("tiny"), "{text}");
-    }
-
-    #[test]
-    fn cidr_parse() {
-        let c: Cidr = "10.0.0.0/8".parse().unwrap();
-        assert_eq!(c.to_string(), "10.0.0.0/8");
-        assert_eq!("127.0.0.1".parse::<Cidr>().unwrap().prefix(), 32);
-        assert_eq!("::1".parse::<Cidr>().unwrap().prefix(), 128);
-        assert_eq!("::1/128".parse::<Cidr>().unwrap().to_string(), "::1/128");
-        assert_eq!("10.1.2.3/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix(), 0);
-        assert_eq!("::ffff:10.0.0.0/104".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
-        for bad in ["", "10.0.0.0/33", "::/129", "10.0.0.0/", "10.0.0.0/x", "10.0.0/8", "host", "10.0.0.0/+8"]
-        {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
-        }
-        let e = "nope/8".parse::<Cidr>().unwrap_err();
-        assert!(e.to_string().starts_with("invalid CIDR \"nope/8\""), "{e}");
-    }
-
-    #[test]
-    fn cidr_contains_v4_v6_and_mapped() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let net: Cidr = "10.0.0.0/8".parse().unwrap();
-        assert!(net.contains(ip("10.0.0.1")));
-        assert!(net.contains(ip("10.255.255.255")));
-        assert!(!net.contains(ip("11.0.0.1")));
-        assert!(net.contains(ip("::ffff:10.1.2.3")));
-        assert!(!net.contains(ip("::ffff:11.1.2.3")));
-        assert!(!net.contains(ip("::1")));
-
-        let host: Cidr = "127.0.0.1".parse().unwrap();
-        assert!(host.contains(ip("127.0.0.1")));
-        assert!(host.contains(ip("::ffff:127.0.0.1")));
-        assert!(!host.contains(ip("127.0.0.2")));
-
-        let any4: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(any4.contains(ip("203.0.113.7")));
-        assert!(!any4.contains(ip("2001:db8::1")));
-
-        let v6: Cidr = "2001:db8::/32".parse().unwrap();
-        assert!(v6.contains(ip("2001:db8:1::5")));
-        assert!(!v6.contains(ip("2001:db9::5")));
-        assert!(!v6.contains(ip("10.0.0.1")));
-        let lo6: Cidr = "::1/128".parse().unwrap();
-        assert!(lo6.contains(ip("::1")));
-        assert!(!lo6.contains(ip("::2")));
-
-        let mapped: Cidr = "::ffff:192.168.0.0/112".parse().unwrap();
-        assert!(mapped.contains(ip("192.168.4.5")));
-        assert!(mapped.contains(ip("::ffff:192.168.4.5")));
-        assert!(!mapped.contains(ip("192.169.0.1")));
     }
 }
