@@ -27,6 +27,8 @@
 //! - `api`: the admin listener: `/healthz`, `/readyz`, `/metrics`, `/api/v1`.
 //! - `web`: what a browser gets: the `/demo` try-it page (client listener, demo mode
 //!   only) and the live dashboard (`/`, `/events` on the admin listener), all embedded.
+//! - `http`: the HTTP/1.1 responses of `api`, `web` and the upgrade's refusals: status
+//!   lines, framing, the JSON error body, the `503` of a full listener; a leaf.
 //! - `metrics`: per-shard counters, summed when read.
 //! - `lease`: the node's lease, presence and peer list in Redis (control thread).
 //! - `limits`: the host's limits, reported at start.
@@ -61,6 +63,7 @@ pub mod cluster;
 pub mod config;
 pub mod conv;
 pub mod error;
+pub mod http;
 pub mod hub;
 pub mod lease;
 pub mod limits;

@@ -1355,7 +1355,7 @@ async fn open(
             Ok(Some(accepted)) => accepted,
             Ok(None) => return None,
             Err(_) => {
-                shard.metrics.refused("timeout");
+                shard.metrics.refused(crate::metrics::Refusal::Timeout);
                 return None;
             }
         };
@@ -1574,7 +1574,7 @@ fn check(shard: &Shard, request: &handshake::Request<'_>, peer: SocketAddr) -> R
 }
 
 async fn refuse_upgrade(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
-    shard.metrics.refused(refusal.label());
+    shard.metrics.refused(refusal.into());
     let _ = stream.write_all(&refusal.response()).await;
     let _ = stream.close().await;
     None

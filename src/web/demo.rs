@@ -96,7 +96,7 @@ pub async fn serve(shard: &Shard, stream: &mut TcpStream, head: &[u8]) {
     let answer = if shard.config.diagnostics.demo {
         answer(shard, stream, head).await
     } else {
-        shard.metrics.refused(Refusal::NotFound.label());
+        shard.metrics.refused(Refusal::NotFound.into());
         Refusal::NotFound.response()
     };
     let _ = stream.write_all(&answer).await;
