@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::{valid_id, MAX_USER_LEN};
 use crate::cluster::{ClusterMsg, Topic};
+use crate::http;
 use crate::ids::{shard_for, Key};
 use crate::mesh::{Mesh, Origin, Reply, ShardMsg};
 use crate::metrics::{self, ShardMetrics};
@@ -98,32 +99,13 @@ impl Response {
 
     /// `{"error":"<code>","message":"..."}` as PROTOCOL.md says.
     fn error(status: u16, code: &str, message: &str) -> Response {
-        let body = serde_json::json!({ "error": code, "message": message });
-        Response { status, content_type: "application/json", body: body.to_string().into_bytes() }
+        let body = http::error_body(code, message);
+        Response { status, content_type: "application/json", body: body.into_bytes() }
     }
 
     fn encode(&self, keep_alive: bool) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            202 => "Accepted",
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            413 => "Payload Too Large",
-            503 => "Service Unavailable",
-            _ => "",
-        };
-        let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}\r\n",
-            self.status,
-            self.content_type,
-            self.body.len(),
-            if keep_alive { "" } else { "Connection: close\r\n" }
-        )
-        .into_bytes();
-        out.extend_from_slice(&self.body);
-        out
+        let headers: &[&str] = if keep_alive { &[] } else { &[http::CLOSE] };
+        http::response(self.status, self.content_type, headers, &self.body)
     }
 }
 
@@ -136,11 +118,11 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
     loop {
         match listener.accept().await {
             Ok(mut stream) if open.get() >= MAX_CONNECTIONS => {
-                let busy = busy("too many admin connections", 1);
+                let busy = http::busy("too many admin connections", 1);
                 // A new socket's buffer takes it at once; the bound only keeps a broken
                 // peer from holding up the accepts.
                 let _ = glommio::timer::timeout(Duration::from_millis(100), async {
-                    Ok(stream.write_all(busy.as_bytes()).await)
+                    Ok(stream.write_all(&busy).await)
                 })
                 .await;
             }
@@ -160,16 +142,6 @@ pub async fn serve(listener: std::net::TcpListener, admin: Admin) {
             }
         }
     }
-}
-
-/// A `503` that closes the connection and tells the client when to come back, for a
-/// listener that has no place left.
-pub fn busy(text: &str, retry_after_s: u32) -> String {
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n{text}\r\n",
-        text.len() + 2
-    )
 }
 
 /// Holds one place among [`MAX_CONNECTIONS`] while its connection is served, however its
@@ -338,7 +310,10 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             content_type: "text/plain; version=0.0.4",
             body: {
                 let mut text = metrics::render(&admin.metrics);
-                metrics::render_node(&admin.node, &admin.metrics, &mut text);
+                metrics::render_node(&node_facts(&admin.node), &admin.metrics, &mut text);
+                if let Some(links) = &admin.node.cluster {
+                    links.bus.metrics().render(&mut text);
+                }
                 metrics::render_process(&mut text);
                 text.into_bytes()
             },
@@ -354,6 +329,16 @@ async fn route(admin: &Admin, req: &Request) -> Response {
             }
         }
         _ => Response::error(404, "not_found", "no such path"),
+    }
+}
+
+/// What `/metrics` shows of the node itself, read from it at each scrape.
+fn node_facts(node: &Node) -> metrics::NodeFacts {
+    use std::sync::atomic::Ordering::Relaxed;
+    metrics::NodeFacts {
+        store_up: node.store_up.load(Relaxed),
+        redis: node.redis.is_some(),
+        presence_purges: node.presence_purges.load(Relaxed),
     }
 }
 
@@ -628,15 +613,6 @@ fn key_matches(api_key: &str, authorization: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn busy_answers_carry_their_exact_length() {
-        assert_eq!(
-            busy("too many event streams", 10),
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: 24\r\nRetry-After: 10\r\nConnection: close\r\n\r\ntoo many event streams\r\n"
-        );
-    }
 
     #[test]
     fn calls_are_checked_before_any_shard_is_asked() {

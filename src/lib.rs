@@ -58,7 +58,8 @@
 //!
 //! ### Layer 1: the ground (no imports from the crate)
 //! - `config`: the TOML configuration of PROTOCOL.md, its defaults, env overrides, checks.
-//! - `http`: writing HTTP/1.1 responses (status lines, errors, 503 with Retry-After).
+//! - `http`: the HTTP/1.1 responses of `api`, `web` and the upgrade's refusals: status
+//!   lines, framing, the JSON error body, the `503` of a full listener.
 //! - `auth`: HS256 client tokens (verify on upgrade, mint for `ringpush token`).
 //! - `admission`: a shard's share of the connect rate and its per-address counts.
 //! - `ids`: conversation and user ids (`Key`) and `shard_for(key, n)`.
@@ -98,6 +99,7 @@ pub mod config;
 pub mod conv;
 pub mod ctx;
 pub mod error;
+pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod lease;

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::ws::handshake;
+
 /// A monotonically increasing count with a single writer (its shard).
 #[derive(Default, Debug)]
 pub struct Counter(AtomicU64);
@@ -45,17 +47,62 @@ impl Gauge {
     }
 }
 
-/// Why a handshake was refused, as the `reason` label.
-pub const REFUSAL_REASONS: [&str; 8] = [
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "not_found",
-    "bad_version",
-    "unavailable",
-    "throttled",
-    "timeout",
-];
+/// Why a handshake was refused: one counter each, the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    /// `Sec-WebSocket-Version` is not 13.
+    BadVersion,
+    Unavailable,
+    Throttled,
+    /// The handshake did not finish within `handshake_timeout_ms`.
+    Timeout,
+}
+
+impl Refusal {
+    /// Every reason, in the order of [`ShardMetrics::handshakes_refused`].
+    pub const ALL: [Refusal; 8] = [
+        Refusal::BadRequest,
+        Refusal::Unauthorized,
+        Refusal::Forbidden,
+        Refusal::NotFound,
+        Refusal::BadVersion,
+        Refusal::Unavailable,
+        Refusal::Throttled,
+        Refusal::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Forbidden => "forbidden",
+            Refusal::NotFound => "not_found",
+            Refusal::BadVersion => "bad_version",
+            Refusal::Unavailable => "unavailable",
+            Refusal::Throttled => "throttled",
+            Refusal::Timeout => "timeout",
+        }
+    }
+}
+
+/// The counter of an upgrade refusal: the reason its `label()` names (a test keeps them equal).
+impl From<handshake::Refusal> for Refusal {
+    fn from(refusal: handshake::Refusal) -> Refusal {
+        match refusal {
+            handshake::Refusal::BadRequest(_) => Refusal::BadRequest,
+            handshake::Refusal::Unauthorized(_) => Refusal::Unauthorized,
+            handshake::Refusal::Forbidden => Refusal::Forbidden,
+            handshake::Refusal::NotFound => Refusal::NotFound,
+            handshake::Refusal::UpgradeRequired => Refusal::BadVersion,
+            handshake::Refusal::Unavailable(_) => Refusal::Unavailable,
+            handshake::Refusal::Throttled { .. } => Refusal::Throttled,
+        }
+    }
+}
 
 /// Close codes the server sends, as the `code` label.
 pub const CLOSE_CODES: [u16; 10] = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4001, 4002];
@@ -65,8 +112,8 @@ pub struct ShardMetrics {
     /// Open WebSocket connections (after the upgrade).
     pub connections: Gauge,
     pub handshakes_ok: Counter,
-    /// Indexed like [`REFUSAL_REASONS`].
-    pub handshakes_refused: [Counter; REFUSAL_REASONS.len()],
+    /// Indexed by [`Refusal`].
+    pub handshakes_refused: [Counter; Refusal::ALL.len()],
     pub frames_in: Counter,
     pub frames_out: Counter,
     pub bytes_in: Counter,
@@ -138,10 +185,8 @@ impl Histogram {
 }
 
 impl ShardMetrics {
-    pub fn refused(&self, reason: &str) {
-        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
-            self.handshakes_refused[i].inc();
-        }
+    pub fn refused(&self, reason: Refusal) {
+        self.handshakes_refused[reason as usize].inc();
     }
 
     pub fn refused_send(&self, code: crate::protocol::ErrorCode) {
@@ -158,185 +203,295 @@ impl ShardMetrics {
     }
 }
 
-/// Writes counter `ringpush_{name}`: `get` summed over the shards, with its help line.
-fn write_total(
-    out: &mut String,
-    shards: &[Arc<ShardMetrics>],
-    name: &str,
-    help: &str,
-    get: &dyn Fn(&ShardMetrics) -> u64,
-) {
-    let sum: u64 = shards.iter().map(|m| get(m)).sum();
-    let _ =
-        writeln!(out, "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} counter\nringpush_{name} {sum}");
+/// A metric family of the shards' counters: `ringpush_{name}`, its help text, its type,
+/// and how its samples are read.
+type Family = (&'static str, &'static str, Kind, Read);
+
+/// The `# TYPE` of a family.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// How a family's samples are read from the shards.
+enum Read {
+    /// One sample per shard, labelled `shard`.
+    PerShard(fn(&ShardMetrics) -> u64),
+    /// One sample, summed over the shards.
+    Total(fn(&ShardMetrics) -> u64),
+    /// One sample per value of `label` (`values` of them, the `i`th named `value(i)`), each
+    /// summed over the shards; `get(m, i)` reads the `i`th.
+    ByLabel {
+        label: &'static str,
+        values: usize,
+        value: fn(usize) -> String,
+        get: fn(&ShardMetrics, usize) -> u64,
+    },
+    /// Cumulative `le` buckets in seconds, then `_sum` and `_count`, summed over the shards.
+    Histogram(fn(&ShardMetrics) -> &Histogram),
+}
+
+/// Every family of [`render`], in the order a scrape gets them.
+static FAMILIES: [Family; 23] = [
+    ("connections", "Open WebSocket connections.", Kind::Gauge, Read::PerShard(|m| m.connections.get())),
+    ("handshakes_ok_total", "Upgrades accepted.", Kind::Counter, Read::PerShard(|m| m.handshakes_ok.get())),
+    (
+        "frames_in_total",
+        "WebSocket messages and control frames received.",
+        Kind::Counter,
+        Read::PerShard(|m| m.frames_in.get()),
+    ),
+    (
+        "frames_out_total",
+        "WebSocket frames queued for clients.",
+        Kind::Counter,
+        Read::PerShard(|m| m.frames_out.get()),
+    ),
+    (
+        "bytes_in_total",
+        "Bytes read from client sockets.",
+        Kind::Counter,
+        Read::PerShard(|m| m.bytes_in.get()),
+    ),
+    (
+        "bytes_out_total",
+        "Bytes written to client sockets.",
+        Kind::Counter,
+        Read::PerShard(|m| m.bytes_out.get()),
+    ),
+    (
+        "socket_writes_total",
+        "Writes to client sockets (frames_out_total over this: frames per write).",
+        Kind::Counter,
+        Read::PerShard(|m| m.socket_writes.get()),
+    ),
+    ("pings_sent_total", "Heartbeat pings sent.", Kind::Counter, Read::PerShard(|m| m.pings_sent.get())),
+    (
+        "idle_drops_total",
+        "Connections dropped after idle_timeout_ms of silence.",
+        Kind::Counter,
+        Read::PerShard(|m| m.idle_drops.get()),
+    ),
+    (
+        "codec_releases_total",
+        "Codec buffers released from idle connections.",
+        Kind::Counter,
+        Read::PerShard(|m| m.codec_releases.get()),
+    ),
+    (
+        "handshakes_refused_total",
+        "Upgrades refused, by reason.",
+        Kind::Counter,
+        Read::ByLabel {
+            label: "reason",
+            values: Refusal::ALL.len(),
+            value: |i| Refusal::ALL[i].label().to_string(),
+            get: |m, i| m.handshakes_refused[i].get(),
+        },
+    ),
+    (
+        "closes_sent_total",
+        "Close frames sent, by code.",
+        Kind::Counter,
+        Read::ByLabel {
+            label: "code",
+            values: CLOSE_CODES.len(),
+            value: |i| CLOSE_CODES[i].to_string(),
+            get: |m, i| m.closes_sent[i].get(),
+        },
+    ),
+    (
+        "messages_accepted_total",
+        "Messages sequenced and stored.",
+        Kind::Counter,
+        Read::Total(|m| m.accepted.get()),
+    ),
+    (
+        "messages_deduplicated_total",
+        "Sends answered from the dedupe window.",
+        Kind::Counter,
+        Read::Total(|m| m.deduplicated.get()),
+    ),
+    (
+        "messages_delivered_total",
+        "msg frames handed to connections.",
+        Kind::Counter,
+        Read::Total(|m| m.delivered.get()),
+    ),
+    (
+        "store_retries_total",
+        "Appends asked again because the store's answer was lost.",
+        Kind::Counter,
+        Read::Total(|m| m.store_retries.get()),
+    ),
+    (
+        "messages_replayed_total",
+        "msg frames sent by sync replays.",
+        Kind::Counter,
+        Read::Total(|m| m.replayed.get()),
+    ),
+    ("sync_replays_total", "sync requests answered.", Kind::Counter, Read::Total(|m| m.sync_replays.get())),
+    (
+        "pushes_delivered_total",
+        "push and broadcast frames handed to connections.",
+        Kind::Counter,
+        Read::Total(|m| m.pushes.get()),
+    ),
+    (
+        "slow_consumer_gaps_total",
+        "gap frames queued for slow connections.",
+        Kind::Counter,
+        Read::Total(|m| m.slow_consumer_gaps.get()),
+    ),
+    (
+        "slow_consumer_closes_total",
+        "Connections closed with 4002.",
+        Kind::Counter,
+        Read::Total(|m| m.slow_consumer_closes.get()),
+    ),
+    (
+        "requests_refused_total",
+        "Client requests answered with an error, by code.",
+        Kind::Counter,
+        Read::ByLabel {
+            label: "code",
+            values: REFUSED_CODES.len(),
+            value: |i| REFUSED_CODES[i].to_string(),
+            get: |m, i| m.refused[i].get(),
+        },
+    ),
+    (
+        "fanout_seconds",
+        "Owner-side time from taking a message to handing it to every shard.",
+        Kind::Histogram,
+        Read::Histogram(|m| &m.fanout_latency),
+    ),
+];
+
+/// The families [`render_node`] adds with Redis: the per-node delivery order's repairs.
+static REDIS_FAMILIES: [Family; 4] = [
+    (
+        "cluster_ignored_total",
+        "Messages from other nodes with no session here.",
+        Kind::Counter,
+        Read::Total(|m| m.cluster_ignored.get()),
+    ),
+    (
+        "cluster_gap_repairs_total",
+        "Reads of missing seqs from the store.",
+        Kind::Counter,
+        Read::Total(|m| m.cluster_repairs.get()),
+    ),
+    (
+        "cluster_repaired_total",
+        "Messages recovered by gap repairs.",
+        Kind::Counter,
+        Read::Total(|m| m.cluster_repaired.get()),
+    ),
+    (
+        "cluster_reconciles_total",
+        "Member sets read again after a missed membership change.",
+        Kind::Counter,
+        Read::Total(|m| m.cluster_reconciles.get()),
+    ),
+];
+
+/// Writes one family: its help and type lines, then its samples read from `shards`.
+fn write_family(out: &mut String, shards: &[Arc<ShardMetrics>], family: &Family) {
+    let (name, help, kind, read) = family;
+    let _ = writeln!(out, "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} {}", kind.as_str());
+    match *read {
+        Read::PerShard(get) => {
+            for (i, m) in shards.iter().enumerate() {
+                let _ = writeln!(out, "ringpush_{name}{{shard=\"{i}\"}} {}", get(m));
+            }
+        }
+        Read::Total(get) => {
+            let sum: u64 = shards.iter().map(|m| get(m)).sum();
+            let _ = writeln!(out, "ringpush_{name} {sum}");
+        }
+        Read::ByLabel { label, values, value, get } => {
+            for i in 0..values {
+                let sum: u64 = shards.iter().map(|m| get(m, i)).sum();
+                let _ = writeln!(out, "ringpush_{name}{{{label}=\"{}\"}} {sum}", value(i));
+            }
+        }
+        Read::Histogram(get) => {
+            let bucket = |i: usize| shards.iter().map(|m| get(m).buckets[i].get()).sum::<u64>();
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += bucket(i);
+                let _ =
+                    writeln!(out, "ringpush_{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+            }
+            cumulative += bucket(LATENCY_BUCKETS_US.len());
+            let sum_us: u64 = shards.iter().map(|m| get(m).sum_us.get()).sum();
+            let _ = writeln!(out, "ringpush_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+            let _ = writeln!(out, "ringpush_{name}_sum {}", sum_us as f64 / 1e6);
+            let _ = writeln!(out, "ringpush_{name}_count {cumulative}");
+        }
+    }
 }
 
 /// Renders every shard's counters in the Prometheus text format (version 0.0.4).
 pub fn render(shards: &[Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard =
-        |out: &mut String, name: &str, help: &str, kind: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
-            let _ = writeln!(out, "# HELP ringpush_{name} {help}\n# TYPE ringpush_{name} {kind}");
-            for (i, m) in shards.iter().enumerate() {
-                let _ = writeln!(out, "ringpush_{name}{{shard=\"{i}\"}} {}", get(m));
-            }
-        };
-    per_shard(&mut out, "connections", "Open WebSocket connections.", "gauge", &|m| m.connections.get());
-    per_shard(&mut out, "handshakes_ok_total", "Upgrades accepted.", "counter", &|m| m.handshakes_ok.get());
-    per_shard(
-        &mut out,
-        "frames_in_total",
-        "WebSocket messages and control frames received.",
-        "counter",
-        &|m| m.frames_in.get(),
-    );
-    per_shard(&mut out, "frames_out_total", "WebSocket frames queued for clients.", "counter", &|m| {
-        m.frames_out.get()
-    });
-    per_shard(&mut out, "bytes_in_total", "Bytes read from client sockets.", "counter", &|m| {
-        m.bytes_in.get()
-    });
-    per_shard(&mut out, "bytes_out_total", "Bytes written to client sockets.", "counter", &|m| {
-        m.bytes_out.get()
-    });
-    per_shard(
-        &mut out,
-        "socket_writes_total",
-        "Writes to client sockets (frames_out_total over this: frames per write).",
-        "counter",
-        &|m| m.socket_writes.get(),
-    );
-    per_shard(&mut out, "pings_sent_total", "Heartbeat pings sent.", "counter", &|m| m.pings_sent.get());
-    per_shard(
-        &mut out,
-        "idle_drops_total",
-        "Connections dropped after idle_timeout_ms of silence.",
-        "counter",
-        &|m| m.idle_drops.get(),
-    );
-    per_shard(
-        &mut out,
-        "codec_releases_total",
-        "Codec buffers released from idle connections.",
-        "counter",
-        &|m| m.codec_releases.get(),
-    );
-
-    let _ = writeln!(
-        out,
-        "# HELP ringpush_handshakes_refused_total Upgrades refused, by reason.\n\
-         # TYPE ringpush_handshakes_refused_total counter"
-    );
-    for (r, reason) in REFUSAL_REASONS.iter().enumerate() {
-        let sum: u64 = shards.iter().map(|m| m.handshakes_refused[r].get()).sum();
-        let _ = writeln!(out, "ringpush_handshakes_refused_total{{reason=\"{reason}\"}} {sum}");
+    for family in &FAMILIES {
+        write_family(&mut out, shards, family);
     }
-    let _ = writeln!(
-        out,
-        "# HELP ringpush_closes_sent_total Close frames sent, by code.\n# TYPE ringpush_closes_sent_total counter"
-    );
-    for (c, code) in CLOSE_CODES.iter().enumerate() {
-        let sum: u64 = shards.iter().map(|m| m.closes_sent[c].get()).sum();
-        let _ = writeln!(out, "ringpush_closes_sent_total{{code=\"{code}\"}} {sum}");
-    }
-    let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
-        write_total(out, shards, name, help, get)
-    };
-    total(&mut out, "messages_accepted_total", "Messages sequenced and stored.", &|m| m.accepted.get());
-    total(&mut out, "messages_deduplicated_total", "Sends answered from the dedupe window.", &|m| {
-        m.deduplicated.get()
-    });
-    total(&mut out, "messages_delivered_total", "msg frames handed to connections.", &|m| m.delivered.get());
-    total(
-        &mut out,
-        "store_retries_total",
-        "Appends asked again because the store's answer was lost.",
-        &|m| m.store_retries.get(),
-    );
-    total(&mut out, "messages_replayed_total", "msg frames sent by sync replays.", &|m| m.replayed.get());
-    total(&mut out, "sync_replays_total", "sync requests answered.", &|m| m.sync_replays.get());
-    total(&mut out, "pushes_delivered_total", "push and broadcast frames handed to connections.", &|m| {
-        m.pushes.get()
-    });
-    total(&mut out, "slow_consumer_gaps_total", "gap frames queued for slow connections.", &|m| {
-        m.slow_consumer_gaps.get()
-    });
-    total(&mut out, "slow_consumer_closes_total", "Connections closed with 4002.", &|m| {
-        m.slow_consumer_closes.get()
-    });
-    let _ = writeln!(
-        out,
-        "# HELP ringpush_requests_refused_total Client requests answered with an error, by code.\n\
-         # TYPE ringpush_requests_refused_total counter"
-    );
-    for (i, code) in REFUSED_CODES.iter().enumerate() {
-        let sum: u64 = shards.iter().map(|m| m.refused[i].get()).sum();
-        let _ = writeln!(out, "ringpush_requests_refused_total{{code=\"{code}\"}} {sum}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ringpush_fanout_seconds Owner-side time from taking a message to handing it to every shard.\n\
-         # TYPE ringpush_fanout_seconds histogram"
-    );
-    let mut cumulative = 0;
-    for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
-        cumulative += shards.iter().map(|m| m.fanout_latency.buckets[i].get()).sum::<u64>();
-        let _ =
-            writeln!(out, "ringpush_fanout_seconds_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
-    }
-    cumulative +=
-        shards.iter().map(|m| m.fanout_latency.buckets[LATENCY_BUCKETS_US.len()].get()).sum::<u64>();
-    let sum_us: u64 = shards.iter().map(|m| m.fanout_latency.sum_us.get()).sum();
-    let _ = writeln!(out, "ringpush_fanout_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "ringpush_fanout_seconds_sum {}", sum_us as f64 / 1e6);
-    let _ = writeln!(out, "ringpush_fanout_seconds_count {cumulative}");
     out
 }
 
-/// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
-/// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
-/// The node-wide figures: store health and, with Redis, the delivery order's repairs
-/// and, in a cluster, the ZeroMQ links.
-pub fn render_node(node: &crate::node::Node, shards: &[Arc<ShardMetrics>], out: &mut String) {
-    use std::sync::atomic::Ordering;
-    let up = node.store_up.load(Ordering::Relaxed) as u8;
-    let kind = if node.redis.is_some() { "redis" } else { "memory" };
+/// What [`render_node`] shows of the node, read by its caller from the node's state (so
+/// this module needs nothing above it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The store answers (with Redis: as of the last lease renewal).
+    pub store_up: bool,
+    /// The store is Redis (else the embedded one): the cluster families are shown.
+    pub redis: bool,
+    /// Dead nodes whose presence this node purged (shown with Redis only).
+    pub presence_purges: u64,
+}
+
+/// The node-wide figures: store health and, with Redis, the delivery order's repairs and
+/// the presence purges. A cluster's ZeroMQ links have families of their own
+/// (`cluster::ClusterMetrics`), which the caller renders after these.
+pub fn render_node(node: &NodeFacts, shards: &[Arc<ShardMetrics>], out: &mut String) {
+    let up = node.store_up as u8;
+    let kind = if node.redis { "redis" } else { "memory" };
     let _ = writeln!(
         out,
         "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
          # TYPE ringpush_store_up gauge\nringpush_store_up{{backend=\"{kind}\"}} {up}"
     );
-    if node.redis.is_some() {
-        let total = |out: &mut String, name: &str, help: &str, get: &dyn Fn(&ShardMetrics) -> u64| {
-            write_total(out, shards, name, help, get)
-        };
-        total(out, "cluster_ignored_total", "Messages from other nodes with no session here.", &|m| {
-            m.cluster_ignored.get()
-        });
-        total(out, "cluster_gap_repairs_total", "Reads of missing seqs from the store.", &|m| {
-            m.cluster_repairs.get()
-        });
-        total(out, "cluster_repaired_total", "Messages recovered by gap repairs.", &|m| {
-            m.cluster_repaired.get()
-        });
-        total(
-            out,
-            "cluster_reconciles_total",
-            "Member sets read again after a missed membership change.",
-            &|m| m.cluster_reconciles.get(),
-        );
-        let purges = node.presence_purges.load(Ordering::Relaxed);
+    if node.redis {
+        for family in &REDIS_FAMILIES {
+            write_family(out, shards, family);
+        }
         let _ = writeln!(
             out,
             "# HELP ringpush_presence_purges_total Dead nodes whose presence this node purged.\n\
-             # TYPE ringpush_presence_purges_total counter\nringpush_presence_purges_total {purges}"
+             # TYPE ringpush_presence_purges_total counter\nringpush_presence_purges_total {}",
+            node.presence_purges
         );
-    }
-    if let Some(links) = &node.cluster {
-        links.bus.metrics().render(out);
     }
 }
 
+/// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
+/// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
 pub fn render_process(out: &mut String) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -370,12 +525,50 @@ mod tests {
         a.connections.inc();
         b.connections.inc();
         b.connections.inc();
-        a.refused("unauthorized");
-        b.refused("unauthorized");
+        a.refused(Refusal::Unauthorized);
+        b.refused(Refusal::Unauthorized);
         b.close_sent(1001);
         let text = render(&[a, b]);
         assert!(text.contains("ringpush_connections{shard=\"1\"} 2\n"));
         assert!(text.contains("ringpush_handshakes_refused_total{reason=\"unauthorized\"} 2\n"));
         assert!(text.contains("ringpush_closes_sent_total{code=\"1001\"} 1\n"));
+    }
+
+    #[test]
+    fn upgrade_refusals_count_under_the_label_they_carry() {
+        use handshake::Refusal as R;
+        let throttled = R::Throttled { why: "", retry_after_s: 1 };
+        for r in [R::BadRequest(""), R::Unauthorized(""), R::Forbidden, R::NotFound, R::UpgradeRequired]
+            .into_iter()
+            .chain([R::Unavailable(""), throttled])
+        {
+            assert_eq!(Refusal::from(r).label(), r.label());
+        }
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "ALL is in counter order");
+        }
+    }
+
+    #[test]
+    fn node_figures_show_the_cluster_families_only_with_redis() {
+        let m = Arc::new(ShardMetrics::default());
+        m.cluster_repairs.add(3);
+        let shards = [m];
+        let mut out = String::new();
+        render_node(&NodeFacts { store_up: true, redis: false, presence_purges: 9 }, &shards, &mut out);
+        assert_eq!(
+            out,
+            "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
+             # TYPE ringpush_store_up gauge\nringpush_store_up{backend=\"memory\"} 1\n"
+        );
+        out.clear();
+        render_node(&NodeFacts { store_up: false, redis: true, presence_purges: 9 }, &shards, &mut out);
+        assert!(out.contains("ringpush_store_up{backend=\"redis\"} 0\n"));
+        assert!(out.contains(
+            "# HELP ringpush_cluster_gap_repairs_total Reads of missing seqs from the store.\n\
+             # TYPE ringpush_cluster_gap_repairs_total counter\nringpush_cluster_gap_repairs_total 3\n"
+        ));
+        assert!(out
+            .ends_with("# TYPE ringpush_presence_purges_total counter\nringpush_presence_purges_total 9\n"));
     }
 }

@@ -1343,7 +1343,7 @@ async fn open<T: Table>(
             Ok(Some(accepted)) => accepted,
             Ok(None) => return None,
             Err(_) => {
-                ctx.metrics.refused("timeout");
+                ctx.metrics.refused(crate::metrics::Refusal::Timeout);
                 return None;
             }
         };
@@ -1558,7 +1558,7 @@ fn check(ctx: &Ctx, request: &handshake::Request<'_>, peer: SocketAddr) -> Resul
 }
 
 async fn refuse_upgrade(ctx: &Ctx, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
-    ctx.metrics.refused(refusal.label());
+    ctx.metrics.refused(refusal.into());
     let _ = stream.write_all(&refusal.response()).await;
     let _ = stream.close().await;
     None

@@ -87,7 +87,7 @@ where
     Fut: Future<Output = String>,
 {
     if STREAMS.with(|s| s.get()) >= MAX_STREAMS {
-        let _ = stream.write_all(crate::api::busy("too many event streams", 10).as_bytes()).await;
+        let _ = stream.write_all(&crate::http::busy("too many event streams", 10)).await;
         return;
     }
     let _counted = StreamGuard::new();

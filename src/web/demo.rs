@@ -97,7 +97,7 @@ pub async fn serve(ctx: &Ctx, stream: &mut TcpStream, head: &[u8]) {
     let answer = if ctx.config.diagnostics.demo {
         answer(ctx, stream, head).await
     } else {
-        ctx.metrics.refused(Refusal::NotFound.label());
+        ctx.metrics.refused(Refusal::NotFound.into());
         Refusal::NotFound.response()
     };
     let _ = stream.write_all(&answer).await;

@@ -9,29 +9,15 @@
 pub mod dashboard;
 pub mod demo;
 
+use crate::http;
+
 /// Headers every page and script of this module is sent with: never cached (the binary
 /// is the only source), never sniffed as another type.
 const COMMON_HEADERS: &str = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n";
 
 /// A complete `Connection: close` response.
 fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Payload Too Large",
-        _ => "Service Unavailable",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         {COMMON_HEADERS}{extra_headers}Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
-    out
+    http::response(status, content_type, &[COMMON_HEADERS, extra_headers, http::CLOSE], body)
 }
 
 /// Wall-clock time in unix milliseconds.
@@ -44,8 +30,7 @@ fn unix_ms() -> u64 {
 
 /// `{"error":"<code>","message":"..."}`, the error shape of PROTOCOL.md's HTTP API.
 fn error(status: u16, code: &str, message: &str) -> Vec<u8> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    response(status, "application/json", "", body.as_bytes())
+    response(status, "application/json", "", http::error_body(code, message).as_bytes())
 }
 
 /// The value of `name` in a query string (`a=1&b=2`), percent-decoded; `None` when absent
@@ -100,10 +85,12 @@ mod tests {
     }
 
     #[test]
-    fn responses_close_and_carry_their_length() {
-        let text = String::from_utf8(response(200, "text/plain", "", b"hi")).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(text.contains("Content-Length: 2\r\n"));
-        assert!(text.contains("Connection: close\r\n\r\nhi"));
+    fn pages_are_never_cached_and_close() {
+        let text = String::from_utf8(response(200, "text/plain", "X: 1\r\n", b"hi")).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\
+             Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX: 1\r\nConnection: close\r\n\r\nhi"
+        );
     }
 }

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
 use crate::config::Cidr;
+use crate::http;
 
 /// The GUID of RFC 6455, section 1.3, appended to the client's key.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -87,27 +88,13 @@ impl Refusal {
 
     /// The whole HTTP response, ready to write; the connection is closed after it.
     pub fn response(&self) -> Vec<u8> {
-        let status = self.status();
-        let reason = match status {
-            400 => "Bad Request",
-            401 => "Unauthorized",
-            403 => "Forbidden",
-            404 => "Not Found",
-            426 => "Upgrade Required",
-            _ => "Service Unavailable",
-        };
-        let body = self.body();
         let extra = match self {
             Refusal::UpgradeRequired => "Sec-WebSocket-Version: 13\r\n".to_owned(),
             Refusal::Throttled { retry_after_s, .. } => format!("Retry-After: {retry_after_s}\r\n"),
             _ => String::new(),
         };
-        format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}\n",
-            body.len() + 1
-        )
-        .into_bytes()
+        let body = format!("{}\n", self.body());
+        http::response(self.status(), http::TEXT, &[http::CLOSE, &extra], body.as_bytes())
     }
 }
 
