@@ -7,8 +7,10 @@
 //! - `client`: `ringpush connect`, a line client for trying a server by hand.
 //! - `server`: `run(config, shutdown)`: binds, starts the shards and the control thread, drains.
 //! - `shard`: one pinned glommio executor: its listener, session table, timer wheel.
-//! - `session`: one connection: handshake, join (then `hello`), read loop, dispatch, the
-//!   per-conversation delivery modes, outbound queue and replay backlog, close.
+//! - `session`: one connection: join (then `hello`), read loop, dispatch, timers, close
+//!   (`mod.rs`); the outbound queue and its thinning into gaps (`outbound.rs`); the
+//!   per-conversation delivery modes, held messages and replay backlog (`modes.rs`); the
+//!   HTTP upgrade (`upgrade.rs`).
 //! - `admission`: a shard's share of the connect rate and its per-address counts.
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
