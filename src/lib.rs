@@ -19,8 +19,10 @@
 //! - `lease`: the node's lease, presence and peer list in Redis (control thread).
 //!
 //! ### Layer 8: one connection
-//! - `session`: one connection: handshake, join (then `hello`), read loop, dispatch, the
-//!   per-conversation delivery modes, outbound queue and replay backlog, close.
+//! - `session`: one connection: join (then `hello`), read loop, dispatch, timers, close
+//!   (`mod.rs`); the outbound queue and its thinning into gaps (`outbound.rs`); the
+//!   per-conversation delivery modes, held messages and replay backlog (`modes.rs`); the
+//!   HTTP upgrade (`upgrade.rs`).
 //!
 //! ### Layer 7: what a shard does for others
 //! - `conv`: the owner shard's side of conversations (`Owner`): sequencing, fan-out,

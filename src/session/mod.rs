@@ -11,7 +11,7 @@
 //!   hears every seq accepted after the `hello` and nothing of earlier ones;
 //! - live messages are sent, held for a first `sync` during the grace after `hello`,
 //!   dropped while a `sync` whose replay carries them is in flight or after a `gap`, or
-//!   queued behind a replay still going out ([`ConvMode`]);
+//!   queued behind a replay still going out ([`modes::ConvMode`]);
 //! - a `sync`'s answer goes into a backlog that feeds the queue as the client takes it
 //!   ([`Session::refill`]), never thinned; live messages past the budget are thinned into
 //!   `gap`s; a push that does not fit, or a queue stuck for the idle timeout, is 4002.
@@ -29,21 +29,30 @@
 //!   heartbeat once drained;
 //! - a read's own replies (echoes, pongs, errors) go straight to the socket when nothing
 //!   is queued, from a per-shard scratch buffer.
+//!
+//! This file holds the connection's life: the [`Session`] record, the task ([`serve`]:
+//! open, read loop, dispatch, timers, finish) and the shard's [`Table`]. Its parts, which
+//! import nothing from here:
+//! - `outbound`: the outbound queue (`Queue`), its thinning into `gap`s, batched writes;
+//! - `modes`: the per-conversation delivery modes, held messages and the replay backlog;
+//! - `upgrade`: the HTTP upgrade (`Accepted`) and the shard's read buffer.
+
+mod modes;
+mod outbound;
+mod upgrade;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use tracing::debug;
 
@@ -53,19 +62,11 @@ use crate::ids::Key;
 use crate::mesh::{Origin, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
 use crate::store::{History, NewMessage};
-use crate::web::demo;
 use crate::wheel::TimerId;
 use crate::ws::codec::{self, close, Codec, Message, Next};
-use crate::ws::handshake::{self, Refusal};
-
-/// Size of the per-shard read buffer every socket read goes through.
-const READ_BUF_BYTES: usize = 64 * 1024;
-
-/// Most bytes gathered into one `send` when several frames are queued.
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
-
-/// A per-shard scratch buffer that grew past this is given back rather than kept.
-const KEPT_SCRATCH_BYTES: usize = 4 * WRITE_BATCH_BYTES;
+use modes::{Backlog, Held, Modes, Pending, Then};
+use outbound::{send_now, unread_bytes, Queue, Tag, KEPT_SCRATCH_BYTES, WRITE_BATCH_BYTES};
+use upgrade::{Accepted, READ_BUF};
 
 /// How long a closing session waits for the peer's close reply (or for its queue to drain)
 /// before it drops the socket.
@@ -90,15 +91,10 @@ const READS_PER_POLL: usize = 16;
 /// is answered `error rate_limited`. A client syncs each of its conversations once after
 /// `hello`, all at once, so this is sized for a user in hundreds of conversations; each
 /// costs a history read and a replay (paced by the outbound budget), and a connection's
-/// syncs of one conversation are counted in its [`ConvMode`].
+/// syncs of one conversation are counted in its [`modes::ConvMode`].
 pub const MAX_SYNCS_IN_FLIGHT: usize = 512;
 
 thread_local! {
-    /// The shard's read buffer. Borrowed only inside a synchronous poll, never across an
-    /// await, so every session of the shard can use it in turn.
-    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUF_BYTES].into_boxed_slice());
-    /// Scratch for gathering several queued frames into one `send`.
-    static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Scratch for the frames one read's messages answer with (echoes, pongs, errors).
     static REPLIES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
@@ -148,15 +144,8 @@ pub struct Session {
 }
 
 struct Inner {
-    /// Frames not yet written, oldest first; `head_sent` bytes of the first are out.
-    out: VecDeque<Out>,
-    head_sent: usize,
-    /// Bytes in `out` not yet written.
-    out_bytes: usize,
-    /// Shard-clock ms since which the first frame of `out` has been the first: a frame
-    /// that stays first for `idle_timeout_ms` means even control frames do not drain
-    /// (4002). Meaningless while `out` is empty.
-    head_since: u64,
+    /// Frames not yet written (see [`Queue`]).
+    queue: Queue,
     codec: Codec,
     close: CloseState,
     /// A client connection is *joining* until the owners of its user's conversations have
@@ -164,134 +153,18 @@ struct Inner {
     /// not read from. Owners still to answer: `joins`.
     open: bool,
     joins: u16,
-    /// Conversations whose live messages are not simply sent (see [`ConvMode`]). Usually
-    /// empty.
-    modes: Vec<ConvMode>,
+    /// Conversations whose live messages are not simply sent (see [`modes::ConvMode`]).
+    /// Usually empty.
+    modes: Modes,
     /// A new client connection holds its live messages until this shard-clock ms, or
     /// until it syncs their conversation, whichever comes first; 0 once over.
     hold_until: u64,
     /// Messages held meanwhile (boxed: most connections never hold any, and every
     /// connection keeps this record).
     held: Option<Box<Held>>,
-    /// Answers to `sync`s waiting for room in `out` (see [`Session::refill`]); `None`
+    /// Answers to `sync`s waiting for room in `queue` (see [`Session::refill`]); `None`
     /// while there are none.
     replay: Option<Box<Backlog>>,
-}
-
-/// Messages a new connection holds for its first `sync`, in arrival order.
-#[derive(Default)]
-struct Held {
-    msgs: Vec<(Key, u64, Bytes)>,
-    /// Their bytes (bounded by the outbound budget).
-    bytes: usize,
-}
-
-impl Held {
-    /// Takes out the messages of `conv`, in order.
-    fn take(&mut self, conv: &Key) -> Vec<(u64, Bytes)> {
-        let mut taken = Vec::new();
-        self.msgs.retain(|(c, seq, frame)| {
-            let keep = c != conv;
-            if !keep {
-                taken.push((*seq, frame.clone()));
-            }
-            keep
-        });
-        self.bytes = self.msgs.iter().map(|(_, _, f)| f.len()).sum();
-        taken
-    }
-}
-
-/// The answers to `sync`s still going out, in order, and the live messages of their
-/// conversations that came after them.
-#[derive(Default)]
-struct Backlog {
-    items: VecDeque<Pending>,
-    /// Bytes of live messages in `items` (bounded by the outbound budget).
-    live_bytes: usize,
-}
-
-/// Why the live messages of one conversation are not simply sent to a connection.
-#[derive(Debug)]
-struct ConvMode {
-    conv: Key,
-    /// `sync`s of it asked for and not answered yet: their replays will carry the live
-    /// messages that come meanwhile, which are dropped here.
-    syncs: u16,
-    /// Answers of it still in the replay backlog: live messages queue behind them.
-    replays: u16,
-    /// What happens to live messages once no sync is in flight.
-    then: Then,
-    /// Live seqs `from..=to` dropped because the backlog behind a replay outgrew the
-    /// budget: a `gap` for them follows the replay.
-    gap: Option<(u64, u64)>,
-    /// A sync of it was answered on this connection: during the connection's grace its
-    /// live messages are sent, not held.
-    synced: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Then {
-    /// Sent (queued behind a replay while one is in the backlog).
-    Send,
-    /// A `gap` was sent: the client's `sync` from its start will carry them; dropped.
-    Gapped,
-    /// Synced from seqs the client holds but this node had not delivered yet (they
-    /// reached the client through another node, or were stored before this connection
-    /// took part in the conversation): seqs up to this one are dropped, the first above
-    /// it ends the mode. Rare: a device moving node in the instant a message is on its way
-    /// to the new node.
-    Ahead(u64),
-}
-
-impl ConvMode {
-    fn new(conv: &Key) -> ConvMode {
-        ConvMode { conv: conv.clone(), syncs: 0, replays: 0, then: Then::Send, gap: None, synced: false }
-    }
-
-    /// Nothing special any more: live messages are simply sent.
-    fn is_plain(&self) -> bool {
-        self.syncs == 0 && self.replays == 0 && self.then == Then::Send && self.gap.is_none()
-    }
-}
-
-/// An item of the replay backlog.
-#[derive(Debug)]
-enum Pending {
-    /// A replayed message.
-    Msg { bytes: Bytes },
-    /// A live message of a conversation with a replay ahead of it in the backlog.
-    Live { bytes: Bytes },
-    /// `synced`, or the `gap` of what a `limit` left out.
-    Frame(Bytes),
-    /// The end of one answer to a `sync` of this conversation.
-    End(Key),
-}
-
-impl Pending {
-    fn len(&self) -> usize {
-        match self {
-            Pending::Msg { bytes } | Pending::Live { bytes } | Pending::Frame(bytes) => bytes.len(),
-            Pending::End(_) => 0,
-        }
-    }
-}
-
-/// A queued frame and what it carries, so a slow consumer's backlog can be thinned.
-struct Out {
-    bytes: Bytes,
-    tag: Tag,
-}
-
-enum Tag {
-    /// Never dropped: hello, ack, error, synced, push, ping, close.
-    Control,
-    /// A message of a `sync`'s replay (or live behind one): never dropped, paced instead.
-    Replay,
-    /// A live conversation message: may give way to a `gap`.
-    Msg { conv: Key, seq: u64 },
-    /// Seqs `from..=to` of `conv` were dropped from this queue.
-    Gap { conv: Key, from: u64, to: u64 },
 }
 
 /// Why the open phase of a session ended.
@@ -338,16 +211,13 @@ impl Session {
             flush_due: Cell::new(false),
             waker: Cell::new(None),
             inner: RefCell::new(Inner {
-                out: VecDeque::new(),
-                head_sent: 0,
-                out_bytes: 0,
-                head_since: now,
+                queue: Queue::new(now),
                 codec: Codec::default(),
                 close: CloseState::Open,
                 // The diagnostics echo has no conversations to join.
                 open: accepted.claims.is_none(),
                 joins: 0,
-                modes: Vec::new(),
+                modes: Modes::default(),
                 hold_until: 0,
                 held: None,
                 replay: None,
@@ -387,13 +257,13 @@ impl Session {
             return;
         }
         let budget = ctx.config.limits.outbound_queue_bytes;
-        if self.flush_due.get() && self.inner.borrow().out_bytes + frame.len() > budget {
+        if self.flush_due.get() && self.inner.borrow().queue.bytes() + frame.len() > budget {
             // Frames the flusher has not offered to the socket yet do not count.
             self.flush(ctx);
         }
         let fits = {
             let inner = self.inner.borrow();
-            inner.out.is_empty() || inner.out_bytes + frame.len() <= budget
+            inner.queue.is_empty() || inner.queue.bytes() + frame.len() <= budget
         };
         if fits {
             ctx.metrics.pushes.inc();
@@ -424,7 +294,7 @@ impl Session {
             return;
         }
         ctx.metrics.frames_out.inc();
-        if !self.inner.borrow().out.is_empty() {
+        if !self.inner.borrow().queue.is_empty() {
             // Behind frames already queued: they go out first.
             return self.queue(Bytes::copy_from_slice(frames), Tag::Control, ctx);
         }
@@ -436,7 +306,7 @@ impl Session {
         if sent < frames.len() {
             // The socket is full: the rest is the session task's to write when it has
             // room, not the flusher's (its `send` would only find it full again).
-            self.inner.borrow_mut().append(
+            self.inner.borrow_mut().queue.append(
                 Bytes::copy_from_slice(&frames[sent..]),
                 Tag::Control,
                 ctx.now_ms(),
@@ -459,8 +329,8 @@ impl Session {
     /// `send`; a batch that reaches [`WRITE_BATCH_BYTES`] goes out at once. Frames queued
     /// behind older ones that the socket did not take are the session task's to write.
     fn queue(&self, frame: Bytes, tag: Tag, ctx: &Ctx) {
-        let first = self.inner.borrow_mut().append(frame, tag, ctx.now_ms());
-        let full = self.inner.borrow().out_bytes >= WRITE_BATCH_BYTES;
+        let first = self.inner.borrow_mut().queue.append(frame, tag, ctx.now_ms());
+        let full = self.inner.borrow().queue.bytes() >= WRITE_BATCH_BYTES;
         self.schedule_write(first, ctx);
         if self.flush_due.get() && full {
             self.flush(ctx);
@@ -491,20 +361,20 @@ impl Session {
         }
         let mut inner = self.inner.borrow_mut();
         let now = ctx.now_ms();
-        while !inner.out.is_empty() {
-            let (wanted, sent) = inner.with_batch(|batch| (batch.len(), send_now(fd, batch)));
+        while !inner.queue.is_empty() {
+            let (wanted, sent) = inner.queue.with_batch(|batch| (batch.len(), send_now(fd, batch)));
             let Ok(n) = sent else { break };
             ctx.metrics.socket_writes.inc();
             ctx.metrics.bytes_out.add(n as u64);
-            inner.consume(n, now);
+            inner.queue.consume(n, now);
             if n < wanted {
                 break;
             }
         }
-        let more = !inner.out.is_empty();
+        let more = !inner.queue.is_empty();
         if !more && inner.replay.is_none() {
             // An idle connection holds no queue (README "Memory per connection").
-            inner.out = VecDeque::new();
+            inner.queue.give_back();
         }
         drop(inner);
         if more {
@@ -529,7 +399,7 @@ impl Session {
             return;
         }
         while let Some(next) = inner.replay.as_ref().and_then(|b| b.items.front()) {
-            if !inner.out.is_empty() && inner.out_bytes + next.len() > fill {
+            if !inner.queue.is_empty() && inner.queue.bytes() + next.len() > fill {
                 break;
             }
             let Some(backlog) = inner.replay.as_mut() else { break };
@@ -540,20 +410,20 @@ impl Session {
             let appended = match item {
                 Pending::Msg { bytes } => {
                     ctx.metrics.replayed.inc();
-                    inner.append(bytes, Tag::Replay, now)
+                    inner.queue.append(bytes, Tag::Replay, now)
                 }
                 Pending::Live { bytes } => {
                     if let Some(backlog) = inner.replay.as_mut() {
                         backlog.live_bytes -= bytes.len();
                     }
                     ctx.metrics.delivered.inc();
-                    inner.append(bytes, Tag::Replay, now)
+                    inner.queue.append(bytes, Tag::Replay, now)
                 }
-                Pending::Frame(bytes) => inner.append(bytes, Tag::Control, now),
+                Pending::Frame(bytes) => inner.queue.append(bytes, Tag::Control, now),
                 Pending::End(conv) => match inner.replay_done(&conv) {
                     Some(gap) => {
                         ctx.metrics.slow_consumer_gaps.inc();
-                        inner.append(gap, Tag::Control, now)
+                        inner.queue.append(gap, Tag::Control, now)
                     }
                     None => continue,
                 },
@@ -580,7 +450,7 @@ impl Session {
         }
         let budget = ctx.config.limits.outbound_queue_bytes;
         let mut send_now = inner.hold_until == 0;
-        if let Some(i) = inner.modes.iter().position(|m| m.conv == *conv) {
+        if let Some(i) = inner.modes.position(conv) {
             let m = &mut inner.modes[i];
             if m.syncs > 0 || m.then == Then::Gapped {
                 return;
@@ -629,14 +499,14 @@ impl Session {
     /// Queues a `msg` frame within the outbound budget, or thins the queue out into gaps.
     fn send_msg(&self, ctx: &Ctx, conv: &Key, seq: u64, frame: &Bytes) {
         let budget = ctx.config.limits.outbound_queue_bytes;
-        let over = |inner: &Inner| inner.out_bytes + frame.len() > budget;
+        let over = |inner: &Inner| inner.queue.bytes() + frame.len() > budget;
         if self.flush_due.get() && over(&self.inner.borrow()) {
             // The budget is for what the client has not taken: frames the flusher has
             // not yet offered to the socket do not count against it.
             self.flush(ctx);
         }
         let mut inner = self.inner.borrow_mut();
-        if inner.out.is_empty() || !over(&inner) {
+        if inner.queue.is_empty() || !over(&inner) {
             drop(inner);
             ctx.metrics.delivered.inc();
             return self.enqueue(frame.clone(), Tag::Msg { conv: conv.clone(), seq }, ctx);
@@ -656,10 +526,8 @@ impl Session {
         if let Some(held) = inner.held.as_mut() {
             held.take(conv);
         }
-        inner.forget_queued(conv);
-        let m = inner.mode_mut(conv);
-        m.syncs = m.syncs.saturating_add(1);
-        m.then = Then::Send;
+        inner.queue.forget_queued(conv);
+        inner.modes.sync_started(conv);
     }
 
     /// A new connection's grace is over: send what was held, in order.
@@ -672,7 +540,7 @@ impl Session {
             inner.hold_until = 0;
             // Conversations synced during the grace were sent rather than held; the rest
             // now are too.
-            inner.modes.retain(|m| !m.is_plain());
+            inner.modes.end_grace();
             inner.held.take().map(|h| h.msgs).unwrap_or_default()
         };
         for (conv, seq, frame) in held {
@@ -723,7 +591,7 @@ impl Session {
             } else {
                 Then::Send
             };
-            inner.sync_answered(conv, then);
+            inner.modes.sync_answered(conv, then);
             let backlog = &mut inner.replay.get_or_insert_with(Box::default).items;
             for m in history.messages {
                 backlog.push_back(Pending::Msg { bytes: m.frame });
@@ -748,7 +616,7 @@ impl Session {
             return;
         }
         let mut from = from;
-        if let Some(m) = inner.modes.iter_mut().find(|m| m.conv == *conv) {
+        if let Some(m) = inner.modes.get_mut(conv) {
             if m.syncs > 0 || m.then == Then::Gapped {
                 return; // the sync in flight, or the one the gap calls for, covers them
             }
@@ -771,10 +639,10 @@ impl Session {
             self.send_msg(ctx, conv, seq, &frame);
         }
         let mut inner = self.inner.borrow_mut();
-        if inner.modes.iter().any(|m| m.conv == *conv && m.then == Then::Gapped) {
+        if inner.modes.is_gapped(conv) {
             return; // thinned into a gap meanwhile, which now covers these too
         }
-        inner.set_gapped(conv);
+        inner.modes.set_gapped(conv);
         drop(inner);
         let bytes = codec::text_frame(&protocol::gap_json(conv, from, to));
         self.enqueue(bytes, Tag::Gap { conv: conv.clone(), from, to }, ctx);
@@ -825,7 +693,7 @@ impl Session {
         }
         let (queued, head_since, open) = {
             let inner = self.inner.borrow();
-            (!inner.out.is_empty(), inner.head_since, inner.open)
+            (!inner.queue.is_empty(), inner.queue.head_since(), inner.open)
         };
         if queued && now >= head_since + hb.idle_timeout_ms {
             // The frame at the head of the queue has not gone out for the idle bound:
@@ -839,8 +707,8 @@ impl Session {
             self.next_ping.set(now + hb.ping_interval_ms);
         }
         let mut inner = self.inner.borrow_mut();
-        if inner.out.is_empty() && inner.out.capacity() > 0 && inner.replay.is_none() {
-            inner.out = VecDeque::new();
+        if inner.replay.is_none() {
+            inner.queue.give_back();
         }
         drop(inner);
         let mut next = self.next_deadline(hb.idle_timeout_ms);
@@ -870,7 +738,7 @@ impl Session {
                 return Poll::Ready(End::Eof);
             }
             // A client that does not read its own echoes stops being read from.
-            if self.inner.borrow().out_bytes > ctx.config.limits.outbound_queue_bytes {
+            if self.inner.borrow().queue.bytes() > ctx.config.limits.outbound_queue_bytes {
                 return Poll::Pending;
             }
             let read = READ_BUF.with(|buf| {
@@ -896,12 +764,12 @@ impl Session {
     fn poll_flush(&self, ctx: &Ctx, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut inner = self.inner.borrow_mut();
-            if inner.out.is_empty() {
+            if inner.queue.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            let written = inner.with_batch(|batch| Pin::new(&mut *stream).poll_write(cx, batch));
+            let written = inner.queue.with_batch(|batch| Pin::new(&mut *stream).poll_write(cx, batch));
             let n = match written {
-                // The socket is full; `Inner::head_since` tells how long the queue has
+                // The socket is full; `Queue::head_since` tells how long the queue has
                 // been stuck (see `on_timer`).
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -910,7 +778,7 @@ impl Session {
             };
             ctx.metrics.socket_writes.inc();
             ctx.metrics.bytes_out.add(n as u64);
-            inner.consume(n, ctx.now_ms());
+            inner.queue.consume(n, ctx.now_ms());
             let refill = inner.replay.is_some();
             drop(inner);
             if refill {
@@ -989,7 +857,7 @@ impl Session {
         let me = SessionRef { shard: ctx.id, id: self.id };
         let (cid, conv, body) = match request {
             ClientRequest::Sync { cid, conv, after, limit } => {
-                if self.inner.borrow().syncs_in_flight() >= MAX_SYNCS_IN_FLIGHT {
+                if self.inner.borrow().modes.syncs_in_flight() >= MAX_SYNCS_IN_FLIGHT {
                     let why = "too many syncs in flight; wait for synced";
                     return refuse(ctx, replies, cid.as_deref(), ErrorCode::RateLimited, why);
                 }
@@ -1044,253 +912,44 @@ fn refuse(ctx: &Ctx, replies: &mut Vec<u8>, cid: Option<&str>, code: ErrorCode, 
     replies.extend_from_slice(&codec::text_frame(&protocol::error_json(cid, code, message)));
 }
 
+/// Where the queue, the modes and the grace meet.
 impl Inner {
-    /// Puts `frame` at the end of the queue; true if the queue was empty.
-    fn append(&mut self, frame: Bytes, tag: Tag, now: u64) -> bool {
-        let first = self.out.is_empty();
-        if first {
-            self.head_sent = 0;
-            self.head_since = now;
-        }
-        self.out_bytes += frame.len();
-        self.out.push_back(Out { bytes: frame, tag });
-        first
-    }
-
-    /// The mode of `conv`, made plain if it had none.
-    fn mode_mut(&mut self, conv: &Key) -> &mut ConvMode {
-        let i = match self.modes.iter().position(|m| m.conv == *conv) {
-            Some(i) => i,
-            None => {
-                self.modes.push(ConvMode::new(conv));
-                self.modes.len() - 1
-            }
-        };
-        &mut self.modes[i]
-    }
-
-    #[cfg(test)]
-    fn mode(&self, conv: &str) -> Option<&ConvMode> {
-        self.modes.iter().find(|m| &*m.conv == conv)
-    }
-
-    /// Forgets mode `i` once it is plain, unless the connection's grace is on and the
-    /// conversation was synced during it (it is sent while the others are held).
+    /// Forgets mode `i` once it is plain (see [`Modes::tidy`]).
     fn tidy(&mut self, i: usize) {
-        let m = &self.modes[i];
-        if m.is_plain() && !(self.hold_until > 0 && m.synced) {
-            self.modes.swap_remove(i);
-        }
+        self.modes.tidy(i, self.hold_until > 0);
     }
 
-    /// A `sync` of `conv` was answered with a replay, which goes into the backlog; live
-    /// messages then go `then`.
-    fn sync_answered(&mut self, conv: &Key, then: Then) {
-        let m = self.mode_mut(conv);
-        m.syncs = m.syncs.saturating_sub(1);
-        m.replays += 1;
-        m.synced = true;
-        m.then = then;
-    }
-
-    /// `sync`s asked for and not yet answered, over all conversations.
-    fn syncs_in_flight(&self) -> usize {
-        self.modes.iter().map(|m| m.syncs as usize).sum()
-    }
-
-    /// A `sync` of `conv` was answered with an error, not a replay. When `gapped`, the
-    /// live messages it held back are in no replay now: like after a `gap`, the
-    /// conversation's live messages wait for the client's next `sync`, unless another
-    /// sync in flight carries them.
-    fn sync_failed(&mut self, conv: &Key, gapped: bool) {
-        let Some(i) = self.modes.iter().position(|m| m.conv == *conv) else { return };
-        let m = &mut self.modes[i];
-        m.syncs = m.syncs.saturating_sub(1);
-        if gapped && m.syncs == 0 && m.replays == 0 {
-            m.then = Then::Gapped;
-        }
-        self.tidy(i);
-    }
-
-    /// The end of one answer of `conv` left the replay backlog. Returns the `gap` frame
-    /// for live messages dropped behind it, if any (the conversation then waits for the
-    /// client's `sync`).
+    /// The end of one answer of `conv` left the replay backlog: the `gap` frame to send
+    /// for live messages dropped behind it, if any (see [`Modes::replay_done`]).
     fn replay_done(&mut self, conv: &Key) -> Option<Bytes> {
-        let i = self.modes.iter().position(|m| m.conv == *conv)?;
-        let m = &mut self.modes[i];
-        m.replays = m.replays.saturating_sub(1);
-        let mut gap = None;
-        if m.replays == 0 {
-            if let Some((from, to)) = m.gap.take() {
-                if m.syncs == 0 {
-                    m.then = Then::Gapped;
-                    gap = Some(codec::text_frame(&protocol::gap_json(conv, from, to)));
-                }
-            }
-        }
-        self.tidy(i);
-        gap
+        self.modes.replay_done(conv, self.hold_until > 0)
     }
 
-    /// After a `gap` of `conv`, its live messages wait for the client's `sync` (which
-    /// replays from the gap on), so the connection never sees them out of order.
-    fn set_gapped(&mut self, conv: &Key) {
-        let m = self.mode_mut(conv);
-        if m.syncs == 0 {
-            m.then = Then::Gapped;
-        }
+    /// A `sync` of `conv` was answered with an error (see [`Modes::sync_failed`]).
+    fn sync_failed(&mut self, conv: &Key, gapped: bool) {
+        self.modes.sync_failed(conv, gapped, self.hold_until > 0);
     }
 
-    /// A `sync` of `conv` starts: its live messages queued and not started yet are
-    /// dropped (the client holds them if they are up to its `after`, the replay carries
-    /// them if they are past it), and so is a `gap` of it not sent yet. The queue then
-    /// never mixes a replay with older live messages of its conversation.
-    fn forget_queued(&mut self, conv: &Key) {
-        let started = self.head_sent > 0;
-        let before = self.out.len();
-        let mut i = 0;
-        self.out.retain(|out| {
-            let keep = (i == 0 && started)
-                || match &out.tag {
-                    Tag::Msg { conv: c, .. } | Tag::Gap { conv: c, .. } => c != conv,
-                    Tag::Control | Tag::Replay => true,
-                };
-            i += 1;
-            keep
-        });
-        if self.out.len() != before {
-            self.out_bytes = self.out.iter().map(|o| o.bytes.len()).sum::<usize>() - self.head_sent;
+    /// The queue is over budget and a message of `conv`/`seq` is due: the queue is
+    /// thinned into one `gap` per conversation (see [`Queue::thin_out`]), and the live
+    /// messages of those conversations then wait for the client's `sync`. Returns the
+    /// number of gap frames queued.
+    fn thin_out(&mut self, conv: &Key, seq: u64) -> usize {
+        let gapped = self.queue.thin_out(conv, seq);
+        for conv in &gapped {
+            self.modes.set_gapped(conv);
         }
+        gapped.len()
     }
 
     /// The connection is given up on (4002): frames not started, the replay backlog and
     /// held messages are dropped; a frame half written stays so the close frame can
     /// follow it.
     fn drop_unsent(&mut self) {
-        let keep = usize::from(self.head_sent > 0).min(self.out.len());
-        self.out.truncate(keep);
-        self.out_bytes = self.out.front().map_or(0, |o| o.bytes.len() - self.head_sent);
+        self.queue.truncate_unsent();
         self.replay = None;
         self.held = None;
     }
-
-    /// The queue is over budget and a message of `conv`/`seq` is due: drop every queued
-    /// message (and gap) not yet started and queue one `gap` per conversation in their
-    /// place. A session's queued items of one conversation always cover consecutive seqs,
-    /// so each gap is one range. Returns the number of gap frames queued.
-    fn thin_out(&mut self, conv: &Key, seq: u64) -> usize {
-        let mut ranges: Vec<(Key, u64, u64)> = vec![(conv.clone(), seq, seq)];
-        let mut merge = |conv: &Key, from: u64, to: u64| match ranges.iter_mut().find(|(c, _, _)| c == conv) {
-            Some(r) => {
-                r.1 = r.1.min(from);
-                r.2 = r.2.max(to);
-            }
-            None => ranges.push((conv.clone(), from, to)),
-        };
-        let started = self.head_sent > 0;
-        let mut kept = VecDeque::with_capacity(self.out.len());
-        for (i, out) in self.out.drain(..).enumerate() {
-            match &out.tag {
-                _ if i == 0 && started => kept.push_back(out),
-                Tag::Control | Tag::Replay => kept.push_back(out),
-                Tag::Msg { conv, seq } => merge(conv, *seq, *seq),
-                Tag::Gap { conv, from, to } => merge(conv, *from, *to),
-            }
-        }
-        self.out = kept;
-        let gaps = ranges.len();
-        let ranges_convs = ranges.clone();
-        for (conv, from, to) in ranges {
-            let bytes = codec::text_frame(&protocol::gap_json(&conv, from, to));
-            self.out.push_back(Out { bytes, tag: Tag::Gap { conv, from, to } });
-        }
-        self.out_bytes = self.out.iter().map(|o| o.bytes.len()).sum::<usize>() - self.head_sent;
-        for (conv, _, _) in &ranges_convs {
-            self.set_gapped(conv);
-        }
-        gaps
-    }
-
-    /// Calls `write` with the next bytes to write: the unsent rest of the first frame, or
-    /// several frames gathered into the shard's scratch, up to [`WRITE_BATCH_BYTES`].
-    fn with_batch<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
-        let head = self.head_sent;
-        if self.out.len() == 1 {
-            return write(&self.out[0].bytes[head..]);
-        }
-        WRITE_BUF.with(|w| {
-            let mut w = w.borrow_mut();
-            w.clear();
-            for (i, out) in self.out.iter().enumerate() {
-                let part = if i == 0 { &out.bytes[head..] } else { &out.bytes[..] };
-                if !w.is_empty() && w.len() + part.len() > WRITE_BATCH_BYTES {
-                    break;
-                }
-                w.extend_from_slice(part);
-            }
-            let res = write(&w);
-            if w.capacity() > KEPT_SCRATCH_BYTES {
-                *w = Vec::new();
-            }
-            res
-        })
-    }
-
-    /// Marks `n` written bytes of the queue as sent.
-    fn consume(&mut self, mut n: usize, now: u64) {
-        self.out_bytes -= n;
-        while n > 0 {
-            let Some(front) = self.out.front() else { break };
-            let left = front.bytes.len() - self.head_sent;
-            if n >= left {
-                n -= left;
-                self.out.pop_front();
-                self.head_sent = 0;
-                // A new frame is first: the client is taking what it is sent.
-                self.head_since = now;
-            } else {
-                self.head_sent += n;
-                n = 0;
-            }
-        }
-    }
-}
-
-/// Bytes waiting unread in the socket's receive queue (0 on error).
-fn unread_bytes(fd: RawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int into `n`; `fd` is the session's open socket.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if rc == 0 && n > 0 {
-        n as usize
-    } else {
-        0
-    }
-}
-
-/// A non-blocking `send` on the session's socket.
-fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `fd` is the session's open socket (the task sets it to -1 before the
-    // stream is dropped) and `buf` is valid for `buf.len()` bytes.
-    let n =
-        unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// A handshake that passed every check.
-struct Accepted {
-    /// `(user, device)` for `/ws`; `None` for `/echo`.
-    claims: Option<(Key, Key)>,
-    conn: u64,
-    ip: IpAddr,
-    fd: RawFd,
-    expires_ms: u64,
-    /// Bytes the client sent after its request head (the first frames, pipelined).
-    leftover: Vec<u8>,
 }
 
 /// A connection task's way into its shard's session table (the shard implements it):
@@ -1339,7 +998,8 @@ async fn open<T: Table>(
     let ctx = table.ctx();
     let limit = Duration::from_millis(ctx.config.handshake_timeout_ms);
     let accepted =
-        match glommio::timer::timeout(limit, async { Ok(handshake(ctx, stream, peer).await) }).await {
+        match glommio::timer::timeout(limit, async { Ok(upgrade::handshake(ctx, stream, peer).await) }).await
+        {
             Ok(Some(accepted)) => accepted,
             Ok(None) => return None,
             Err(_) => {
@@ -1418,7 +1078,7 @@ impl Session {
     /// The join found this node behind in `conv`: the client must not hear of seqs up to
     /// `upto` (stored before it took part), which this node delivers later.
     pub fn skip_earlier(&self, conv: &Key, upto: u64) {
-        self.inner.borrow_mut().mode_mut(conv).then = Then::Ahead(upto);
+        self.inner.borrow_mut().modes.mode_mut(conv).then = Then::Ahead(upto);
     }
 
     /// Whether the connection has had its `hello` (it is in its conversations' fan-out).
@@ -1473,120 +1133,6 @@ async fn flush_for(ctx: &Ctx, session: &Session, stream: &mut TcpStream, limit: 
     let _ = flush.await;
 }
 
-/// Reads the upgrade request and answers it. `Some` when the connection is upgraded.
-async fn handshake(ctx: &Ctx, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
-    let mut head: Vec<u8> = Vec::new();
-    loop {
-        let n = read_into(stream, &mut head, handshake::MAX_REQUEST_BYTES + 1).await;
-        if n == 0 {
-            return None;
-        }
-        let (request, head_len) = match handshake::parse(&head) {
-            Ok(None) => continue,
-            Ok(Some(parsed)) => parsed,
-            // A plain HTTP request for the try-it page and its calls, not an upgrade.
-            Err(_) if demo::is_demo_request(&head) => {
-                demo::serve(ctx, stream, &head).await;
-                return None;
-            }
-            Err(refusal) => return refuse_upgrade(ctx, stream, refusal).await,
-        };
-        let checked = check(ctx, &request, peer);
-        let mut accepted = match checked {
-            Ok(accepted) => accepted,
-            Err(refusal) => return refuse_upgrade(ctx, stream, refusal).await,
-        };
-        let response = handshake::accept_response(request.key);
-        accepted.fd = stream.as_raw_fd();
-        accepted.leftover = head[head_len..].to_vec();
-        if stream.write_all(&response).await.is_err() {
-            ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
-            ctx.admission.borrow_mut().release(accepted.ip);
-            return None;
-        }
-        return Some(accepted);
-    }
-}
-
-/// Routing, origin, token and capacity checks of an upgrade request.
-fn check(ctx: &Ctx, request: &handshake::Request<'_>, peer: SocketAddr) -> Result<Accepted, Refusal> {
-    let config = &ctx.config;
-    let claims = match request.path {
-        "/ws" => {
-            if let (false, Some(origin)) = (config.allowed_origins.is_empty(), request.origin) {
-                if !config.allowed_origins.iter().any(|o| o == origin) {
-                    return Err(Refusal::Forbidden);
-                }
-            }
-            let token = request.token().ok_or(Refusal::Unauthorized("missing token"))?;
-            let claims =
-                ctx.verifier.verify(token).map_err(|_| Refusal::Unauthorized("invalid or expired token"))?;
-            Some(claims)
-        }
-        "/echo" if config.diagnostics.echo => None,
-        _ => return Err(Refusal::NotFound),
-    };
-    if ctx.draining.get() {
-        return Err(Refusal::Unavailable("server is shutting down"));
-    }
-    let ip = request.client_ip(peer.ip(), &config.trusted_proxies);
-    if let Err(t) = ctx.admission.borrow_mut().admit(ip, ctx.now_ms()) {
-        return Err(Refusal::Throttled { why: t.why, retry_after_s: t.retry_after_s });
-    }
-    let count = ctx.node.connections.fetch_add(1, Ordering::Relaxed);
-    if count >= config.limits.max_connections {
-        ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
-        ctx.admission.borrow_mut().release(ip);
-        return Err(Refusal::Unavailable("connection limit reached"));
-    }
-    let now_unix = unix_ms() / 1000;
-    let expires_ms = match &claims {
-        Some(c) => {
-            let left_s = ctx.verifier.deadline(c).saturating_sub(now_unix);
-            ctx.now_ms() + left_s * 1000
-        }
-        None => u64::MAX,
-    };
-    Ok(Accepted {
-        claims: claims.map(|c| (Arc::from(c.sub), Arc::from(c.dev))),
-        conn: ctx.next_conn(),
-        ip,
-        fd: -1,
-        expires_ms,
-        leftover: Vec::new(),
-    })
-}
-
-async fn refuse_upgrade(ctx: &Ctx, stream: &mut TcpStream, refusal: Refusal) -> Option<Accepted> {
-    ctx.metrics.refused(refusal.into());
-    let _ = stream.write_all(&refusal.response()).await;
-    let _ = stream.close().await;
-    None
-}
-
-/// Reads once from the socket through the shard's buffer, appending to `dst` (at most
-/// `max` bytes in all). Returns the bytes read; 0 at end of stream or on error.
-async fn read_into(stream: &mut TcpStream, dst: &mut Vec<u8>, max: usize) -> usize {
-    futures_lite::future::poll_fn(|cx| {
-        READ_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let room = max.saturating_sub(dst.len()).min(buf.len());
-            if room == 0 {
-                return Poll::Ready(0);
-            }
-            match Pin::new(&mut *stream).poll_read(cx, &mut buf[..room]) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(n)) => {
-                    dst.extend_from_slice(&buf[..n]);
-                    Poll::Ready(n)
-                }
-                Poll::Ready(Err(_)) => Poll::Ready(0),
-            }
-        })
-    })
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1615,84 +1161,24 @@ mod tests {
         assert!((1..=2).contains(&first_ping_after(7, 2)));
     }
 
-    fn ids(session: &Session) -> Vec<(String, u16, u16, Then)> {
-        let inner = session.inner.borrow();
-        inner.modes.iter().map(|m| (m.conv.to_string(), m.syncs, m.replays, m.then)).collect()
-    }
-
     #[test]
-    fn a_failed_sync_holds_live_messages_for_the_next_one() {
+    fn a_sync_forgets_what_its_conversation_has_queued_or_held_and_giving_up_drops_the_rest() {
         let session = Session::for_test(TimerId { index: 0, generation: 0 });
         let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
-        // Found by the soak: during a Redis restart a sync answered `unavailable`, the live
-        // messages it had held back were in no replay, and the next one arrived past them.
-        session.start_sync(&a);
-        session.inner.borrow_mut().sync_failed(&a, true);
-        assert_eq!(ids(&session), vec![("a".into(), 0, 0, Then::Gapped)]);
-        // The client's retry ends it once its replay is out.
-        session.start_sync(&a);
-        session.inner.borrow_mut().sync_answered(&a, Then::Send);
-        assert_eq!(session.inner.borrow_mut().replay_done(&a), None);
-        assert!(ids(&session).is_empty(), "a plain conversation keeps no mode");
-        // With another sync of it in flight, that one's replay carries them.
-        session.start_sync(&b);
-        session.start_sync(&b);
-        session.inner.borrow_mut().sync_failed(&b, true);
-        assert_eq!(ids(&session), vec![("b".into(), 1, 0, Then::Send)]);
-        // Not a member: nothing stays behind.
-        session.inner.borrow_mut().sync_failed(&b, false);
-        assert!(ids(&session).is_empty());
-    }
-
-    #[test]
-    fn live_messages_dropped_behind_a_replay_become_one_gap_after_it() {
-        let session = Session::for_test(TimerId { index: 0, generation: 0 });
-        let a: Key = Arc::from("a");
+        {
+            let mut inner = session.inner.borrow_mut();
+            let msg = |conv: &Key, seq| Tag::Msg { conv: conv.clone(), seq };
+            inner.queue.append(Bytes::from_static(b"0123"), msg(&a, 1), 0);
+            inner.queue.append(Bytes::from_static(b"ack"), Tag::Control, 0);
+            inner.queue.append(Bytes::from_static(b"aa"), msg(&a, 2), 0);
+            inner.queue.append(Bytes::from_static(b"bb"), msg(&b, 5), 0);
+            inner.queue.consume(1, 0);
+            inner.held.get_or_insert_with(Box::default).msgs.push((a.clone(), 3, Bytes::from_static(b"h")));
+        }
         session.start_sync(&a);
         let mut inner = session.inner.borrow_mut();
-        inner.sync_answered(&a, Then::Send);
-        inner.modes[0].gap = Some((7, 9));
-        let gap = inner.replay_done(&a).expect("a gap after the replay");
-        let text: serde_json::Value = serde_json::from_slice(&gap[2..]).expect("json");
-        assert_eq!(text, serde_json::json!({"op": "gap", "conv": "a", "from": 7, "to": 9}));
-        assert_eq!(inner.mode("a").map(|m| m.then), Some(Then::Gapped), "live waits for the sync");
-    }
-
-    #[test]
-    fn during_the_grace_a_synced_conversation_keeps_its_mode() {
-        let session = Session::for_test(TimerId { index: 0, generation: 0 });
-        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
-        let mut inner = session.inner.borrow_mut();
-        inner.hold_until = 1;
-        inner.sync_answered(&a, Then::Send);
-        assert_eq!(inner.replay_done(&a), None);
-        assert!(inner.mode("a").is_some_and(|m| m.synced && m.is_plain()), "sent, not held");
-        // A conversation whose join skip ended is held like any other.
-        inner.mode_mut(&b).then = Then::Ahead(3);
-        inner.modes[1].then = Then::Send;
-        inner.tidy(1);
-        assert!(inner.mode("b").is_none());
-        inner.hold_until = 0;
-        inner.tidy(0);
-        assert!(inner.modes.is_empty(), "the grace is over");
-    }
-
-    #[test]
-    fn a_sync_forgets_the_live_messages_of_its_conversation_still_queued() {
-        let session = Session::for_test(TimerId { index: 0, generation: 0 });
-        let (a, b): (Key, Key) = (Arc::from("a"), Arc::from("b"));
-        let mut inner = session.inner.borrow_mut();
-        let msg = |conv: &Key, seq| Tag::Msg { conv: conv.clone(), seq };
-        inner.append(Bytes::from_static(b"0123"), msg(&a, 1), 0);
-        inner.append(Bytes::from_static(b"ack"), Tag::Control, 0);
-        inner.append(Bytes::from_static(b"aa"), msg(&a, 2), 0);
-        inner.append(Bytes::from_static(b"bb"), msg(&b, 5), 0);
-        inner.append(Bytes::from_static(b"gap"), Tag::Gap { conv: a.clone(), from: 3, to: 4 }, 0);
-        inner.consume(1, 0);
-        inner.forget_queued(&a);
-        let left: Vec<&[u8]> = inner.out.iter().map(|o| &o.bytes[..]).collect();
-        assert_eq!(left, vec![&b"0123"[..], b"ack", b"bb"], "the started frame stays");
-        assert_eq!(inner.out_bytes, 3 + 3 + 2);
+        assert_eq!(inner.queue.bytes(), 3 + 3 + 2, "the started frame stays");
+        assert!(inner.held.as_ref().is_some_and(|h| h.msgs.is_empty()), "the replay carries it");
         // Given up on: only the started frame stays, so a close frame can follow it.
         inner
             .replay
@@ -1700,22 +1186,9 @@ mod tests {
             .items
             .push_back(Pending::Frame(Bytes::from_static(b"s")));
         inner.drop_unsent();
-        assert_eq!(inner.out.len(), 1);
-        assert_eq!(inner.out_bytes, 3);
+        assert_eq!(inner.queue.bytes(), 3);
         assert!(inner.replay.is_none());
-    }
-
-    #[test]
-    fn the_head_frame_dates_from_when_it_became_first() {
-        let session = Session::for_test(TimerId { index: 0, generation: 0 });
-        let mut inner = session.inner.borrow_mut();
-        inner.append(Bytes::from_static(b"one"), Tag::Control, 10);
-        inner.append(Bytes::from_static(b"two"), Tag::Control, 20);
-        assert_eq!(inner.head_since, 10);
-        inner.consume(2, 30);
-        assert_eq!(inner.head_since, 10, "half written: still the same head");
-        inner.consume(1, 40);
-        assert_eq!(inner.head_since, 40, "the next frame is first from now");
+        assert!(inner.held.is_none());
     }
 
     #[test]
@@ -1727,11 +1200,11 @@ mod tests {
         }
         session.start_sync(&b);
         let mut inner = session.inner.borrow_mut();
-        assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT);
-        inner.sync_answered(&a, Then::Send);
-        inner.sync_answered(&b, Then::Send);
-        assert_eq!(inner.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT - 2);
+        assert_eq!(inner.modes.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT);
+        inner.modes.sync_answered(&a, Then::Send);
+        inner.modes.sync_answered(&b, Then::Send);
+        assert_eq!(inner.modes.syncs_in_flight(), MAX_SYNCS_IN_FLIGHT - 2);
         assert_eq!(inner.replay_done(&b), None);
-        assert!(inner.mode("b").is_none());
+        assert!(inner.modes.mode("b").is_none());
     }
 }
