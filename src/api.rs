@@ -23,7 +23,7 @@ use crate::auth::{valid_id, MAX_USER_LEN};
 use crate::cluster::{ClusterMsg, Topic};
 use crate::http;
 use crate::ids::{shard_for, Key};
-use crate::mesh::{Mesh, Origin, Reply, ShardMsg};
+use crate::mesh::{ConvMsg, Mesh, Origin, Reply, ShardMsg, ShardWide, UserMsg};
 use crate::metrics::{self, ShardMetrics};
 use crate::node::Node;
 use crate::protocol::{self, MAX_CONV_CHARS};
@@ -476,7 +476,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
         Call::Members { conv, op, users } => members(admin, conv, op, users).await,
         Call::Conversation { conv } => {
             let owner = shard_for(&conv, admin.shards());
-            let ask = |reply| ShardMsg::Conversation { reply, conv: conv.clone() };
+            let ask = |reply| ShardMsg::Conv(ConvMsg::Conversation { reply, conv: conv.clone() });
             match admin.ask(owner, ask).await {
                 Some(Reply::Conversation { mut members, last_seq }) => {
                     members.sort();
@@ -498,7 +498,8 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 body: Bytes::copy_from_slice(body.get().as_bytes()),
             };
             let owner = shard_for(&conv, admin.shards());
-            let ask = |reply| ShardMsg::Send { origin: Origin::Api(reply), conv: conv.clone(), msg };
+            let ask =
+                |reply| ShardMsg::Conv(ConvMsg::Send { origin: Origin::Api(reply), conv: conv.clone(), msg });
             match admin.ask(owner, ask).await {
                 Some(Reply::Sent { seq }) => Ok(json(200, serde_json::json!({ "conv": &*conv, "seq": seq }))),
                 _ => Err(unavailable()),
@@ -509,7 +510,10 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
-                admin.mesh.send(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
+                admin.mesh.send(
+                    shard,
+                    ShardMsg::Shard(ShardWide::Push { users: users.clone(), frame: frame.clone() }),
+                );
             }
             if let Some(links) = &admin.node.cluster {
                 // One message per topic the users fall in, to the nodes that follow it.
@@ -532,7 +536,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             let text = protocol::push_json(body.get().as_bytes());
             let frame = codec::text_frame(&text);
             for shard in 0..admin.shards() {
-                admin.mesh.send(shard, ShardMsg::Broadcast { frame: frame.clone() });
+                admin.mesh.send(shard, ShardMsg::Shard(ShardWide::Broadcast { frame: frame.clone() }));
             }
             if let Some(links) = &admin.node.cluster {
                 links.bus.publish(Topic::All, ClusterMsg::Broadcast { json: Bytes::from(text) });
@@ -543,7 +547,10 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             // Every shard answers from its live sessions of the user.
             let mut list = Vec::new();
             for shard in 0..admin.shards() {
-                match admin.ask(shard, |reply| ShardMsg::Presence { reply, user: user.clone() }).await {
+                match admin
+                    .ask(shard, |reply| ShardMsg::User(UserMsg::Presence { reply, user: user.clone() }))
+                    .await
+                {
                     Some(Reply::Presence(part)) => list.extend(part),
                     _ => return Err(unavailable()),
                 }
@@ -573,7 +580,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             }
             for shard in 0..admin.shards() {
                 if admin
-                    .ask(shard, |reply| ShardMsg::Disconnect { reply, user: user.clone() })
+                    .ask(shard, |reply| ShardMsg::Shard(ShardWide::Disconnect { reply, user: user.clone() }))
                     .await
                     .is_none()
                 {
@@ -587,7 +594,7 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
 
 async fn members(admin: &Admin, conv: Key, op: MemberOp, users: Vec<Key>) -> Result<Response, Response> {
     let owner = shard_for(&conv, admin.shards());
-    let ask = |reply| ShardMsg::Members { reply, conv: conv.clone(), op, users };
+    let ask = |reply| ShardMsg::Conv(ConvMsg::Members { reply, conv: conv.clone(), op, users });
     match admin.ask(owner, ask).await {
         Some(Reply::Members { count }) => {
             Ok(json(200, serde_json::json!({ "conv": &*conv, "members": count })))

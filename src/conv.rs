@@ -20,7 +20,9 @@ use tracing::warn;
 use crate::cluster::{ClusterMsg, Topic};
 use crate::ctx::Ctx;
 use crate::ids::Key;
-use crate::mesh::{Origin, Reply, ReplyTo, SessionRef, ShardMsg, SyncReply};
+use crate::mesh::{
+    Answer, ConvMsg, Origin, Reply, ReplyTo, SessionRef, ShardMsg, ShardWide, SyncReply, UserMsg,
+};
 use crate::protocol::{self, ErrorCode, MsgFields};
 use crate::store::{Appended, History, MemberOp, MemberView, NewMessage, Store, StoreError};
 use crate::wake::Mailbox;
@@ -488,7 +490,7 @@ impl Owner {
     /// message of the conversation then carries a members version newer than this node's
     /// view. Until the member set is read again, nothing of the conversation is handed on
     /// (a removed member must not get it); then every shard gets the set
-    /// ([`ShardMsg::MembersNow`]) ahead of the conversation's next messages.
+    /// ([`ShardWide::MembersNow`]) ahead of the conversation's next messages.
     pub async fn run_reconciles(self: Rc<Self>) {
         loop {
             let conv = self.reconciles.next().await;
@@ -511,7 +513,10 @@ impl Owner {
         self.want_all(conv);
         let members: Arc<[Key]> = read.members.into();
         for target in 0..self.ctx.shard_count {
-            self.ctx.route(target, ShardMsg::MembersNow { conv: conv.clone(), members: members.clone() });
+            self.ctx.route(
+                target,
+                ShardMsg::Shard(ShardWide::MembersNow { conv: conv.clone(), members: members.clone() }),
+            );
         }
         let mut order = self.order.borrow_mut();
         let Some(h) = order.get_mut(conv) else { return };
@@ -602,6 +607,22 @@ impl Owner {
                 checks.push_back(conv.clone());
             }
         }
+    }
+}
+
+/// Handles a message to this shard as the owner of a conversation.
+pub async fn handle(owner: &Rc<Owner>, msg: ConvMsg) {
+    match msg {
+        ConvMsg::Send { origin, conv, msg } => on_send(owner, origin, conv, msg).await,
+        ConvMsg::Sync { session, user, conv, reply } => on_sync(owner, session, user, conv, reply).await,
+        ConvMsg::Join { shard, user, convs, session } => on_join(owner, shard, user, convs, session).await,
+        ConvMsg::InterestOff { shard, conv } => owner.unwant(&conv, shard),
+        ConvMsg::Members { reply, conv, op, users } => {
+            // It waits on the users' owners: run it beside the receive loop.
+            let owner = owner.clone();
+            glommio::spawn_local(async move { on_members(&owner, reply, conv, op, users).await }).detach();
+        }
+        ConvMsg::Conversation { reply, conv } => on_conversation(owner, reply, conv).await,
     }
 }
 
@@ -703,13 +724,14 @@ pub fn fan_out(owner: &Owner, conv: &Key, seq: u64, frame: Bytes, exclude: Optio
     let interest = owner.interest.borrow();
     let Some(set) = interest.shards(conv) else { return };
     for target in set.iter() {
-        let msg = ShardMsg::Deliver { conv: conv.clone(), seq, frame: frame.clone(), exclude };
+        let msg =
+            ShardMsg::Shard(ShardWide::Deliver { conv: conv.clone(), seq, frame: frame.clone(), exclude });
         owner.ctx.route(target, msg);
     }
 }
 
 fn to_session(owner: &Owner, session: SessionRef, frame: Bytes) {
-    owner.ctx.route(session.shard, ShardMsg::ToSession { session: session.id, frame });
+    owner.ctx.route(session.shard, ShardMsg::Answer(Answer::ToSession { session: session.id, frame }));
 }
 
 fn unavailable(owner: &Owner, origin: Origin, cid: Option<&str>) {
@@ -760,7 +782,9 @@ pub async fn on_sync(owner: &Owner, session: SessionRef, user: Key, conv: Key, m
         Err(_) => Err(ErrorCode::Unavailable),
     };
     owner.ctx.metrics.sync_replays.inc();
-    owner.ctx.route(session.shard, ShardMsg::Synced { session: session.id, conv, reply, result });
+    owner
+        .ctx
+        .route(session.shard, ShardMsg::Answer(Answer::Synced { session: session.id, conv, reply, result }));
 }
 
 /// Extends a sync's replay to every seq this node has delivered by the time the answer
@@ -817,7 +841,11 @@ pub async fn on_join(owner: &Owner, from: usize, user: Key, convs: Vec<Key>, ses
     let views = match fresh_views(owner, &convs, &user).await {
         Ok(views) => views,
         // The session's shard asks again: its `hello` waits for the store.
-        Err(_) => return owner.ctx.route(from, ShardMsg::Joined { user, convs: Err(convs), session }),
+        Err(_) => {
+            return owner
+                .ctx
+                .route(from, ShardMsg::Answer(Answer::Joined { user, convs: Err(convs), session }))
+        }
     };
     let mut member_of = Vec::with_capacity(convs.len());
     for (conv, view) in convs.into_iter().zip(views) {
@@ -828,7 +856,7 @@ pub async fn on_join(owner: &Owner, from: usize, user: Key, convs: Vec<Key>, ses
             member_of.push((conv, if delivered < last { last } else { 0 }));
         }
     }
-    owner.ctx.route(from, ShardMsg::Joined { user, convs: Ok(member_of), session });
+    owner.ctx.route(from, ShardMsg::Answer(Answer::Joined { user, convs: Ok(member_of), session }));
 }
 
 /// Membership change through the API. The user side is updated (and acknowledged)
@@ -846,7 +874,9 @@ pub async fn on_members(owner: &Owner, reply: ReplyTo, conv: Key, op: MemberOp, 
         let linked = if user_owner == owner.ctx.id {
             owner.ctx.store.link_user(user, &conv, member).await.is_ok()
         } else {
-            let ask = |reply| ShardMsg::LinkUser { reply, user: user.clone(), conv: conv.clone(), member };
+            let ask = |reply| {
+                ShardMsg::User(UserMsg::LinkUser { reply, user: user.clone(), conv: conv.clone(), member })
+            };
             matches!(owner.ctx.mesh.request(user_owner, ask).await, Some(Reply::Done))
         };
         if !linked {
@@ -932,8 +962,11 @@ pub fn announce_members(owner: &Owner, conv: &Key, added: Vec<Key>, removed: Vec
         owner.want_all(conv);
     }
     for target in 0..owner.ctx.shard_count {
-        let msg =
-            ShardMsg::MembersChanged { conv: conv.clone(), added: added.clone(), removed: removed.clone() };
+        let msg = ShardMsg::Shard(ShardWide::MembersChanged {
+            conv: conv.clone(),
+            added: added.clone(),
+            removed: removed.clone(),
+        });
         owner.ctx.route(target, msg);
     }
 }
@@ -991,7 +1024,10 @@ pub async fn repair(owner: &Owner, conv: &Key, after: u64, upto: u64) -> bool {
         }
         if let Some(set) = owner.interest.borrow().shards(conv) {
             for target in set.iter() {
-                owner.ctx.route(target, ShardMsg::Missed { conv: conv.clone(), from: after + 1, to });
+                owner.ctx.route(
+                    target,
+                    ShardMsg::Shard(ShardWide::Missed { conv: conv.clone(), from: after + 1, to }),
+                );
             }
         }
         // Membership changes made at the skipped seqs take their place now.

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::mesh::{Mesh, ShardMsg};
+use crate::mesh::{Mesh, ShardMsg, ShardWide};
 use crate::node::Node;
 
 /// How long a node's lease lives without renewal.
@@ -49,7 +49,7 @@ pub async fn upkeep(node: Arc<Node>, mesh: Rc<Mesh>) {
                 if !held {
                     info!("registering this node's presence in Redis");
                     for shard in 0..node.shard_count {
-                        mesh.send(shard, ShardMsg::Reregister);
+                        mesh.send(shard, ShardMsg::Shard(ShardWide::Reregister));
                     }
                 }
                 match redis.sweep().await {

@@ -88,10 +88,24 @@ pub enum Reply {
     Closed(usize),
 }
 
-/// Everything executors say to each other.
+/// A message to a shard, by the role the shard plays for it.
 #[derive(Debug)]
 pub enum ShardMsg {
-    // To a conversation's owner shard.
+    /// To the owner shard of a conversation.
+    Conv(ConvMsg),
+    /// To the owner shard of a user.
+    User(UserMsg),
+    /// To a shard for its sessions and its part of the node.
+    Shard(ShardWide),
+    /// An answer to a session's shard.
+    Answer(Answer),
+    /// The answer to a request (completes a [`Mesh::request`]).
+    Reply { id: u64, reply: Reply },
+}
+
+/// To the owner shard of a conversation (`shard_for(conv)`).
+#[derive(Debug)]
+pub enum ConvMsg {
     /// Sequence, store and fan out a message.
     Send {
         origin: Origin,
@@ -130,8 +144,11 @@ pub enum ShardMsg {
         reply: ReplyTo,
         conv: Key,
     },
+}
 
-    // To a user's owner shard.
+/// To the owner shard of a user (`shard_for(user)`).
+#[derive(Debug)]
+pub enum UserMsg {
     /// The conversations of `user`, for the join of a new session (answered with
     /// `UserConvs`).
     LoadUser {
@@ -150,8 +167,11 @@ pub enum ShardMsg {
         reply: ReplyTo,
         user: Key,
     },
+}
 
-    // To every shard.
+/// To a shard, for its sessions and its part of the node.
+#[derive(Debug)]
+pub enum ShardWide {
     /// A sequenced message for the shard's sessions in `conv` (but `exclude`).
     Deliver {
         conv: Key,
@@ -201,8 +221,11 @@ pub enum ShardMsg {
         reply: ReplyTo,
     },
     Drain,
+}
 
-    // Answers to a session's shard.
+/// Answers to a session's shard.
+#[derive(Debug)]
+pub enum Answer {
     /// A frame for one session (`ack`, `error`).
     ToSession {
         session: TimerId,
@@ -227,12 +250,6 @@ pub enum ShardMsg {
         user: Key,
         convs: Option<Vec<Key>>,
         session: TimerId,
-    },
-
-    /// The answer to a request.
-    Reply {
-        id: u64,
-        reply: Reply,
     },
 }
 

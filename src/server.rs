@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::ids::{shard_for, Key};
 use crate::lease;
-use crate::mesh::{self, Mesh, MeshEnds, ShardMsg};
+use crate::mesh::{self, Mesh, MeshEnds, ShardMsg, ShardWide};
 use crate::metrics::ShardMetrics;
 use crate::node::{ClusterLinks, Node};
 use crate::notify::Notifier;
@@ -275,7 +275,7 @@ async fn control(
     notifier.notify("STOPPING=1");
     node.draining.store(true, Ordering::Relaxed);
     for shard in 0..node.shard_count {
-        mesh.send(shard, ShardMsg::Drain);
+        mesh.send(shard, ShardMsg::Shard(ShardWide::Drain));
     }
     // The admin listener keeps answering (readyz 503) until the shards have drained.
     while !all_stopped(&node) {
@@ -299,7 +299,7 @@ async fn supervise(node: Arc<Node>, mesh: Rc<Mesh>, notifier: Rc<Notifier>) {
         let mut alive = true;
         for shard in 0..node.shard_count {
             let ping = glommio::timer::timeout(interval / 4, async {
-                Ok(mesh.request(shard, |reply| ShardMsg::Ping { reply }).await)
+                Ok(mesh.request(shard, |reply| ShardMsg::Shard(ShardWide::Ping { reply })).await)
             });
             alive &= matches!(ping.await, Ok(Some(_)));
         }

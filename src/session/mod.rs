@@ -59,7 +59,7 @@ use tracing::debug;
 use crate::clock::unix_ms;
 use crate::ctx::Ctx;
 use crate::ids::Key;
-use crate::mesh::{Origin, SessionRef, ShardMsg, SyncReply};
+use crate::mesh::{ConvMsg, Origin, SessionRef, ShardMsg, SyncReply};
 use crate::protocol::{self, ClientRequest, ErrorCode, ServerFrame};
 use crate::store::{History, NewMessage};
 use crate::wheel::TimerId;
@@ -869,7 +869,7 @@ impl Session {
                 self.start_sync(&conv);
                 ctx.loading_started();
                 let reply = SyncReply { after, limit, cid: cid.as_deref().map(Key::from), held: 0 };
-                let sync = ShardMsg::Sync { session: me, user: user.clone(), conv, reply };
+                let sync = ShardMsg::Conv(ConvMsg::Sync { session: me, user: user.clone(), conv, reply });
                 return ctx.route(owner, sync);
             }
             ClientRequest::Send { cid, conv, body } => (cid, conv, body),
@@ -885,7 +885,10 @@ impl Session {
             ts: 0,
             body: Bytes::copy_from_slice(body.get().as_bytes()),
         };
-        ctx.route(owner, ShardMsg::Send { origin: Origin::Session(me), conv: Arc::from(&*conv), msg });
+        ctx.route(
+            owner,
+            ShardMsg::Conv(ConvMsg::Send { origin: Origin::Session(me), conv: Arc::from(&*conv), msg }),
+        );
     }
 
     /// The per-connection token bucket of `limits.send_rate_per_sec` (bursts of twice that).

@@ -32,7 +32,7 @@ use crate::conv::{self, Delivery, MembersChange, Owner};
 use crate::ctx::{Ctx, CtxParts};
 use crate::hub::Hub;
 use crate::ids::Key;
-use crate::mesh::{Mesh, MeshEnds, Reply, SessionRef, ShardMsg};
+use crate::mesh::{Answer, ConvMsg, Mesh, MeshEnds, Reply, SessionRef, ShardMsg, ShardWide, UserMsg};
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
 use crate::session::{self, Kind, Session};
@@ -114,18 +114,21 @@ impl Shard {
                 let users: Arc<[Key]> = users.into();
                 let frame = codec::text_frame(&json);
                 for shard in 0..self.ctx.shard_count {
-                    self.ctx.route(shard, ShardMsg::Push { users: users.clone(), frame: frame.clone() });
+                    self.ctx.route(
+                        shard,
+                        ShardMsg::Shard(ShardWide::Push { users: users.clone(), frame: frame.clone() }),
+                    );
                 }
             }
             ClusterMsg::Broadcast { json } => {
                 let frame = codec::text_frame(&json);
                 for shard in 0..self.ctx.shard_count {
-                    self.ctx.route(shard, ShardMsg::Broadcast { frame: frame.clone() });
+                    self.ctx.route(shard, ShardMsg::Shard(ShardWide::Broadcast { frame: frame.clone() }));
                 }
             }
             ClusterMsg::Disconnect { user } => {
                 for shard in 0..self.ctx.shard_count {
-                    self.ctx.route(shard, ShardMsg::Kick { user: user.clone() });
+                    self.ctx.route(shard, ShardMsg::Shard(ShardWide::Kick { user: user.clone() }));
                 }
             }
         }
@@ -156,8 +159,10 @@ impl Shard {
     /// conversations it is not in the fan-out of).
     fn ask_again(self: &Rc<Self>, msg: ShardMsg) {
         let to = match &msg {
-            ShardMsg::LoadUser { user, .. } => self.ctx.owner_of(user),
-            ShardMsg::Join { convs, .. } => convs.first().map_or(self.ctx.id, |c| self.ctx.owner_of(c)),
+            ShardMsg::User(UserMsg::LoadUser { user, .. }) => self.ctx.owner_of(user),
+            ShardMsg::Conv(ConvMsg::Join { convs, .. }) => {
+                convs.first().map_or(self.ctx.id, |c| self.ctx.owner_of(c))
+            }
             _ => return,
         };
         self.ctx.loading_started();
@@ -204,7 +209,7 @@ impl Shard {
     fn lost_interest(&self, conv: Key) {
         if !self.ctx.is_loading() {
             let owner = self.ctx.owner_of(&conv);
-            self.ctx.route(owner, ShardMsg::InterestOff { shard: self.ctx.id, conv });
+            self.ctx.route(owner, ShardMsg::Conv(ConvMsg::InterestOff { shard: self.ctx.id, conv }));
         }
     }
 
@@ -259,38 +264,30 @@ impl Shard {
         }
     }
 
-    /// Handles one message from another executor (or from itself).
+    /// Handles one message from another executor (or from itself), by the role this
+    /// shard plays for it.
     async fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
-            // As a conversation's owner.
-            ShardMsg::Send { origin, conv, msg } => conv::on_send(&self.owner, origin, conv, msg).await,
-            ShardMsg::Sync { session, user, conv, reply } => {
-                conv::on_sync(&self.owner, session, user, conv, reply).await
-            }
-            ShardMsg::Join { shard, user, convs, session } => {
-                conv::on_join(&self.owner, shard, user, convs, session).await
-            }
-            ShardMsg::InterestOff { shard, conv } => self.owner.unwant(&conv, shard),
-            ShardMsg::Members { reply, conv, op, users } => {
-                // It waits on the users' owners: run it beside the receive loop.
-                let me = self.clone();
-                glommio::spawn_local(
-                    async move { conv::on_members(&me.owner, reply, conv, op, users).await },
-                )
-                .detach();
-            }
-            ShardMsg::Conversation { reply, conv } => conv::on_conversation(&self.owner, reply, conv).await,
+            ShardMsg::Conv(msg) => conv::handle(&self.owner, msg).await,
+            ShardMsg::User(msg) => self.as_user_owner(msg).await,
+            ShardMsg::Shard(msg) => self.for_sessions(msg).await,
+            ShardMsg::Answer(msg) => self.answered(msg),
+            ShardMsg::Reply { id, reply } => self.ctx.mesh.complete(id, reply),
+        }
+    }
 
-            // As a user's owner.
-            ShardMsg::LoadUser { shard, user, session } => {
+    /// As the owner of a user.
+    async fn as_user_owner(&self, msg: UserMsg) {
+        match msg {
+            UserMsg::LoadUser { shard, user, session } => {
                 let convs = self.ctx.store.user_convs(&user).await.ok();
-                self.ctx.route(shard, ShardMsg::UserConvs { user, convs, session });
+                self.ctx.route(shard, ShardMsg::Answer(Answer::UserConvs { user, convs, session }));
             }
-            ShardMsg::LinkUser { reply, user, conv, member } => {
+            UserMsg::LinkUser { reply, user, conv, member } => {
                 let done = self.ctx.store.link_user(&user, &conv, member).await;
                 self.ctx.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
             }
-            ShardMsg::Presence { reply, user } => {
+            UserMsg::Presence { reply, user } => {
                 let ids: Vec<TimerId> = self.hub.borrow().all_of_user(&user);
                 let list = ids
                     .into_iter()
@@ -299,16 +296,20 @@ impl Shard {
                     .collect();
                 self.ctx.mesh.reply(reply, Reply::Presence(list));
             }
+        }
+    }
 
-            // As a shard with sessions.
-            ShardMsg::Deliver { conv, seq, frame, exclude } => self.deliver(conv, seq, frame, exclude).await,
-            ShardMsg::MembersNow { conv, members } => {
+    /// For this shard's sessions and its part of the node.
+    async fn for_sessions(&self, msg: ShardWide) {
+        match msg {
+            ShardWide::Deliver { conv, seq, frame, exclude } => self.deliver(conv, seq, frame, exclude).await,
+            ShardWide::MembersNow { conv, members } => {
                 let emptied = self.hub.borrow_mut().reconcile(&conv, &members);
                 if emptied {
                     self.lost_interest(conv);
                 }
             }
-            ShardMsg::MembersChanged { conv, added, removed } => {
+            ShardWide::MembersChanged { conv, added, removed } => {
                 let mut hub = self.hub.borrow_mut();
                 for user in &added {
                     hub.join(user, &conv);
@@ -322,7 +323,7 @@ impl Shard {
                     self.lost_interest(conv);
                 }
             }
-            ShardMsg::Push { users, frame } => {
+            ShardWide::Push { users, frame } => {
                 for user in users.iter() {
                     let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
                     for id in ids {
@@ -332,7 +333,7 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Broadcast { frame } => {
+            ShardWide::Broadcast { frame } => {
                 let sessions = self.sessions.borrow().all();
                 for (i, s) in sessions.iter().enumerate() {
                     if matches!(s.kind, Kind::Client { .. }) {
@@ -343,14 +344,14 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Disconnect { reply, user } => {
+            ShardWide::Disconnect { reply, user } => {
                 let closed = self.kick(&user);
                 self.ctx.mesh.reply(reply, Reply::Closed(closed));
             }
-            ShardMsg::Kick { user } => {
+            ShardWide::Kick { user } => {
                 self.kick(&user);
             }
-            ShardMsg::Missed { conv, from, to } => {
+            ShardWide::Missed { conv, from, to } => {
                 let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
                 for id in ids {
                     if let Some(s) = self.session(id) {
@@ -358,7 +359,7 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Reregister => {
+            ShardWide::Reregister => {
                 self.presence.reregister(&self.ctx, &self.sessions.borrow().all());
                 self.owner.check_all();
                 let Some(redis) = self.ctx.redis().cloned() else { return };
@@ -370,19 +371,25 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Ping { reply } => self.ctx.mesh.reply(reply, Reply::Done),
-            ShardMsg::Drain => {
+            ShardWide::Ping { reply } => self.ctx.mesh.reply(reply, Reply::Done),
+            ShardWide::Drain => {
                 self.ctx.draining.set(true);
                 if let Some(w) = self.drain_waker.take() {
                     w.wake();
                 }
             }
-            ShardMsg::ToSession { session, frame } => {
+        }
+    }
+
+    /// Answers to requests this shard's sessions made.
+    fn answered(self: &Rc<Self>, msg: Answer) {
+        match msg {
+            Answer::ToSession { session, frame } => {
                 if let Some(s) = self.session(session) {
                     s.push(frame, &self.ctx);
                 }
             }
-            ShardMsg::Synced { session, conv, reply, result } => {
+            Answer::Synced { session, conv, reply, result } => {
                 self.ctx.loaded();
                 if let Some(s) = self.session(session) {
                     if let (Ok(_), Kind::Client { user, .. }) = (&result, &s.kind) {
@@ -393,13 +400,14 @@ impl Shard {
                     s.finish_sync(&self.ctx, &conv, reply, result);
                 }
             }
-            ShardMsg::Joined { user, convs, session } => {
+            Answer::Joined { user, convs, session } => {
                 self.ctx.loaded();
                 let convs = match convs {
                     Ok(convs) => convs,
                     Err(convs) => {
                         if self.session(session).is_some() {
-                            let join = ShardMsg::Join { shard: self.ctx.id, user, convs, session };
+                            let join =
+                                ShardMsg::Conv(ConvMsg::Join { shard: self.ctx.id, user, convs, session });
                             self.ask_again(join);
                         }
                         return;
@@ -421,11 +429,15 @@ impl Shard {
                     self.settle(&s);
                 }
             }
-            ShardMsg::UserConvs { user, convs, session } => {
+            Answer::UserConvs { user, convs, session } => {
                 self.ctx.loaded();
                 let Some(s) = self.session(session) else { return };
                 let Some(convs) = convs else {
-                    return self.ask_again(ShardMsg::LoadUser { shard: self.ctx.id, user, session });
+                    return self.ask_again(ShardMsg::User(UserMsg::LoadUser {
+                        shard: self.ctx.id,
+                        user,
+                        session,
+                    }));
                 };
                 let mut by_owner: Vec<(usize, Vec<Key>)> = Vec::new();
                 for conv in convs {
@@ -441,11 +453,15 @@ impl Shard {
                 }
                 for (owner, convs) in by_owner {
                     self.ctx.loading_started();
-                    let join = ShardMsg::Join { shard: self.ctx.id, user: user.clone(), convs, session };
+                    let join = ShardMsg::Conv(ConvMsg::Join {
+                        shard: self.ctx.id,
+                        user: user.clone(),
+                        convs,
+                        session,
+                    });
                     self.ctx.route(owner, join);
                 }
             }
-            ShardMsg::Reply { id, reply } => self.ctx.mesh.complete(id, reply),
         }
     }
 
@@ -492,7 +508,11 @@ impl session::Table for Shard {
             // The join: the user's conversations from its owner, then one `Join` to the
             // owner of each (see `settle`).
             self.ctx.loading_started();
-            let load = ShardMsg::LoadUser { shard: self.ctx.id, user: user.clone(), session: session.id };
+            let load = ShardMsg::User(UserMsg::LoadUser {
+                shard: self.ctx.id,
+                user: user.clone(),
+                session: session.id,
+            });
             self.ctx.route(self.ctx.owner_of(user), load);
             self.presence.changed(
                 &self.ctx,

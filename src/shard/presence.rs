@@ -56,7 +56,7 @@ impl PresenceWriter {
         }
     }
 
-    /// Every live client session's presence, queued again (see `ShardMsg::Reregister`).
+    /// Every live client session's presence, queued again (see `ShardWide::Reregister`).
     pub fn reregister(&self, ctx: &Ctx, sessions: &[Rc<Session>]) {
         let mut out = self.out.borrow_mut();
         out.clear();

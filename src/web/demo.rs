@@ -20,7 +20,7 @@ use super::{error, query_param, response, unix_ms};
 use crate::auth::{self, MAX_USER_LEN};
 use crate::ctx::Ctx;
 use crate::ids::Key;
-use crate::mesh::{Reply, ShardMsg};
+use crate::mesh::{ConvMsg, Reply, ShardMsg};
 use crate::protocol::MAX_CONV_CHARS;
 use crate::store::MemberOp;
 use crate::ws::handshake::{self, Refusal};
@@ -194,7 +194,8 @@ async fn join(ctx: &Ctx, authorization: Option<&str>, body: &[u8]) -> Vec<u8> {
     };
     let owner = ctx.owner_of(&conv);
     let users = vec![Key::from(claims.sub)];
-    let ask = |reply| ShardMsg::Members { reply, conv: conv.clone(), op: MemberOp::Add, users };
+    let ask =
+        |reply| ShardMsg::Conv(ConvMsg::Members { reply, conv: conv.clone(), op: MemberOp::Add, users });
     let asked = glommio::timer::timeout(JOIN_TIMEOUT, async {
         Ok(ctx.mesh.request_via(ask, |msg| ctx.route(owner, msg)).await)
     });
