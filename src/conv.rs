@@ -67,35 +67,52 @@ impl ShardSet {
 /// Which shards want the messages of each owned conversation.
 #[derive(Default)]
 pub struct Interest {
-    by_conv: HashMap<Key, ShardSet>,
+    by_conv: HashMap<Key, Wanted>,
+}
+
+#[derive(Default)]
+struct Wanted {
+    shards: ShardSet,
+    /// The conversation's seq when members were last added (every shard was asked to
+    /// index them from there on). A shard's "no session here" about a message up to it
+    /// was sent before the shard heard of the new members: it is stale.
+    grew_at: u64,
 }
 
 impl Interest {
     /// Returns true when the conversation had no interested shard before (the node now
     /// wants its traffic: in a cluster, it subscribes to it).
     pub fn add(&mut self, conv: &Key, shard: usize) -> bool {
-        let set = self.by_conv.entry(conv.clone()).or_default();
-        let first = set.is_empty();
-        set.insert(shard);
+        let wanted = self.by_conv.entry(conv.clone()).or_default();
+        let first = wanted.shards.is_empty();
+        wanted.shards.insert(shard);
         first
     }
 
-    /// Like [`Interest::add`] for every owner.
-    pub fn add_all(&mut self, conv: &Key, shards: usize) -> bool {
-        let set = self.by_conv.entry(conv.clone()).or_default();
-        let first = set.is_empty();
+    /// Every shard wants `conv`: members were added after seq `at`, and their sessions
+    /// may be on any shard. Returns true like [`Interest::add`].
+    pub fn add_all(&mut self, conv: &Key, shards: usize, at: u64) -> bool {
+        let wanted = self.by_conv.entry(conv.clone()).or_default();
+        let first = wanted.shards.is_empty();
         for s in 0..shards {
-            set.insert(s);
+            wanted.shards.insert(s);
         }
+        wanted.grew_at = wanted.grew_at.max(at);
         first
     }
 
-    /// Returns true when no shard is interested any more (in a cluster, the node
-    /// unsubscribes from the conversation).
-    pub fn remove(&mut self, conv: &str, shard: usize) -> bool {
-        if let Some(set) = self.by_conv.get_mut(conv) {
-            set.remove(shard);
-            if set.is_empty() {
+    /// Shard `shard` had no session in `conv` when it got seq `seq` (0: when its last
+    /// session there left). Honoured only when members were not added since that seq:
+    /// otherwise the shard may have some now, and it says so again, with a later seq, at
+    /// the next message it has no session for. Returns true when no shard is interested
+    /// any more (in a cluster, the node unsubscribes from the conversation).
+    pub fn remove(&mut self, conv: &str, shard: usize, seq: u64) -> bool {
+        if let Some(wanted) = self.by_conv.get_mut(conv) {
+            if seq <= wanted.grew_at {
+                return false;
+            }
+            wanted.shards.remove(shard);
+            if wanted.shards.is_empty() {
                 self.by_conv.remove(conv);
                 return true;
             }
@@ -104,7 +121,7 @@ impl Interest {
     }
 
     pub fn shards(&self, conv: &str) -> Option<&ShardSet> {
-        self.by_conv.get(conv)
+        self.by_conv.get(conv).map(|wanted| &wanted.shards)
     }
 }
 
@@ -352,15 +369,17 @@ impl Owner {
         }
     }
 
-    /// Every shard wants `conv` until it says otherwise (new members may be anywhere).
-    pub fn want_all(&self, conv: &Key) {
-        if self.interest.borrow_mut().add_all(conv, self.ctx.shard_count) {
+    /// Every shard wants `conv` until it says otherwise: members were added after seq
+    /// `at`, and their sessions may be on any shard.
+    pub fn want_all(&self, conv: &Key, at: u64) {
+        if self.interest.borrow_mut().add_all(conv, self.ctx.shard_count, at) {
             self.interest_began(conv);
         }
     }
 
-    pub fn unwant(&self, conv: &Key, shard: usize) {
-        if self.interest.borrow_mut().remove(conv, shard) {
+    /// Shard `shard` had no session in `conv` at seq `seq` (see [`Interest::remove`]).
+    pub fn unwant(&self, conv: &Key, shard: usize, seq: u64) {
+        if self.interest.borrow_mut().remove(conv, shard, seq) {
             // No session of the node is in it any more: stop its traffic, forget its order.
             if let Some(links) = self.ctx.links() {
                 links.bus.unsubscribe(Topic::conv(conv));
@@ -459,7 +478,7 @@ impl Owner {
             let step = self.order.borrow_mut().get_mut(conv).and_then(|h| h.next_step());
             match step {
                 Some(Step::Msg(seq, (frame, exclude))) => fan_out(self, conv, seq, frame, exclude),
-                Some(Step::Members(change)) => announce_members(self, conv, change.added, change.removed),
+                Some(Step::Members(change)) => announce_members(self, conv, change),
                 None => break,
             }
         }
@@ -509,8 +528,9 @@ impl Owner {
             }
         };
         self.ctx.metrics.cluster_reconciles.inc();
-        // Sessions of members added meanwhile may be on any shard.
-        self.want_all(conv);
+        // Sessions of members added meanwhile may be on any shard, from the next seq on.
+        let delivered = self.order.borrow().get(conv).map_or(0, |h| h.delivered());
+        self.want_all(conv, delivered);
         let members: Arc<[Key]> = read.members.into();
         for target in 0..self.ctx.shard_count {
             self.ctx.route(
@@ -616,7 +636,7 @@ pub async fn handle(owner: &Rc<Owner>, msg: ConvMsg) {
         ConvMsg::Send { origin, conv, msg } => on_send(owner, origin, conv, msg).await,
         ConvMsg::Sync { session, user, conv, reply } => on_sync(owner, session, user, conv, reply).await,
         ConvMsg::Join { shard, user, convs, session } => on_join(owner, shard, user, convs, session).await,
-        ConvMsg::InterestOff { shard, conv } => owner.unwant(&conv, shard),
+        ConvMsg::InterestOff { shard, conv, seq } => owner.unwant(&conv, shard, seq),
         ConvMsg::Members { reply, conv, op, users } => {
             // It waits on the users' owners: run it beside the receive loop.
             let owner = owner.clone();
@@ -947,25 +967,26 @@ pub fn members_changed(owner: &Owner, conv: &Key, change: MembersChange) {
         if !change.added.is_empty() {
             // The new members' sessions may be on any shard and live from here: seqs up
             // to the change are not theirs.
-            owner.want_all(conv);
+            owner.want_all(conv, change.at);
             owner.saw_last_seq(conv, change.at, Some(change.version));
         }
     }
-    announce_members(owner, conv, change.added, change.removed);
+    announce_members(owner, conv, change);
 }
 
-/// Tells every shard of a membership change, in order with the messages handed to them.
-pub fn announce_members(owner: &Owner, conv: &Key, added: Vec<Key>, removed: Vec<Key>) {
-    if !added.is_empty() {
+/// Tells every shard of a membership change, in order with the messages handed to them
+/// (the change was made at seq `change.at`: later messages are the new members').
+pub fn announce_members(owner: &Owner, conv: &Key, change: MembersChange) {
+    if !change.added.is_empty() {
         // Every shard may hold sessions of the new members: send it this conversation
         // until it says it has none (it answers `InterestOff` on the first message).
-        owner.want_all(conv);
+        owner.want_all(conv, change.at);
     }
     for target in 0..owner.ctx.shard_count {
         let msg = ShardMsg::Shard(ShardWide::MembersChanged {
             conv: conv.clone(),
-            added: added.clone(),
-            removed: removed.clone(),
+            added: change.added.clone(),
+            removed: change.removed.clone(),
         });
         owner.ctx.route(target, msg);
     }
@@ -1134,6 +1155,21 @@ mod tests {
         assert_eq!(h.hole(), Some((5, 6)));
         h.skip_to(6);
         assert_eq!((h.hole(), h.delivered(), h.highest()), (None, 6, 6));
+    }
+
+    #[test]
+    fn a_shard_that_had_no_session_before_members_were_added_stays_wanted() {
+        let mut interest = Interest::default();
+        let c = Key::from("c");
+        assert!(interest.add(&c, 0), "the first shard starts the interest");
+        interest.add_all(&c, 2, 5);
+        assert!(!interest.remove(&c, 1, 5), "no session at seq 5: sent before it heard of the members");
+        assert!(!interest.remove(&c, 1, 0), "its last session left: it says so again at the next message");
+        assert!(interest.shards(&c).is_some_and(|s| s.contains(1)));
+        assert!(!interest.remove(&c, 1, 6));
+        assert!(interest.shards(&c).is_some_and(|s| !s.contains(1)));
+        assert!(interest.remove(&c, 0, 7), "no shard left");
+        assert!(interest.shards(&c).is_none());
     }
 
     #[test]

@@ -129,10 +129,12 @@ pub enum ConvMsg {
         convs: Vec<Key>,
         session: TimerId,
     },
-    /// The shard has no session in `conv` any more: stop sending it its messages.
+    /// The shard had no session in `conv` at seq `seq` (0: its last one there left):
+    /// stop sending it its messages, unless members were added since.
     InterestOff {
         shard: usize,
         conv: Key,
+        seq: u64,
     },
     Members {
         reply: ReplyTo,

@@ -204,12 +204,14 @@ impl Shard {
         }
     }
 
-    /// This shard has no session left in `conv`: tell its owner, unless a request that
-    /// may bring one back is out (its answer would race the notice).
-    fn lost_interest(&self, conv: Key) {
+    /// This shard has no session left in `conv` (at seq `seq` of it, 0 when not at a
+    /// message): tell its owner, unless a request that may bring one back is out (its
+    /// answer would race the notice).
+    fn lost_interest(&self, conv: Key, seq: u64) {
         if !self.ctx.is_loading() {
             let owner = self.ctx.owner_of(&conv);
-            self.ctx.route(owner, ShardMsg::Conv(ConvMsg::InterestOff { shard: self.ctx.id, conv }));
+            let off = ConvMsg::InterestOff { shard: self.ctx.id, conv, seq };
+            self.ctx.route(owner, ShardMsg::Conv(off));
         }
     }
 
@@ -306,7 +308,7 @@ impl Shard {
             ShardWide::MembersNow { conv, members } => {
                 let emptied = self.hub.borrow_mut().reconcile(&conv, &members);
                 if emptied {
-                    self.lost_interest(conv);
+                    self.lost_interest(conv, 0);
                 }
             }
             ShardWide::MembersChanged { conv, added, removed } => {
@@ -320,7 +322,7 @@ impl Shard {
                 }
                 drop(hub);
                 if emptied {
-                    self.lost_interest(conv);
+                    self.lost_interest(conv, 0);
                 }
             }
             ShardWide::Push { users, frame } => {
@@ -469,7 +471,7 @@ impl Shard {
     async fn deliver(&self, conv: Key, seq: u64, frame: bytes::Bytes, exclude: Option<SessionRef>) {
         let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
         if ids.is_empty() {
-            self.lost_interest(conv);
+            self.lost_interest(conv, seq);
             return;
         }
         let skip = exclude.filter(|e| e.shard == self.ctx.id).map(|e| e.id);
@@ -530,7 +532,7 @@ impl session::Table for Shard {
         if let Kind::Client { user, .. } = &session.kind {
             let emptied = self.hub.borrow_mut().detach(user, session.id);
             for conv in emptied {
-                self.lost_interest(conv);
+                self.lost_interest(conv, 0);
             }
             if !self.hub.borrow().has_user(user) {
                 if let Some(links) = self.ctx.links() {
