@@ -26,8 +26,9 @@
 //!
 //! ### Layer 7: what a shard does for others
 //! - `conv`: the owner shard's side of conversations (`Owner`): sequencing, fan-out,
-//!   `sync`, membership, and with Redis the per-node delivery order (holdback, gap
-//!   repair, reconciles, tail checks).
+//!   `sync`, membership, and with Redis the per-node delivery order (`order`: the
+//!   holdback; gap repair, reconciles, tail checks), and which shards want each
+//!   conversation (`interest`).
 //! - `web`: what a browser gets: the `/demo` try-it page (client listener, demo mode
 //!   only) and the live dashboard (`/`, `/events` on the admin listener), all embedded.
 //!
