@@ -6,6 +6,12 @@
 //! [`Shard`] is `!Send` and touched only from this thread; other executors reach a shard
 //! through the mesh ([`ShardMsg`]). Nothing here blocks: sockets are io_uring-driven, the
 //! heartbeat work per tick is bounded by what is due, and long fan-outs yield.
+//!
+//! What the shard's parts share is its context ([`Ctx`]); the conversations it owns are
+//! [`Owner`]'s (in `conv`), which gets the messages addressed to a conversation's owner.
+//! This module keeps the executor's tasks, the session table (`table`), the hub, the
+//! timer wheel, the graces, the presence writer (`presence`), and the handling of the
+//! messages addressed to a user's owner and to the shard's sessions.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
