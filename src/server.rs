@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::api;
 use crate::bridge::{PoolOptions, RedisPool};
-use crate::cluster::{Bus, ClusterMsg, Envelope, Topic};
+use crate::cluster::{Bus, BusOptions, ClusterMsg, Envelope, Topic};
 use crate::config::Config;
 use crate::error::Error;
 use crate::ids::{shard_for, Key};
@@ -156,10 +156,20 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
                 ClusterMsg::Disconnect { user } => shard_for(user, shard_count),
             });
             let node_key = Key::from(config.node_id.as_str());
-            let (bus, receivers) =
-                Bus::start(&c.pub_listen, node_key, epoch, shard_count, c.hwm, route).map_err(|e| {
-                    Error::Start { what: format!("cluster PUB on {}", c.pub_listen), reason: e.to_string() }
-                })?;
+            let (bus, receivers) = Bus::start(
+                BusOptions {
+                    pub_listen: &c.pub_listen,
+                    node: node_key,
+                    epoch,
+                    receivers: shard_count,
+                    hwm: c.hwm,
+                },
+                route,
+            )
+            .map_err(|e| Error::Start {
+                what: format!("cluster PUB on {}", c.pub_listen),
+                reason: e.to_string(),
+            })?;
             for (slot, rx) in inbound.iter_mut().zip(receivers) {
                 *slot = Some(rx);
             }

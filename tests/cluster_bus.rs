@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flume::{Receiver, RecvTimeoutError};
 use glommio::{LocalExecutorBuilder, Placement};
-use ringpush::cluster::{self, Bus, BusError, ClusterMsg, Envelope, Topic, DEFAULT_HWM};
+use ringpush::cluster::{self, Bus, BusError, BusOptions, ClusterMsg, Envelope, Topic, DEFAULT_HWM};
 use ringpush::ids::Key;
 
 /// Bound on every wait: generous, since a restarted peer may take a reconnect backoff.
@@ -45,7 +45,10 @@ impl Node {
     }
 
     fn at(endpoint: &str, name: &str, epoch: u64) -> Result<Node, BusError> {
-        let (bus, mut rxs) = Bus::start(endpoint, key(name), epoch, 1, DEFAULT_HWM, Box::new(|_| 0))?;
+        let (bus, mut rxs) = Bus::start(
+            BusOptions { pub_listen: endpoint, node: key(name), epoch, receivers: 1, hwm: DEFAULT_HWM },
+            Box::new(|_| 0),
+        )?;
         Ok(Node { bus, rx: rxs.remove(0), name: key(name), epoch })
     }
 
@@ -371,7 +374,11 @@ fn the_route_function_picks_the_receiver() {
         ClusterMsg::Msg { seq, .. } => *seq as usize, // taken modulo 3 by the bus
         _ => 0,
     };
-    let (bus, rxs) = Bus::start(ANY_PORT, key("b"), 1, 3, DEFAULT_HWM, Box::new(route)).unwrap();
+    let (bus, rxs) = Bus::start(
+        BusOptions { pub_listen: ANY_PORT, node: key("b"), epoch: 1, receivers: 3, hwm: DEFAULT_HWM },
+        Box::new(route),
+    )
+    .unwrap();
     let b = Node { bus, rx: rxs[0].clone(), name: key("b"), epoch: 1 };
     b.bus.set_peers(vec![a.endpoint()]);
     b.bus.subscribe(Topic::conv("r"));
@@ -440,16 +447,26 @@ fn unpublishable_messages_are_counted() {
 #[test]
 fn start_says_which_endpoint_it_cannot_bind() {
     let a = Node::start("a", 1);
-    let err =
-        Bus::start(&a.endpoint(), key("b"), 1, 1, DEFAULT_HWM, Box::new(|_| 0)).err().expect("port taken");
+    let err = Bus::start(
+        BusOptions { pub_listen: &a.endpoint(), node: key("b"), epoch: 1, receivers: 1, hwm: DEFAULT_HWM },
+        Box::new(|_| 0),
+    )
+    .err()
+    .expect("port taken");
     assert!(matches!(err, BusError::Bind { .. }));
     assert!(err.to_string().contains(&a.endpoint()), "{err}");
-    let err = Bus::start("tcp://nonsense", key("b"), 1, 1, DEFAULT_HWM, Box::new(|_| 0))
-        .err()
-        .expect("bad endpoint");
+    let err = Bus::start(
+        BusOptions { pub_listen: "tcp://nonsense", node: key("b"), epoch: 1, receivers: 1, hwm: DEFAULT_HWM },
+        Box::new(|_| 0),
+    )
+    .err()
+    .expect("bad endpoint");
     assert!(err.to_string().contains("tcp://nonsense"), "{err}");
     assert!(matches!(
-        Bus::start(ANY_PORT, key("b"), 1, 0, DEFAULT_HWM, Box::new(|_| 0)),
+        Bus::start(
+            BusOptions { pub_listen: ANY_PORT, node: key("b"), epoch: 1, receivers: 0, hwm: DEFAULT_HWM },
+            Box::new(|_| 0)
+        ),
         Err(BusError::NoReceivers)
     ));
 }

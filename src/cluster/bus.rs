@@ -110,8 +110,22 @@ enum Command {
 /// Maps an inbound envelope to the index of the channel it goes to.
 pub type Route = Box<dyn Fn(&Envelope) -> usize + Send>;
 
+/// What a [`Bus`] is started with.
+pub struct BusOptions<'a> {
+    /// The endpoint the PUB socket binds (`cluster.pub_listen`; `tcp://host:*` picks a port).
+    pub pub_listen: &'a str,
+    /// This node's id and start epoch, stamped on every message it sends.
+    pub node: Key,
+    pub epoch: u64,
+    /// Inbound channels, one per shard; `route` picks one for each message.
+    pub receivers: usize,
+    /// ZeroMQ's high-water mark per peer, both ways (`cluster.hwm`).
+    pub hwm: u32,
+}
+
 impl Bus {
-    /// Binds a PUB socket on `pub_listen` and starts the publisher and subscriber threads.
+    /// Binds a PUB socket on `options.pub_listen` and starts the publisher and subscriber
+    /// threads.
     ///
     /// Every decoded inbound message from another node goes to the receiver at
     /// `route(&env)` (taken modulo `receivers`; `route` runs on the subscriber thread and
@@ -119,13 +133,10 @@ impl Bus {
     /// [`INBOUND_SLOTS`]: when one is full, what would go to it is dropped and counted in
     /// `inbound_dropped`. The node starts with no peers and no subscriptions.
     pub fn start(
-        pub_listen: &str,
-        node: Key,
-        epoch: u64,
-        receivers: usize,
-        hwm: u32,
+        options: BusOptions<'_>,
         route: Route,
     ) -> Result<(Bus, Vec<flume::Receiver<Envelope>>), BusError> {
+        let BusOptions { pub_listen, node, epoch, receivers, hwm } = options;
         let hwm = hwm.min(i32::MAX as u32) as i32;
         if receivers == 0 {
             return Err(BusError::NoReceivers);

@@ -41,7 +41,7 @@ mod bus;
 mod counters;
 mod wire;
 
-pub use bus::{Bus, BusError, Route, INBOUND_SLOTS, OUTBOX_SLOTS};
+pub use bus::{Bus, BusError, BusOptions, Route, INBOUND_SLOTS, OUTBOX_SLOTS};
 pub use counters::{ClusterMetrics, SharedCounter};
 // The high-water mark callers of `Bus::start` pass when nothing is configured
 // (tests/cluster_bus.rs); its definition is the default of `cluster.hwm`.
