@@ -707,9 +707,8 @@ pub fn members_changed(owner: &Owner, conv: &Key, change: MembersChange) {
         }
         drop(order);
         if !change.added.is_empty() {
-            // The new members' sessions may be on any shard and live from here: seqs up
-            // to the change are not theirs.
-            owner.want_all(conv, change.at);
+            // The new members' sessions are live from here (`announce_members` makes
+            // every shard want it): seqs up to the change are not theirs.
             owner.saw_last_seq(conv, change.at, Some(change.version));
         }
     }

@@ -22,7 +22,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde_json::{json, Map, Value};
 
-use super::{query_param, unix_ms};
+use super::query_param;
+use crate::clock::unix_ms;
 use crate::node::Node;
 
 /// The page: HTML, CSS and JS in one file, no external assets (its own

@@ -16,8 +16,9 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde::Deserialize;
 
-use super::{error, query_param, response, unix_ms};
+use super::{error, query_param, response};
 use crate::auth::{self, MAX_USER_LEN};
+use crate::clock::unix_ms;
 use crate::ctx::Ctx;
 use crate::ids::Key;
 use crate::mesh::{ConvMsg, Reply, ShardMsg};

@@ -20,14 +20,6 @@ fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -
     http::response(status, content_type, &[COMMON_HEADERS, extra_headers, http::CLOSE], body)
 }
 
-/// Wall-clock time in unix milliseconds.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// `{"error":"<code>","message":"..."}`, the error shape of PROTOCOL.md's HTTP API.
 fn error(status: u16, code: &str, message: &str) -> Vec<u8> {
     response(status, "application/json", "", http::error_body(code, message).as_bytes())
