@@ -410,6 +410,12 @@ struct PushBody<'a> {
 }
 
 #[derive(Deserialize)]
+struct ReadBody {
+    user: String,
+    seq: u64,
+}
+
+#[derive(Deserialize)]
 struct BroadcastBody<'a> {
     #[serde(borrow)]
     body: &'a RawValue,
@@ -436,6 +442,8 @@ pub enum Call<'a> {
     Broadcast { body: &'a RawValue },
     Presence { user: Key },
     Disconnect { user: Key },
+    Unread { user: Key },
+    Read { conv: Key, user: Key, seq: u64 },
 }
 
 /// Parses an `/api/v1` call from its method, path segments and body. `Err` is the error
@@ -466,6 +474,12 @@ pub fn parse_call<'a>(method: &str, path: &[&str], body: &'a [u8]) -> Result<Cal
         ("POST", ["broadcast"]) => Call::Broadcast { body: forwardable(parse::<BroadcastBody>(body)?.body)? },
         ("GET", ["presence", user]) => Call::Presence { user: one_user(user)? },
         ("POST", ["users", user, "disconnect"]) => Call::Disconnect { user: one_user(user)? },
+        ("GET", ["users", user, "unread"]) => Call::Unread { user: one_user(user)? },
+        ("POST", ["conversations", conv, "read"]) => {
+            let conv = conv_id(conv)?;
+            let read: ReadBody = parse(body)?;
+            Call::Read { conv, user: one_user(&read.user)?, seq: read.seq }
+        }
         _ => return Err(not_found()),
     })
 }
@@ -574,6 +588,28 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
                 .collect();
             Ok(json(200, serde_json::json!({ "user": &*user, "devices": devices })))
         }
+        Call::Unread { user } => unread(admin, user).await,
+        Call::Read { conv, user, seq } => {
+            let owner = shard_for(&conv, admin.shards());
+            let ask = |reply| {
+                let origin = Origin::Api(reply);
+                ShardMsg::Conv(ConvMsg::Read {
+                    origin,
+                    conv: conv.clone(),
+                    user: user.clone(),
+                    dev: None,
+                    seq,
+                    cid: None,
+                })
+            };
+            match admin.ask(owner, ask).await {
+                Some(Reply::ReadMark { read }) => {
+                    Ok(json(200, serde_json::json!({ "conv": &*conv, "user": &*user, "read": read })))
+                }
+                Some(Reply::NotMember) => Err(Response::error(404, "not_member", "the user is not a member")),
+                _ => Err(unavailable()),
+            }
+        }
         Call::Disconnect { user } => {
             if let Some(links) = &admin.node.cluster {
                 links.bus.publish(Topic::user(&user), ClusterMsg::Disconnect { user: user.clone() });
@@ -590,6 +626,36 @@ async fn api(admin: &Admin, method: &str, path: &[&str], body: &[u8]) -> Result<
             Ok(json(200, serde_json::json!({ "ok": true })))
         }
     }
+}
+
+/// `GET /api/v1/users/{user}/unread`: the user's conversations with messages past the
+/// read mark. The user's owner names the conversations, each one's owner answers for it.
+async fn unread(admin: &Admin, user: Key) -> Result<Response, Response> {
+    let owner = shard_for(&user, admin.shards());
+    let convs =
+        match admin.ask(owner, |reply| ShardMsg::User(UserMsg::Convs { reply, user: user.clone() })).await {
+            Some(Reply::Convs(convs)) => convs,
+            _ => return Err(unavailable()),
+        };
+    let mut list = Vec::new();
+    for conv in convs {
+        let owner = shard_for(&conv, admin.shards());
+        let ask =
+            |reply| ShardMsg::Conv(ConvMsg::ReadState { reply, conv: conv.clone(), user: user.clone() });
+        match admin.ask(owner, ask).await {
+            Some(Reply::ReadState { last_seq, read }) if last_seq > read => list.push((conv, last_seq, read)),
+            Some(Reply::ReadState { .. }) => {}
+            _ => return Err(unavailable()),
+        }
+    }
+    list.sort();
+    let convs: Vec<serde_json::Value> = list
+        .iter()
+        .map(|(conv, last_seq, read)| {
+            serde_json::json!({ "conv": &**conv, "last_seq": last_seq, "read": read, "unread": last_seq - read })
+        })
+        .collect();
+    Ok(json(200, serde_json::json!({ "user": &*user, "convs": convs })))
 }
 
 async fn members(admin: &Admin, conv: Key, op: MemberOp, users: Vec<Key>) -> Result<Response, Response> {
@@ -633,6 +699,10 @@ mod tests {
         assert_eq!(call("POST", "/api/v1/conversations/c1/messages", r#"{"from":"a","body":null}"#), Ok(()));
         assert_eq!(call("DELETE", "/api/v1/conversations/c1/members/", ""), Err(400));
         assert_eq!(call("GET", "/api/v1/nothing", ""), Err(404));
+        assert_eq!(call("GET", "/api/v1/users/u1/unread", ""), Ok(()));
+        assert_eq!(call("POST", "/api/v1/conversations/c1/read", r#"{"user":"u1","seq":4}"#), Ok(()));
+        assert_eq!(call("POST", "/api/v1/conversations/c1/read", r#"{"user":"u1"}"#), Err(400));
+        assert_eq!(call("POST", "/api/v1/conversations/c1/read", r#"{"user":"u 1","seq":4}"#), Err(400));
         assert!(api_path("/api/v2/push").is_none());
     }
 

@@ -12,6 +12,7 @@ use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::cluster::{ClusterMsg, Topic};
 use crate::config::Config;
+use crate::hub::Hub;
 use crate::ids::shard_for;
 use crate::mesh::{Mesh, ShardMsg};
 use crate::metrics::ShardMetrics;
@@ -42,6 +43,9 @@ pub struct Ctx {
     pub local: Mailbox<ShardMsg>,
     /// Sessions with frames queued since the flusher last ran (see `Session::queue`).
     pub flush_list: Mailbox<TimerId>,
+    /// This shard's sessions by user and by conversation (a session checks a `signal`'s
+    /// sender against it; the shard keeps it).
+    pub hub: RefCell<Hub<TimerId>>,
     /// The shard clock's zero; session times are milliseconds since this.
     started: Instant,
     next_conn: Cell<u64>,
@@ -78,6 +82,7 @@ impl Ctx {
             draining: Cell::new(false),
             local: Mailbox::default(),
             flush_list: Mailbox::default(),
+            hub: RefCell::default(),
             started: Instant::now(),
             next_conn: Cell::new(0),
             loading: Cell::new(0),

@@ -86,6 +86,19 @@ pub enum Reply {
     Presence(Vec<Presence>),
     /// How many connections were asked to close.
     Closed(usize),
+    /// The user is not a member of the conversation; nothing changed.
+    NotMember,
+    /// A read mark after a `read` through the API.
+    ReadMark {
+        read: u64,
+    },
+    /// A user's read mark in a conversation and its last seq.
+    ReadState {
+        last_seq: u64,
+        read: u64,
+    },
+    /// A user's conversations.
+    Convs(Vec<Key>),
 }
 
 /// A message to a shard, by the role the shard plays for it.
@@ -146,6 +159,29 @@ pub enum ConvMsg {
         reply: ReplyTo,
         conv: Key,
     },
+    /// Move `user`'s read mark (a client's `read`, or the API's); the user's other
+    /// connections, on every node, are told when it moves.
+    Read {
+        origin: Origin,
+        conv: Key,
+        user: Key,
+        dev: Option<Key>,
+        seq: u64,
+        cid: Option<Key>,
+    },
+    /// `user`'s read mark and the last seq (answered with `Reply::ReadState`).
+    ReadState {
+        reply: ReplyTo,
+        conv: Key,
+        user: Key,
+    },
+    /// A member's `signal`, checked by the sender's shard: to every shard with sessions in
+    /// `conv` (and every node), but the sending connection.
+    Signal {
+        conv: Key,
+        frame: Bytes,
+        exclude: SessionRef,
+    },
 }
 
 /// To the owner shard of a user (`shard_for(user)`).
@@ -166,6 +202,11 @@ pub enum UserMsg {
     },
     /// The shard's connections of `user` (answered with `Reply::Presence`).
     Presence {
+        reply: ReplyTo,
+        user: Key,
+    },
+    /// The conversations of `user` (answered with `Reply::Convs`).
+    Convs {
         reply: ReplyTo,
         user: Key,
     },
@@ -198,6 +239,19 @@ pub enum ShardWide {
     },
     Broadcast {
         frame: Bytes,
+    },
+    /// A frame for every open session of `user` on the shard but `exclude` (a `read`).
+    ToUser {
+        user: Key,
+        frame: Bytes,
+        exclude: Option<SessionRef>,
+    },
+    /// A `signal` for the shard's sessions in `conv` but `exclude`; dropped for one
+    /// without room in its outbound budget.
+    Signal {
+        conv: Key,
+        frame: Bytes,
+        exclude: Option<SessionRef>,
     },
     Disconnect {
         reply: ReplyTo,

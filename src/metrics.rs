@@ -148,6 +148,11 @@ pub struct ShardMetrics {
     pub slow_consumer_closes: Counter,
     /// `push` and broadcast frames handed to sessions.
     pub pushes: Counter,
+    /// Read marks moved (on the owner shard).
+    pub reads: Counter,
+    /// `signal` frames handed to sessions; dropped for a connection without room.
+    pub signals_delivered: Counter,
+    pub signals_dropped: Counter,
     /// Owner-side time from taking a message to handing its frame to every shard.
     pub fanout_latency: Histogram,
     /// Cluster: messages from other nodes for conversations with no session here (they
@@ -244,7 +249,7 @@ enum Read {
 }
 
 /// Every family of [`render`], in the order a scrape gets them.
-static FAMILIES: [Family; 23] = [
+static FAMILIES: [Family; 26] = [
     ("connections", "Open WebSocket connections.", Kind::Gauge, Read::PerShard(|m| m.connections.get())),
     ("handshakes_ok_total", "Upgrades accepted.", Kind::Counter, Read::PerShard(|m| m.handshakes_ok.get())),
     (
@@ -348,6 +353,19 @@ static FAMILIES: [Family; 23] = [
         "push and broadcast frames handed to connections.",
         Kind::Counter,
         Read::Total(|m| m.pushes.get()),
+    ),
+    ("read_marks_total", "Read marks moved.", Kind::Counter, Read::Total(|m| m.reads.get())),
+    (
+        "signals_delivered_total",
+        "signal frames handed to connections.",
+        Kind::Counter,
+        Read::Total(|m| m.signals_delivered.get()),
+    ),
+    (
+        "signals_dropped_total",
+        "signal frames not sent to a connection without room in its outbound budget.",
+        Kind::Counter,
+        Read::Total(|m| m.signals_dropped.get()),
     ),
     (
         "slow_consumer_gaps_total",

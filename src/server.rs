@@ -146,14 +146,16 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     let cluster = match &config.cluster {
         Some(c) => {
             let route = Box::new(move |env: &Envelope| match &env.msg {
-                ClusterMsg::Msg { conv, .. } | ClusterMsg::Members { conv, .. } => {
-                    shard_for(conv, shard_count)
-                }
+                ClusterMsg::Msg { conv, .. }
+                | ClusterMsg::Members { conv, .. }
+                | ClusterMsg::Signal { conv, .. } => shard_for(conv, shard_count),
                 // Pushes and broadcasts all pass through shard 0, which hands them to every
                 // shard: one path, so a connection gets them in the order the API took them
                 // on the node they came from, as it does on that node itself.
                 ClusterMsg::Push { .. } | ClusterMsg::Broadcast { .. } => 0,
-                ClusterMsg::Disconnect { user } => shard_for(user, shard_count),
+                ClusterMsg::Disconnect { user } | ClusterMsg::ToUser { user, .. } => {
+                    shard_for(user, shard_count)
+                }
             });
             let node_key = Key::from(config.node_id.as_str());
             let (bus, receivers) = Bus::start(

@@ -180,7 +180,10 @@ fn a_sync_after_a_gap_replays_what_fits_instead_of_another_gap() {
         vec![("msg", Some(next)), ("msg", Some(next + 1)), ("synced", None), ("gap", None)],
         "{answer:?}"
     );
-    assert_eq!(answer[2], json!({"op": "synced", "conv": "c1", "last": next + 1, "complete": true}));
+    assert_eq!(
+        answer[2],
+        json!({"op": "synced", "conv": "c1", "last": next + 1, "read": 0, "complete": true})
+    );
     assert_eq!(answer[3], json!({"op": "gap", "conv": "c1", "from": next + 2, "to": total}));
 }
 
@@ -212,7 +215,10 @@ fn a_replay_larger_than_the_budget_is_paced_not_thinned() {
         let result = sync(&mut bob, "c1", 0, None);
         assert!(result.other.is_empty(), "rcvbuf {rcvbuf}: frames besides the replay: {:?}", result.other);
         assert_eq!(result.seqs(), (1..=1000).collect::<Vec<_>>(), "rcvbuf {rcvbuf}");
-        assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 1000, "complete": true}));
+        assert_eq!(
+            result.synced,
+            json!({"op": "synced", "conv": "c1", "last": 1000, "read": 0, "complete": true})
+        );
     }
     assert_eq!(server.metric("ringpush_slow_consumer_gaps_total"), 0);
 }

@@ -554,7 +554,7 @@ fn sync_after_a_reconnect_replays_exactly_the_missed_messages() {
     let result = sync(&mut bob, "c1", 2, None);
     assert!(result.other.is_empty(), "{result:?}");
     assert_eq!(result.msgs, sent, "the replay");
-    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 7, "complete": true}));
+    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 7, "read": 0, "complete": true}));
     // Live delivery follows.
     let ack = send_acked(&mut alice, "c1", "after", &json!("live again"));
     assert_eq!(ack["seq"], 8);
@@ -562,7 +562,7 @@ fn sync_after_a_reconnect_replays_exactly_the_missed_messages() {
     // A sync with nothing new answers synced alone.
     let result = sync(&mut bob, "c1", 8, None);
     assert!(result.msgs.is_empty() && result.other.is_empty(), "{result:?}");
-    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 8, "complete": true}));
+    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": 8, "read": 0, "complete": true}));
 }
 
 /// One round of `sync_racing_live_traffic_yields_every_seq_once_in_order`: alice streams
@@ -657,7 +657,7 @@ fn sync_reports_history_trimmed_to_max_per_conv() {
         }
         assert_eq!(
             result.synced,
-            json!({"op": "synced", "conv": "c1", "last": 12, "complete": complete}),
+            json!({"op": "synced", "conv": "c1", "last": 12, "read": 0, "complete": complete}),
             "after {after}"
         );
     };
@@ -670,7 +670,10 @@ fn sync_reports_history_trimmed_to_max_per_conv() {
     // `limit` bounds the replay; `synced` then names the last seq replayed.
     send_json(&mut bob, &json!({"op": "sync", "conv": "c1", "after": 7, "limit": 2}));
     assert_eq!(seqs(&[read_op(&mut bob, "msg"), read_op(&mut bob, "msg")]), vec![8, 9]);
-    assert_eq!(read_json(&mut bob), json!({"op": "synced", "conv": "c1", "last": 9, "complete": true}));
+    assert_eq!(
+        read_json(&mut bob),
+        json!({"op": "synced", "conv": "c1", "last": 9, "read": 0, "complete": true})
+    );
     // What the limit left out is a gap; live messages of c1 then wait for the client's
     // next sync, whose replay carries them, so nothing arrives twice or out of order.
     assert_eq!(read_json(&mut bob), json!({"op": "gap", "conv": "c1", "from": 10, "to": 12}));
@@ -746,7 +749,7 @@ fn a_slow_reader_gets_a_gap_and_catches_up_with_sync_while_others_get_everything
     let after = from - 1;
     let result = sync(&mut bob, "c1", after, None);
     assert!(result.other.is_empty(), "frames besides the replay: {:?}", result.other);
-    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": n, "complete": true}));
+    assert_eq!(result.synced, json!({"op": "synced", "conv": "c1", "last": n, "read": 0, "complete": true}));
     assert_eq!(result.seqs(), (after + 1..=n).collect::<Vec<_>>(), "the replay after {after}");
     let mut full: Vec<&Value> = live.iter().filter(|m| m["seq"].as_u64() <= Some(after)).collect();
     full.extend(result.msgs.iter());

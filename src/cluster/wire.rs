@@ -5,8 +5,8 @@
 //! hand in this layout (integers little-endian):
 //!
 //! ```text
-//! u8   version          FORMAT_VERSION (3); anything else is refused, never guessed at
-//! u8   kind             1 msg, 2 push, 3 disconnect, 4 members, 5 broadcast
+//! u8   version          FORMAT_VERSION (4); anything else is refused, never guessed at
+//! u8   kind             1 msg, 2 push, 3 disconnect, 4 members, 5 broadcast, 6 to user, 7 signal
 //! id   node             the sender's node id
 //! u64  epoch            the sender's start epoch
 //! body by kind:
@@ -15,6 +15,8 @@
 //!   disconnect  id user
 //!   members     id conv, u64 members version, u64 last seq, list added, list removed
 //!   broadcast   blob json
+//!   to user     id user, blob json
+//!   signal      id conv, blob json
 //!
 //! id    u16 length (<= MAX_ID) + UTF-8 bytes
 //! list  u32 count (<= MAX_LIST) + that many ids
@@ -27,6 +29,7 @@
 //! added the members versions (see `store`): a node that missed a `members` message
 //! finds out from the next `msg` of the conversation. Version 3 added the last seq a
 //! `members` change was made at, so every node applies it between the same two messages.
+//! Version 4 added `to user` (a `read` frame for a user's devices) and `signal`.
 //!
 //! [`decode`] never panics and checks every length and count against both its cap and the
 //! bytes actually left before allocating, so what it allocates is proportional to its input.
@@ -41,7 +44,7 @@ use thiserror::Error;
 use crate::ids::{fnv1a, Key};
 
 /// The format version written first in every payload.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 /// Longest node, conversation or user id, in bytes.
 pub const MAX_ID: usize = 1024;
 /// Most entries in one list (push recipients, members added or removed).
@@ -162,10 +165,14 @@ pub enum ClusterMsg {
     Members { conv: Key, members_version: u64, last_seq: u64, added: Vec<Key>, removed: Vec<Key> },
     /// A broadcast frame's JSON to every connection.
     Broadcast { json: Bytes },
+    /// A frame's JSON for every device of `user` (a `read` frame).
+    ToUser { user: Key, json: Bytes },
+    /// A `signal` frame's JSON for the devices of `conv`'s members.
+    Signal { conv: Key, json: Bytes },
 }
 
 impl ClusterMsg {
-    /// The kind byte on the wire, 1 to 5, in the order of [`KIND_LABELS`].
+    /// The kind byte on the wire, 1 to 7, in the order of [`KIND_LABELS`].
     pub fn kind(&self) -> u8 {
         match self {
             ClusterMsg::Msg { .. } => 1,
@@ -173,6 +180,8 @@ impl ClusterMsg {
             ClusterMsg::Disconnect { .. } => 3,
             ClusterMsg::Members { .. } => 4,
             ClusterMsg::Broadcast { .. } => 5,
+            ClusterMsg::ToUser { .. } => 6,
+            ClusterMsg::Signal { .. } => 7,
         }
     }
 
@@ -183,7 +192,7 @@ impl ClusterMsg {
 }
 
 /// The kinds' names, indexed by `kind() - 1`.
-pub const KIND_LABELS: [&str; 5] = ["msg", "push", "disconnect", "members", "broadcast"];
+pub const KIND_LABELS: [&str; 7] = ["msg", "push", "disconnect", "members", "broadcast", "to_user", "signal"];
 
 /// A message and who sent it: `node` with the `epoch` it started at, so a receiver can tell
 /// a restarted node (same id, new epoch) from its previous life, and its own messages.
@@ -254,6 +263,10 @@ pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_list(out, removed);
         }
         ClusterMsg::Broadcast { json } => put_blob(out, json),
+        ClusterMsg::ToUser { user: key, json } | ClusterMsg::Signal { conv: key, json } => {
+            put_id(out, key);
+            put_blob(out, json);
+        }
     }
     debug_assert_eq!(out.len() - start, len);
     Ok(())
@@ -287,6 +300,9 @@ fn encoded_len(env: &Envelope) -> Result<usize, WireError> {
         ClusterMsg::Disconnect { user } => id(user)?,
         ClusterMsg::Members { conv, added, removed, .. } => id(conv)? + 16 + list(added)? + list(removed)?,
         ClusterMsg::Broadcast { json } => blob(json)?,
+        ClusterMsg::ToUser { user: key, json } | ClusterMsg::Signal { conv: key, json } => {
+            id(key)? + blob(json)?
+        }
     };
     Ok(head + body)
 }
@@ -317,7 +333,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
         return Err(WireError::Version(version));
     }
     let kind = r.u8()?;
-    if !(1..=5).contains(&kind) {
+    if !(1..=7).contains(&kind) {
         return Err(WireError::Kind(kind));
     }
     let node = r.id()?;
@@ -341,7 +357,15 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
             let added = r.list()?;
             ClusterMsg::Members { conv, members_version, last_seq, added, removed: r.list()? }
         }
-        _ => ClusterMsg::Broadcast { json: r.blob()? },
+        5 => ClusterMsg::Broadcast { json: r.blob()? },
+        6 => {
+            let user = r.id()?;
+            ClusterMsg::ToUser { user, json: r.blob()? }
+        }
+        _ => {
+            let conv = r.id()?;
+            ClusterMsg::Signal { conv, json: r.blob()? }
+        }
     };
     let left = r.left();
     if left != 0 {
@@ -461,6 +485,8 @@ mod tests {
                 removed: vec![key("x")],
             },
             ClusterMsg::Broadcast { json: Bytes::from_static(br#"{"op":"push"}"#) },
+            ClusterMsg::ToUser { user: key("u1"), json: Bytes::from_static(br#"{"op":"read"}"#) },
+            ClusterMsg::Signal { conv: key("c1"), json: Bytes::from_static(br#"{"op":"signal"}"#) },
         ]
     }
 

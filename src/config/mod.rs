@@ -123,6 +123,10 @@ pub struct Config {
     /// Needs `[redis]`.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// `[webhook]`: events to the backend (offline members, presence). Default absent
+    /// (`None`): no webhooks.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
     /// `[diagnostics]`: endpoints for testing and benchmarks, all off by default.
     #[serde(default)]
     pub diagnostics: DiagnosticsConfig,
@@ -201,6 +205,12 @@ pub struct LimitsConfig {
     /// `reconnect_after_ms=N`) to wait a random 0..N ms before reconnecting. Default 10000:
     /// a fleet comes back over ten seconds instead of at once.
     pub reconnect_spread_ms: u64,
+    /// Largest `signal` body (its JSON text), in bytes. Default 1024: room for "typing",
+    /// "recording" and a few fields; signals are fanned out to every member online.
+    pub max_signal_bytes: usize,
+    /// `signal`s per second per connection; bursts of twice that pass. Default 5: a typing
+    /// indicator needs one every few seconds.
+    pub signal_rate_per_sec: u32,
 }
 
 impl Default for LimitsConfig {
@@ -214,6 +224,8 @@ impl Default for LimitsConfig {
             connect_rate_per_sec: 0,
             max_connections_per_ip: 0,
             reconnect_spread_ms: 10_000,
+            max_signal_bytes: 1024,
+            signal_rate_per_sec: 5,
         }
     }
 }
@@ -276,6 +288,44 @@ impl Default for ClusterConfig {
             advertise: "tcp://127.0.0.1:7001".to_owned(),
             peers: Vec::new(),
             hwm: DEFAULT_HWM,
+        }
+    }
+}
+
+/// `[webhook]`: signed, batched HTTP POSTs of events to the backend (PROTOCOL.md,
+/// "Webhooks").
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct WebhookConfig {
+    /// Where events are POSTed (`http://` or `https://`). Required.
+    pub url: String,
+    /// The HMAC-SHA256 key of `X-Ringpush-Signature`. Required, at least 8 chars.
+    pub secret: String,
+    /// How long after a message (or a user's last disconnect) the event is decided.
+    /// Default 3000 ms: a phone that reconnects or a user who reads on another device
+    /// within it causes no event.
+    pub offline_delay_ms: u64,
+    /// A request with no answer within this is a failure and is retried. Default 5000.
+    pub timeout_ms: u64,
+    /// Most events per request. Default 100.
+    pub max_batch: usize,
+    /// Attempts per batch before it is dropped (logged and counted). Default 8 (about 2 min
+    /// of backoff).
+    pub max_attempts: u32,
+    /// Events waiting to be sent; past it the oldest are dropped and counted. Default 100000.
+    pub queue_max: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            offline_delay_ms: 3000,
+            timeout_ms: 5000,
+            max_batch: 100,
+            max_attempts: 8,
+            queue_max: 100_000,
         }
     }
 }
@@ -445,6 +495,25 @@ impl Config {
         check(limits.send_rate_per_sec > 0, "limits.send_rate_per_sec", || {
             "must be greater than 0".to_owned()
         })?;
+        check(limits.max_signal_bytes > 0, "limits.max_signal_bytes", || {
+            "must be greater than 0".to_owned()
+        })?;
+        check(limits.signal_rate_per_sec > 0, "limits.signal_rate_per_sec", || {
+            "must be greater than 0".to_owned()
+        })?;
+        if let Some(w) = &self.webhook {
+            let scheme = w.url.starts_with("http://") || w.url.starts_with("https://");
+            check(scheme && w.url.len() > 8, "webhook.url", || {
+                format!("{:?} is not an http:// or https:// URL", w.url)
+            })?;
+            check(w.secret.chars().count() >= MIN_SECRET_LEN, "webhook.secret", || {
+                format!("must be at least {MIN_SECRET_LEN} characters")
+            })?;
+            check(w.timeout_ms > 0, "webhook.timeout_ms", || "must be greater than 0".to_owned())?;
+            check(w.max_batch > 0, "webhook.max_batch", || "must be greater than 0".to_owned())?;
+            check(w.max_attempts > 0, "webhook.max_attempts", || "must be at least 1".to_owned())?;
+            check(w.queue_max > 0, "webhook.queue_max", || "must be greater than 0".to_owned())?;
+        }
         check(self.history.max_per_conv > 0, "history.max_per_conv", || "must be greater than 0".to_owned())?;
         if let Some(redis) = &self.redis {
             check(redis::Client::open(redis.url.as_str()).is_ok(), "redis.url", || {
@@ -603,6 +672,8 @@ max_message_bytes = 65536
 outbound_queue_bytes = 1048576
 send_rate_per_sec = 50
 dedupe_window_ms = 300000
+max_signal_bytes = 1024
+signal_rate_per_sec = 5
 
 [history]
 max_per_conv = 1000
@@ -614,6 +685,11 @@ url = "redis://127.0.0.1:6379/0"
 pub_listen = "tcp://0.0.0.0:7001"
 advertise = "tcp://127.0.0.1:7001"
 peers = []
+
+[webhook]
+url = "http://127.0.0.1:8000/ringpush/events"
+secret = "change-me-three"
+offline_delay_ms = 3000
 
 [diagnostics]
 echo = true
@@ -806,6 +882,12 @@ demo = false
         assert_refused(with("[limits]\noutbound_queue_bytes = 1023\n"), "limits.outbound_queue_bytes");
         assert!(with("[limits]\noutbound_queue_bytes = 1024\n").is_ok());
         assert_refused(with("[limits]\nsend_rate_per_sec = 0\n"), "limits.send_rate_per_sec");
+        assert_refused(with("[limits]\nsignal_rate_per_sec = 0\n"), "limits.signal_rate_per_sec");
+        assert_refused(with("[limits]\nmax_signal_bytes = 0\n"), "limits.max_signal_bytes");
+        assert_refused(with("[webhook]\nsecret = \"whsecret1\"\n"), "webhook.url");
+        assert_refused(with("[webhook]\nurl = \"ftp://x/y\"\nsecret = \"whsecret1\"\n"), "webhook.url");
+        assert_refused(with("[webhook]\nurl = \"http://h/e\"\nsecret = \"short\"\n"), "webhook.secret");
+        assert!(with("[webhook]\nurl = \"http://h/e\"\nsecret = \"whsecret1\"\n").is_ok());
         assert_refused(with("[history]\nmax_per_conv = 0\n"), "history.max_per_conv");
         assert_refused(with("[cluster]\n"), "cluster");
         assert!(with("[redis]\n[cluster]\n").is_ok());

@@ -385,7 +385,103 @@ pub async fn handle(owner: &Rc<Owner>, msg: ConvMsg) {
             glommio::spawn_local(async move { on_members(&owner, reply, conv, op, users).await }).detach();
         }
         ConvMsg::Conversation { reply, conv } => on_conversation(owner, reply, conv).await,
+        ConvMsg::Read { origin, conv, user, dev, seq, cid } => {
+            // A read mark waits on the store but orders nothing: beside the receive loop,
+            // so it never delays the conversation's messages.
+            let owner = owner.clone();
+            glommio::spawn_local(async move { on_read(&owner, origin, conv, user, dev, seq, cid).await })
+                .detach();
+        }
+        ConvMsg::ReadState { reply, conv, user } => {
+            let owner = owner.clone();
+            glommio::spawn_local(async move {
+                let answer = match owner.ctx.store.read_state(&conv, std::slice::from_ref(&user)).await {
+                    Ok(state) => Reply::ReadState {
+                        last_seq: state.last_seq,
+                        read: state.marks.first().copied().unwrap_or(0),
+                    },
+                    Err(_) => Reply::Unavailable,
+                };
+                owner.ctx.mesh.reply(reply, answer);
+            })
+            .detach();
+        }
+        ConvMsg::Signal { conv, frame, exclude } => {
+            if owner.ctx.links().is_some() {
+                let json = codec::text_payload(&frame);
+                owner.ctx.publish(Topic::conv(&conv), ClusterMsg::Signal { conv: conv.clone(), json });
+            }
+            signal_out(owner, &conv, frame, Some(exclude));
+        }
     }
+}
+
+/// `read` (from a session) or the API's read: moves the user's read mark, and tells the
+/// user's other connections on every node when it moved.
+async fn on_read(
+    owner: &Owner,
+    origin: Origin,
+    conv: Key,
+    user: Key,
+    dev: Option<Key>,
+    seq: u64,
+    cid: Option<Key>,
+) {
+    let mark = match owner.ctx.store.set_read(&conv, &user, seq).await {
+        Ok(Some(mark)) => mark,
+        Ok(None) => {
+            owner.ctx.metrics.refused_send(ErrorCode::NotMember);
+            return match origin {
+                Origin::Session(session) => {
+                    let frame = protocol::error_json(cid.as_deref(), ErrorCode::NotMember, "not a member");
+                    to_session(owner, session, codec::text_frame(&frame));
+                }
+                Origin::Api(reply) => owner.ctx.mesh.reply(reply, Reply::NotMember),
+            };
+        }
+        Err(_) => return unavailable(owner, origin, cid.as_deref()),
+    };
+    if let Origin::Api(reply) = origin {
+        owner.ctx.mesh.reply(reply, Reply::ReadMark { read: mark.read });
+    }
+    if !mark.moved {
+        return;
+    }
+    owner.ctx.metrics.reads.inc();
+    let text = protocol::read_json(&conv, mark.read, dev.as_deref());
+    let exclude = match origin {
+        Origin::Session(session) => Some(session),
+        Origin::Api(_) => None,
+    };
+    if owner.ctx.links().is_some() {
+        let json = Bytes::from(text.clone());
+        owner.ctx.publish(Topic::user(&user), ClusterMsg::ToUser { user: user.clone(), json });
+    }
+    let frame = codec::text_frame(&text);
+    for target in 0..owner.ctx.shard_count {
+        let msg = ShardWide::ToUser { user: user.clone(), frame: frame.clone(), exclude };
+        owner.ctx.route(target, ShardMsg::Shard(msg));
+    }
+}
+
+/// Hands a `signal` frame to the shards with sessions in `conv` (no seq, no order to
+/// keep, nothing stored).
+fn signal_out(owner: &Owner, conv: &Key, frame: Bytes, exclude: Option<SessionRef>) {
+    let interest = owner.interest.borrow();
+    let Some(set) = interest.shards(conv) else { return };
+    for target in set.iter() {
+        let msg = ShardMsg::Shard(ShardWide::Signal { conv: conv.clone(), frame: frame.clone(), exclude });
+        owner.ctx.route(target, msg);
+    }
+}
+
+/// A `signal` from another node's member.
+pub fn on_remote_signal(owner: &Owner, conv: Key, json: Bytes) {
+    if owner.interest.borrow().shards(&conv).is_none() {
+        owner.ctx.metrics.cluster_ignored.inc();
+        return;
+    }
+    signal_out(owner, &conv, codec::text_frame(&json), None);
 }
 
 /// `send` (from a session) or an API post: check, sequence, store, fan out, answer.
@@ -533,9 +629,15 @@ pub async fn on_sync(owner: &Owner, session: SessionRef, user: Key, conv: Key, m
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
                 }
-                match catch_up(owner, &conv, &mut history, reply.after, reply.limit).await {
-                    Ok(()) => Ok(history),
-                    Err(_) => Err(ErrorCode::Unavailable),
+                let caught_up = catch_up(owner, &conv, &mut history, reply.after, reply.limit).await;
+                // The user's read mark goes with `synced`.
+                let read = owner.ctx.store.read_state(&conv, std::slice::from_ref(&user)).await;
+                match (caught_up, read) {
+                    (Ok(()), Ok(read)) => {
+                        history.read = read.marks.first().copied().unwrap_or(0);
+                        Ok(history)
+                    }
+                    _ => Err(ErrorCode::Unavailable),
                 }
             }
             Err(_) => Err(ErrorCode::Unavailable),

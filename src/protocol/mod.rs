@@ -75,6 +75,8 @@ pub struct ClientFrame<'a> {
     pub after: Option<u64>,
     #[serde(default)]
     pub limit: Option<usize>,
+    #[serde(default)]
+    pub seq: Option<u64>,
 }
 
 /// Just the `cid` of a frame that failed to parse as a whole, to answer with it.
@@ -94,11 +96,14 @@ pub const MAX_CID_CHARS: usize = 64;
 pub const MAX_CONV_CHARS: usize = 128;
 
 /// A client request that passed every check needing no session state: one JSON object,
-/// a known `op`, a valid `conv`, and for `send` a valid `cid` and a `body`.
+/// a known `op`, a valid `conv`, for `send` a valid `cid` and a `body`, for `read` a
+/// `seq`, for `signal` a `body` (its size is the session's to check: a config limit).
 #[derive(Debug)]
 pub enum ClientRequest<'a> {
     Send { cid: Cow<'a, str>, conv: Cow<'a, str>, body: &'a RawValue },
     Sync { cid: Option<Cow<'a, str>>, conv: Cow<'a, str>, after: Option<u64>, limit: Option<usize> },
+    Read { cid: Option<Cow<'a, str>>, conv: Cow<'a, str>, seq: u64 },
+    Signal { cid: Option<Cow<'a, str>>, conv: Cow<'a, str>, body: &'a RawValue },
 }
 
 /// Why a client frame is answered with an `error` frame instead of being acted on.
@@ -108,6 +113,13 @@ pub struct Refused<'a> {
     pub cid: Option<Cow<'a, str>>,
     pub code: ErrorCode,
     pub message: &'static str,
+}
+
+enum Op {
+    Send,
+    Sync,
+    Read,
+    Signal,
 }
 
 /// Parses and checks the text of a client message (what a session does with every text
@@ -125,9 +137,12 @@ pub fn parse_request(text: &[u8]) -> Result<ClientRequest<'_>, Refused<'_>> {
             return Err(refused(cid, ErrorCode::BadRequest, "not a valid request frame"));
         }
     };
-    let ClientFrame { op, cid, conv, body, after, limit } = frame;
+    let ClientFrame { op, cid, conv, body, after, limit, seq } = frame;
     let op = match op.as_deref() {
-        Some(op @ ("send" | "sync")) => op == "send",
+        Some("send") => Op::Send,
+        Some("sync") => Op::Sync,
+        Some("read") => Op::Read,
+        Some("signal") => Op::Signal,
         Some(_) => return Err(refused(cid, ErrorCode::UnknownOp, "unknown op")),
         None => return Err(refused(cid, ErrorCode::BadRequest, "missing op")),
     };
@@ -138,8 +153,24 @@ pub fn parse_request(text: &[u8]) -> Result<ClientRequest<'_>, Refused<'_>> {
             return Err(refused(cid, ErrorCode::BadRequest, why));
         }
     };
-    if !op {
-        return Ok(ClientRequest::Sync { cid, conv, after, limit });
+    match op {
+        Op::Send => {}
+        Op::Sync => return Ok(ClientRequest::Sync { cid, conv, after, limit }),
+        Op::Read => {
+            return match seq {
+                Some(seq) => Ok(ClientRequest::Read { cid, conv, seq }),
+                None => Err(refused(cid, ErrorCode::BadRequest, "missing seq")),
+            }
+        }
+        Op::Signal => {
+            return match body {
+                Some(body) => match check_body(body.get()) {
+                    Ok(()) => Ok(ClientRequest::Signal { cid, conv, body }),
+                    Err(why) => Err(refused(cid, ErrorCode::BadRequest, why)),
+                },
+                None => Err(refused(cid, ErrorCode::BadRequest, "missing body")),
+            }
+        }
     }
     let cid = match cid {
         Some(c) if !c.is_empty() && c.chars().count() <= MAX_CID_CHARS => c,
@@ -293,13 +324,15 @@ pub fn ack_json(conv: &str, cid: &str, seq: u64, ts: u64) -> Vec<u8> {
     out
 }
 
-/// `{"op":"synced","conv":...,"last":...,"complete":...}`
-pub fn synced_json(conv: &str, last: u64, complete: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + conv.len());
+/// `{"op":"synced","conv":...,"last":...,"read":...,"complete":...}`
+pub fn synced_json(conv: &str, last: u64, read: u64, complete: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80 + conv.len());
     out.extend_from_slice(b"{\"op\":\"synced\",\"conv\":");
     put_str(&mut out, conv);
     out.extend_from_slice(b",\"last\":");
     put_u64(&mut out, last);
+    out.extend_from_slice(b",\"read\":");
+    put_u64(&mut out, read);
     out.extend_from_slice(if complete { b",\"complete\":true}" } else { b",\"complete\":false}" });
     out
 }
@@ -313,6 +346,35 @@ pub fn gap_json(conv: &str, from: u64, to: u64) -> Vec<u8> {
     put_u64(&mut out, from);
     out.extend_from_slice(b",\"to\":");
     put_u64(&mut out, to);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"read","conv":...,"seq":...,"dev":...}`: a user's read mark moved (`dev`
+/// `null` when it was moved through the API).
+pub fn read_json(conv: &str, seq: u64, dev: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + conv.len());
+    out.extend_from_slice(b"{\"op\":\"read\",\"conv\":");
+    put_str(&mut out, conv);
+    out.extend_from_slice(b",\"seq\":");
+    put_u64(&mut out, seq);
+    out.extend_from_slice(b",\"dev\":");
+    put_opt_str(&mut out, dev);
+    out.push(b'}');
+    out
+}
+
+/// `{"op":"signal","conv":...,"from":...,"dev":...,"body":...}`
+pub fn signal_json(conv: &str, from: &str, dev: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + conv.len() + from.len() + dev.len() + body.len());
+    out.extend_from_slice(b"{\"op\":\"signal\",\"conv\":");
+    put_str(&mut out, conv);
+    out.extend_from_slice(b",\"from\":");
+    put_str(&mut out, from);
+    out.extend_from_slice(b",\"dev\":");
+    put_str(&mut out, dev);
+    out.extend_from_slice(b",\"body\":");
+    out.extend_from_slice(body);
     out.push(b'}');
     out
 }
@@ -369,8 +431,19 @@ mod tests {
         assert_eq!(v["body"]["text"], "hi");
         let v: serde_json::Value = serde_json::from_slice(&ack_json("c", "x", 3, 4)).unwrap();
         assert_eq!((v["op"].as_str(), v["seq"].as_u64()), (Some("ack"), Some(3)));
-        let v: serde_json::Value = serde_json::from_slice(&synced_json("c", 9, false)).unwrap();
-        assert_eq!(v["complete"], false);
+        let v: serde_json::Value = serde_json::from_slice(&synced_json("c", 9, 4, false)).unwrap();
+        assert_eq!((v["complete"].as_bool(), v["read"].as_u64()), (Some(false), Some(4)));
+        let v: serde_json::Value = serde_json::from_slice(&read_json("c", 7, Some("phone"))).unwrap();
+        assert_eq!(
+            (v["op"].as_str(), v["seq"].as_u64(), v["dev"].as_str()),
+            (Some("read"), Some(7), Some("phone"))
+        );
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&read_json("c", 7, None)).unwrap()["dev"].is_null()
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&signal_json("c", "u\"1", "d", br#"{"typing":true}"#)).unwrap();
+        assert_eq!((v["from"].as_str(), v["body"]["typing"].as_bool()), (Some("u\"1"), Some(true)));
         let v: serde_json::Value = serde_json::from_slice(&gap_json("c", 2, 5)).unwrap();
         assert_eq!((v["from"].as_u64(), v["to"].as_u64()), (Some(2), Some(5)));
     }
@@ -399,6 +472,19 @@ mod tests {
         let text = br#"{"op":"send","conv":"c1","cid":"c","body":[0,-3e4449,true]}"#;
         let refused = parse_request(text).unwrap_err();
         assert_eq!((refused.code, refused.cid.as_deref()), (ErrorCode::BadRequest, Some("c")));
+    }
+
+    #[test]
+    fn read_needs_a_seq_and_signal_a_checked_body() {
+        let ok = parse_request(br#"{"op":"read","conv":"c","seq":42,"cid":"r"}"#).unwrap();
+        assert!(matches!(ok, ClientRequest::Read { seq: 42, .. }));
+        let refused = parse_request(br#"{"op":"read","conv":"c","cid":"r"}"#).unwrap_err();
+        assert_eq!((refused.code, refused.cid.as_deref()), (ErrorCode::BadRequest, Some("r")));
+        assert!(parse_request(br#"{"op":"read","conv":"c","seq":-1}"#).is_err());
+        let ok = parse_request(br#"{"op":"signal","conv":"c","body":{"typing":true}}"#).unwrap();
+        assert!(matches!(ok, ClientRequest::Signal { .. }));
+        assert!(parse_request(br#"{"op":"signal","conv":"c"}"#).is_err());
+        assert!(parse_request(br#"{"op":"signal","conv":"c","body":1e999}"#).is_err());
     }
 
     #[test]

@@ -133,8 +133,9 @@ pub struct Session {
     /// looks at it only when the session's deadline comes.
     last_seen: Cell<u64>,
     next_ping: Cell<u64>,
-    /// The `send` token bucket: tokens left and when it was last refilled.
+    /// The `send` and `signal` token buckets: tokens left, and when both were last refilled.
     tokens: Cell<f32>,
+    signal_tokens: Cell<f32>,
     tokens_at: Cell<u64>,
     /// On the shard's flush list: the flusher writes the queue (see [`Session::queue`]).
     flush_due: Cell<bool>,
@@ -207,6 +208,7 @@ impl Session {
             last_seen: Cell::new(now),
             next_ping: Cell::new(now + first_ping_after(accepted.conn, ping_interval_ms)),
             tokens: Cell::new(f32::MAX),
+            signal_tokens: Cell::new(f32::MAX),
             tokens_at: Cell::new(now),
             flush_due: Cell::new(false),
             waker: Cell::new(None),
@@ -253,24 +255,43 @@ impl Session {
     /// folded into a `gap`: one that does not fit ends the connection with 4002 at once
     /// (PROTOCOL.md "Slow consumers"), so no queue grows past the budget with them.
     pub fn push_bounded(&self, frame: Bytes, ctx: &Ctx) {
+        match self.fits_budget(frame.len(), ctx) {
+            None => {}
+            Some(true) => {
+                ctx.metrics.pushes.inc();
+                self.enqueue(frame, Tag::Control, ctx);
+            }
+            Some(false) => self.slow_consumer(ctx),
+        }
+    }
+
+    /// Queues a `signal` frame if it fits the outbound budget; a slow consumer does not
+    /// get it (PROTOCOL.md: signals are dropped, never queued past the budget, never a
+    /// reason to close).
+    pub fn offer_signal(&self, frame: Bytes, ctx: &Ctx) {
+        match self.fits_budget(frame.len(), ctx) {
+            None => {}
+            Some(true) => {
+                ctx.metrics.signals_delivered.inc();
+                self.enqueue(frame, Tag::Control, ctx);
+            }
+            Some(false) => ctx.metrics.signals_dropped.inc(),
+        }
+    }
+
+    /// Whether a frame of `len` bytes fits the outbound budget now (`None`: the session
+    /// is not open for frames).
+    fn fits_budget(&self, len: usize, ctx: &Ctx) -> Option<bool> {
         if self.fd.get() < 0 || !self.inner.borrow().open {
-            return;
+            return None;
         }
         let budget = ctx.config.limits.outbound_queue_bytes;
-        if self.flush_due.get() && self.inner.borrow().queue.bytes() + frame.len() > budget {
+        if self.flush_due.get() && self.inner.borrow().queue.bytes() + len > budget {
             // Frames the flusher has not offered to the socket yet do not count.
             self.flush(ctx);
         }
-        let fits = {
-            let inner = self.inner.borrow();
-            inner.queue.is_empty() || inner.queue.bytes() + frame.len() <= budget
-        };
-        if fits {
-            ctx.metrics.pushes.inc();
-            self.enqueue(frame, Tag::Control, ctx);
-        } else {
-            self.slow_consumer(ctx);
-        }
+        let inner = self.inner.borrow();
+        Some(inner.queue.is_empty() || inner.queue.bytes() + len <= budget)
     }
 
     /// Gives up on a client that does not take what it is sent: what is queued and not
@@ -596,7 +617,7 @@ impl Session {
             for m in history.messages {
                 backlog.push_back(Pending::Msg { bytes: m.frame });
             }
-            let synced = protocol::synced_json(conv, last, history.complete);
+            let synced = protocol::synced_json(conv, last, history.read, history.complete);
             backlog.push_back(Pending::Frame(codec::text_frame(&synced)));
             if truncated {
                 let gap = protocol::gap_json(conv, last + 1, history.last_seq);
@@ -873,8 +894,39 @@ impl Session {
                 return ctx.route(owner, sync);
             }
             ClientRequest::Send { cid, conv, body } => (cid, conv, body),
+            ClientRequest::Read { cid, conv, seq } => {
+                let read = ConvMsg::Read {
+                    origin: Origin::Session(me),
+                    conv: Arc::from(&*conv),
+                    user: user.clone(),
+                    dev: Some(device.clone()),
+                    seq,
+                    cid: cid.as_deref().map(Key::from),
+                };
+                return ctx.route(ctx.owner_of(&conv), ShardMsg::Conv(read));
+            }
+            ClientRequest::Signal { cid, conv, body } => {
+                if body.get().len() > ctx.config.limits.max_signal_bytes {
+                    let why = "signal body larger than limits.max_signal_bytes";
+                    return refuse(ctx, replies, cid.as_deref(), ErrorCode::BadRequest, why);
+                }
+                if !self.take_token(ctx, Bucket::Signal) {
+                    let why = "too many signals; slow down";
+                    return refuse(ctx, replies, cid.as_deref(), ErrorCode::RateLimited, why);
+                }
+                // This shard's index of who is in which conversation is the check: the
+                // session is in it for every conversation its user is a member of.
+                if !ctx.hub.borrow().is_member(user, &conv) {
+                    return refuse(ctx, replies, cid.as_deref(), ErrorCode::NotMember, "not a member");
+                }
+                let text = protocol::signal_json(&conv, user, device, body.get().as_bytes());
+                // The same path as this connection's sends: to the owner, in order with them.
+                let signal =
+                    ConvMsg::Signal { conv: Arc::from(&*conv), frame: codec::text_frame(&text), exclude: me };
+                return ctx.route(ctx.owner_of(&conv), ShardMsg::Conv(signal));
+            }
         };
-        if !self.take_token(ctx) {
+        if !self.take_token(ctx, Bucket::Send) {
             return refuse(ctx, replies, Some(&cid), ErrorCode::RateLimited, "too many sends; slow down");
         }
         let owner = ctx.owner_of(&conv);
@@ -891,21 +943,38 @@ impl Session {
         );
     }
 
-    /// The per-connection token bucket of `limits.send_rate_per_sec` (bursts of twice that).
-    fn take_token(&self, ctx: &Ctx) -> bool {
-        let rate = ctx.config.limits.send_rate_per_sec as f32;
+    /// The per-connection token buckets of `limits.send_rate_per_sec` and
+    /// `limits.signal_rate_per_sec` (bursts of twice the rate): both are refilled at
+    /// once, so they share one timestamp; a token is taken from `bucket`.
+    fn take_token(&self, ctx: &Ctx, bucket: Bucket) -> bool {
+        let limits = &ctx.config.limits;
         let now = ctx.now_ms();
         let elapsed = now.saturating_sub(self.tokens_at.get()) as f32 / 1000.0;
-        let tokens = (self.tokens.get() + elapsed * rate).min(2.0 * rate);
         self.tokens_at.set(now);
-        if tokens >= 1.0 {
-            self.tokens.set(tokens - 1.0);
+        let refill = |cell: &Cell<f32>, rate: u32| {
+            let rate = rate as f32;
+            cell.set((cell.get() + elapsed * rate).min(2.0 * rate));
+        };
+        refill(&self.tokens, limits.send_rate_per_sec);
+        refill(&self.signal_tokens, limits.signal_rate_per_sec);
+        let cell = match bucket {
+            Bucket::Send => &self.tokens,
+            Bucket::Signal => &self.signal_tokens,
+        };
+        if cell.get() >= 1.0 {
+            cell.set(cell.get() - 1.0);
             true
         } else {
-            self.tokens.set(tokens);
             false
         }
     }
+}
+
+/// Which of a connection's token buckets a request takes from.
+#[derive(Clone, Copy)]
+enum Bucket {
+    Send,
+    Signal,
 }
 
 /// Answers a client request with an `error` frame.

@@ -36,7 +36,6 @@ mod table;
 
 use crate::conv::{self, Delivery, MembersChange, Owner};
 use crate::ctx::{Ctx, CtxParts};
-use crate::hub::Hub;
 use crate::ids::Key;
 use crate::mesh::{Answer, ConvMsg, Mesh, MeshEnds, Reply, SessionRef, ShardMsg, ShardWide, UserMsg};
 use crate::metrics::ShardMetrics;
@@ -82,8 +81,6 @@ pub struct Shard {
     pub owner: Rc<Owner>,
     /// Presence changes of this shard's connections not yet written to Redis.
     presence: Rc<PresenceWriter>,
-    /// This shard's sessions by user and by conversation.
-    pub hub: RefCell<Hub<TimerId>>,
     /// Client sessions in their grace after `hello`, by the shard-clock ms it ends, in
     /// that order (the grace is the same for all): see `session::SYNC_GRACE_MS`.
     graces: Mailbox<(u64, TimerId)>,
@@ -97,7 +94,7 @@ pub struct Shard {
 impl Shard {
     /// Closes every session of `user` on this shard with 4001; returns how many.
     fn kick(&self, user: &str) -> usize {
-        let ids: Vec<TimerId> = self.hub.borrow().all_of_user(user);
+        let ids: Vec<TimerId> = self.ctx.hub.borrow().all_of_user(user);
         let mut closed = 0;
         for s in ids.into_iter().filter_map(|id| self.session(id)) {
             s.request_close(codec::close::KICKED, "disconnected by the server");
@@ -137,6 +134,14 @@ impl Shard {
                     self.ctx.route(shard, ShardMsg::Shard(ShardWide::Kick { user: user.clone() }));
                 }
             }
+            ClusterMsg::ToUser { user, json } => {
+                let frame = codec::text_frame(&json);
+                for shard in 0..self.ctx.shard_count {
+                    let msg = ShardWide::ToUser { user: user.clone(), frame: frame.clone(), exclude: None };
+                    self.ctx.route(shard, ShardMsg::Shard(msg));
+                }
+            }
+            ClusterMsg::Signal { conv, json } => conv::on_remote_signal(&self.owner, conv, json),
         }
     }
 
@@ -184,7 +189,7 @@ impl Shard {
     /// conversations from here, gets its `hello`, and its grace starts.
     fn settle(&self, session: &Session) {
         let Kind::Client { user, .. } = &session.kind else { return };
-        if !self.hub.borrow_mut().settle(user, session.id) {
+        if !self.ctx.hub.borrow_mut().settle(user, session.id) {
             return;
         }
         session.opened(&self.ctx, &self.ctx.conn_id(session.conn));
@@ -295,8 +300,15 @@ impl Shard {
                 let done = self.ctx.store.link_user(&user, &conv, member).await;
                 self.ctx.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
             }
+            UserMsg::Convs { reply, user } => {
+                let answer = match self.ctx.store.user_convs(&user).await {
+                    Ok(convs) => Reply::Convs(convs),
+                    Err(_) => Reply::Unavailable,
+                };
+                self.ctx.mesh.reply(reply, answer);
+            }
             UserMsg::Presence { reply, user } => {
-                let ids: Vec<TimerId> = self.hub.borrow().all_of_user(&user);
+                let ids: Vec<TimerId> = self.ctx.hub.borrow().all_of_user(&user);
                 let list = ids
                     .into_iter()
                     .filter_map(|id| self.session(id))
@@ -312,13 +324,13 @@ impl Shard {
         match msg {
             ShardWide::Deliver { conv, seq, frame, exclude } => self.deliver(conv, seq, frame, exclude).await,
             ShardWide::MembersNow { conv, members } => {
-                let emptied = self.hub.borrow_mut().reconcile(&conv, &members);
+                let emptied = self.ctx.hub.borrow_mut().reconcile(&conv, &members);
                 if emptied {
                     self.lost_interest(conv, 0);
                 }
             }
             ShardWide::MembersChanged { conv, added, removed } => {
-                let mut hub = self.hub.borrow_mut();
+                let mut hub = self.ctx.hub.borrow_mut();
                 for user in &added {
                     hub.join(user, &conv);
                 }
@@ -333,7 +345,7 @@ impl Shard {
             }
             ShardWide::Push { users, frame } => {
                 for user in users.iter() {
-                    let ids: Vec<TimerId> = self.hub.borrow().of_user(user).to_vec();
+                    let ids: Vec<TimerId> = self.ctx.hub.borrow().of_user(user).to_vec();
                     for id in ids {
                         if let Some(s) = self.session(id) {
                             s.push_bounded(frame.clone(), &self.ctx);
@@ -352,6 +364,29 @@ impl Shard {
                     }
                 }
             }
+            ShardWide::ToUser { user, frame, exclude } => {
+                let skip = exclude.filter(|e| e.shard == self.ctx.id).map(|e| e.id);
+                let ids: Vec<TimerId> = self.ctx.hub.borrow().of_user(&user).to_vec();
+                for id in ids.into_iter().filter(|id| Some(*id) != skip) {
+                    if let Some(s) = self.session(id) {
+                        s.push(frame.clone(), &self.ctx);
+                    }
+                }
+            }
+            ShardWide::Signal { conv, frame, exclude } => {
+                let skip = exclude.filter(|e| e.shard == self.ctx.id).map(|e| e.id);
+                let ids: Vec<TimerId> = self.ctx.hub.borrow().in_conv(&conv).to_vec();
+                for (i, id) in ids.into_iter().enumerate() {
+                    if Some(id) != skip {
+                        if let Some(s) = self.session(id) {
+                            s.offer_signal(frame.clone(), &self.ctx);
+                        }
+                    }
+                    if i % FANOUT_BATCH == FANOUT_BATCH - 1 {
+                        glommio::yield_if_needed().await;
+                    }
+                }
+            }
             ShardWide::Disconnect { reply, user } => {
                 let closed = self.kick(&user);
                 self.ctx.mesh.reply(reply, Reply::Closed(closed));
@@ -360,7 +395,7 @@ impl Shard {
                 self.kick(&user);
             }
             ShardWide::Missed { conv, from, to } => {
-                let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
+                let ids: Vec<TimerId> = self.ctx.hub.borrow().in_conv(&conv).to_vec();
                 for id in ids {
                     if let Some(s) = self.session(id) {
                         s.missed(&self.ctx, &conv, from, to);
@@ -403,7 +438,7 @@ impl Shard {
                     if let (Ok(_), Kind::Client { user, .. }) = (&result, &s.kind) {
                         // The owner confirmed membership and now sends this shard the
                         // conversation: make sure the user's sessions are indexed in it.
-                        self.hub.borrow_mut().join(user, &conv);
+                        self.ctx.hub.borrow_mut().join(user, &conv);
                     }
                     s.finish_sync(&self.ctx, &conv, reply, result);
                 }
@@ -422,7 +457,7 @@ impl Shard {
                     }
                 };
                 {
-                    let mut hub = self.hub.borrow_mut();
+                    let mut hub = self.ctx.hub.borrow_mut();
                     for (conv, _) in &convs {
                         hub.join(&user, conv);
                     }
@@ -475,7 +510,7 @@ impl Shard {
 
     /// Writes a conversation message to this shard's sessions in it.
     async fn deliver(&self, conv: Key, seq: u64, frame: bytes::Bytes, exclude: Option<SessionRef>) {
-        let ids: Vec<TimerId> = self.hub.borrow().in_conv(&conv).to_vec();
+        let ids: Vec<TimerId> = self.ctx.hub.borrow().in_conv(&conv).to_vec();
         if ids.is_empty() {
             self.lost_interest(conv, seq);
             return;
@@ -506,7 +541,7 @@ impl session::Table for Shard {
         self.schedule(session.id, session.next_deadline(self.ctx.config.heartbeat.idle_timeout_ms));
         self.ctx.metrics.connections.inc();
         if let Kind::Client { user, .. } = &session.kind {
-            let first = self.hub.borrow_mut().arrive(user, session.id);
+            let first = self.ctx.hub.borrow_mut().arrive(user, session.id);
             if first {
                 if let Some(links) = self.ctx.links() {
                     // Pushes, disconnects and membership changes of the user, from any node.
@@ -536,11 +571,11 @@ impl session::Table for Shard {
         self.ctx.metrics.connections.dec();
         self.ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
         if let Kind::Client { user, .. } = &session.kind {
-            let emptied = self.hub.borrow_mut().detach(user, session.id);
+            let emptied = self.ctx.hub.borrow_mut().detach(user, session.id);
             for conv in emptied {
                 self.lost_interest(conv, 0);
             }
-            if !self.hub.borrow().has_user(user) {
+            if !self.ctx.hub.borrow().has_user(user) {
                 if let Some(links) = self.ctx.links() {
                     links.bus.unsubscribe(Topic::user(user));
                 }
@@ -581,7 +616,6 @@ pub async fn run(setup: ShardSetup) {
         owner: Rc::new(Owner::new(ctx.clone())),
         ctx,
         presence: Rc::default(),
-        hub: RefCell::default(),
         graces: Mailbox::default(),
         sessions: RefCell::new(Slab::default()),
         wheel: RefCell::new(Wheel::new(tick_ms, 4096)),

@@ -92,6 +92,25 @@ pub struct History {
     pub last_seq: u64,
     /// False when history no longer reaches back to `after + 1`.
     pub complete: bool,
+    /// The syncing user's read mark (filled in by the owner for a `sync`; 0 otherwise).
+    pub read: u64,
+}
+
+/// A user's read mark in a conversation after [`Store::set_read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The mark now: `max(old, min(asked, last seq))`.
+    pub read: u64,
+    /// The mark went up with this call (the user's other devices are told).
+    pub moved: bool,
+}
+
+/// The read marks of some users in a conversation, read at once with its last seq.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadState {
+    pub last_seq: u64,
+    /// One per user asked, in order; 0 when the user has none.
+    pub marks: Vec<u64>,
 }
 
 /// How a membership call changes the set.
@@ -184,6 +203,12 @@ pub trait Store {
     }
     /// Stored messages of `conv` after `after`, at most `limit`.
     async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError>;
+
+    /// Moves `user`'s read mark in `conv` to `max(mark, min(seq, last seq))`; `None` (and
+    /// nothing changed) when `user` is not a member. A mark never goes back.
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<Option<ReadMark>, StoreError>;
+    /// The read marks of `users` in `conv` and its last seq, read at once.
+    async fn read_state(&self, conv: &str, users: &[Arc<str>]) -> Result<ReadState, StoreError>;
 
     /// Records that `user` is (or is no longer) a member of `conv`, on the user's side.
     async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError>;

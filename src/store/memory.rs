@@ -13,8 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::contract::{
-    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Store, StoreError,
-    Stored,
+    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, ReadMark, ReadState,
+    Store, StoreError, Stored,
 };
 
 /// A dedupe key: (sender, cid).
@@ -32,6 +32,8 @@ struct Conv {
     seen: HashMap<SeenKey, (u64, u64)>,
     /// The same keys in arrival order with their expiry, to prune `seen` from the front.
     seen_order: VecDeque<(u64, SeenKey)>,
+    /// Read marks by user (only users who marked anything).
+    reads: HashMap<Arc<str>, u64>,
 }
 
 #[derive(Default)]
@@ -175,14 +177,37 @@ impl Store for MemoryStore {
     async fn history(&self, conv: &str, after: u64, limit: usize) -> Result<History, StoreError> {
         let convs = self.convs.borrow();
         let Some(c) = convs.get(conv) else {
-            return Ok(History { messages: Vec::new(), last_seq: 0, complete: true });
+            return Ok(History { messages: Vec::new(), last_seq: 0, complete: true, read: 0 });
         };
         let oldest = c.history.front().map_or(c.last_seq + 1, |s| s.seq);
         // History reaches back to `after + 1` when the oldest kept seq is not past it.
         let complete = after + 1 >= oldest || after >= c.last_seq;
         let skip = (after + 1).saturating_sub(oldest) as usize;
         let messages = c.history.iter().skip(skip).take(limit).cloned().collect();
-        Ok(History { messages, last_seq: c.last_seq, complete })
+        Ok(History { messages, last_seq: c.last_seq, complete, read: 0 })
+    }
+
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<Option<ReadMark>, StoreError> {
+        let mut convs = self.convs.borrow_mut();
+        let Some(c) = convs.get_mut(conv).filter(|c| c.members.contains(user)) else { return Ok(None) };
+        let want = seq.min(c.last_seq);
+        let old = c.reads.get(user).copied().unwrap_or(0);
+        if want <= old {
+            return Ok(Some(ReadMark { read: old, moved: false }));
+        }
+        c.reads.insert(Arc::from(user), want);
+        Ok(Some(ReadMark { read: want, moved: true }))
+    }
+
+    async fn read_state(&self, conv: &str, users: &[Arc<str>]) -> Result<ReadState, StoreError> {
+        let convs = self.convs.borrow();
+        Ok(match convs.get(conv) {
+            Some(c) => ReadState {
+                last_seq: c.last_seq,
+                marks: users.iter().map(|u| c.reads.get(u).copied().unwrap_or(0)).collect(),
+            },
+            None => ReadState { last_seq: 0, marks: vec![0; users.len()] },
+        })
     }
 
     async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError> {
@@ -261,6 +286,21 @@ mod tests {
         assert_eq!(h.last_seq, 5);
         let h = block_on(s.history("c", 5, 10)).unwrap();
         assert!(h.complete && h.messages.is_empty());
+    }
+
+    #[test]
+    fn read_marks_only_move_up_and_stop_at_the_last_seq() {
+        let s = MemoryStore::new(10, 1000);
+        block_on(s.set_members("c", MemberOp::Add, &["a".into()])).unwrap();
+        for i in 0..5 {
+            block_on(s.append("c", &msg("a", None, i), 0, &enc)).unwrap();
+        }
+        assert_eq!(block_on(s.set_read("c", "b", 3)).unwrap(), None, "not a member");
+        assert_eq!(block_on(s.set_read("c", "a", 3)).unwrap(), Some(ReadMark { read: 3, moved: true }));
+        assert_eq!(block_on(s.set_read("c", "a", 2)).unwrap(), Some(ReadMark { read: 3, moved: false }));
+        assert_eq!(block_on(s.set_read("c", "a", 99)).unwrap(), Some(ReadMark { read: 5, moved: true }));
+        let state = block_on(s.read_state("c", &["a".into(), "z".into()])).unwrap();
+        assert_eq!(state, ReadState { last_seq: 5, marks: vec![5, 0] });
     }
 
     #[test]

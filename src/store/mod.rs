@@ -21,6 +21,9 @@
 //!   each message. A node that learns of membership from messages between nodes (which
 //!   can be lost) compares versions to know when its view is stale.
 //!
+//! - A read mark (per user and conversation) only moves up, and never past the
+//!   conversation's last seq.
+//!
 //! Presence is not stored for this node's own connections: the shards answer it from
 //! their live sessions, so it can never outlive them. (A cluster store adds the
 //! presence of other nodes.)
@@ -35,8 +38,8 @@ use bytes::Bytes;
 
 pub use self::redis::{PresenceOp, RedisPool, RedisStore};
 pub use contract::{
-    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, Store,
-    StoreError, Stored,
+    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, ReadMark,
+    ReadState, Store, StoreError, Stored,
 };
 pub use memory::MemoryStore;
 
@@ -122,6 +125,20 @@ impl Store for NodeStore {
         match self {
             NodeStore::Memory(s) => s.history(conv, after, limit).await,
             NodeStore::Redis(s) => s.history(conv, after, limit).await,
+        }
+    }
+
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<Option<ReadMark>, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.set_read(conv, user, seq).await,
+            NodeStore::Redis(s) => s.set_read(conv, user, seq).await,
+        }
+    }
+
+    async fn read_state(&self, conv: &str, users: &[Arc<str>]) -> Result<ReadState, StoreError> {
+        match self {
+            NodeStore::Memory(s) => s.read_state(conv, users).await,
+            NodeStore::Redis(s) => s.read_state(conv, users).await,
         }
     }
 

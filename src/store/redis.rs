@@ -17,6 +17,7 @@
 //! | `rp:c:{conv}:mv` | string | members version of `conv`: raised by one at every change of `rp:c:{conv}:m` |
 //! | `rp:c:{conv}:h` | stream | history; entry id `<seq>-1`, fields `v` members version, `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
 //! | `rp:c:{conv}:d:{user}:{cid}` | string, PX `dedupe_window_ms` | `"<seq>:<ts>"` of the first message with this cid |
+//! | `rp:c:{conv}:r` | hash | read marks: user -> the highest seq the user marked read (never above `:seq`) |
 //! | `rp:u:{user}:c` | set | conversations of `user` |
 //! | `rp:p:{user}` | hash | presence: field `<node>/<conn>` -> `{"device","conn","node","epoch","ip","since"}` |
 //! | `rp:pn:{node}:<epoch>` | set | `"<user>\n<field>"` of every presence entry written by that node run |
@@ -51,8 +52,8 @@ use crate::protocol::{msg_json, MsgFields};
 use crate::ws::codec::text_frame;
 
 use super::contract::{
-    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, Store,
-    StoreError, Stored,
+    Appended, Conversation, History, MemberChange, MemberOp, MemberView, NewMessage, Presence, ReadMark,
+    ReadState, Store, StoreError, Stored,
 };
 
 /// Most conversations per `reseed` script call (a long script blocks Redis).
@@ -99,6 +100,8 @@ struct Scripts {
     purge: Script,
     peers: Script,
     reseed: Script,
+    set_read: Script,
+    read_state: Script,
 }
 
 const NODES: &str = "rp:nodes";
@@ -115,6 +118,9 @@ fn members_version_key(conv: &str) -> String {
 }
 fn history_key(conv: &str) -> String {
     format!("rp:c:{{{conv}}}:h")
+}
+fn reads_key(conv: &str) -> String {
+    format!("rp:c:{{{conv}}}:r")
 }
 fn dedupe_key(conv: &str, user: &str, cid: &str) -> String {
     format!("rp:c:{{{conv}}}:d:{{{user}}}:{{{cid}}}")
@@ -201,6 +207,31 @@ return {redis.call('SMEMBERS', KEYS[1]), redis.call('GET', KEYS[2]) or '0', redi
 /// KEYS: seq, history. ARGV: first id, count. Answers `{last seq, entries}` read at once.
 const HISTORY: &str = r#"
 return {redis.call('GET', KEYS[1]) or '0', redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+"#;
+
+/// KEYS: members, seq, read marks. ARGV: user, seq. Answers `{}` when the user is not a
+/// member, else `{mark, moved (1/0)}`: the mark becomes `max(mark, min(seq, last seq))`.
+const SET_READ: &str = r#"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  return {}
+end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local want = math.min(tonumber(ARGV[2]), last)
+local old = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+if want <= old then
+  return {string.format('%d', old), 0}
+end
+redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', want))
+return {string.format('%d', want), 1}
+"#;
+
+/// KEYS: seq, read marks. ARGV: users. Answers `{last seq, mark per user}` read at once.
+const READ_STATE: &str = r#"
+local out = {redis.call('GET', KEYS[1]) or '0'}
+for i = 1, #ARGV do
+  out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i]) or '0'
+end
+return out
 "#;
 
 /// KEYS: members, members version, seq. ARGV: 'replace' | 'add' | 'remove', then users.
@@ -354,6 +385,8 @@ impl RedisStore {
             purge: pool.register(PURGE),
             peers: pool.register(PEERS),
             reseed: pool.register(RESEED),
+            set_read: pool.register(SET_READ),
+            read_state: pool.register(READ_STATE),
         };
         let inner = Inner {
             lease_key: lease_key(&node),
@@ -645,7 +678,32 @@ impl Store for RedisStore {
             .take(limit)
             .map(|e| Stored { seq: e.seq, frame: e.frame(conv), members_version: e.members_version })
             .collect();
-        Ok(History { messages, last_seq, complete })
+        Ok(History { messages, last_seq, complete, read: 0 })
+    }
+
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<Option<ReadMark>, StoreError> {
+        let mut cmd = self.inner.scripts.set_read.cmd(3);
+        cmd.arg(members_key(conv)).arg(seq_key(conv)).arg(reads_key(conv)).arg(user).arg(seq);
+        let answer: Vec<u64> = parse(&self.inner.pool.query_one(cmd).await?)?;
+        Ok(match answer[..] {
+            [read, moved] => Some(ReadMark { read, moved: moved == 1 }),
+            _ => None,
+        })
+    }
+
+    async fn read_state(&self, conv: &str, users: &[Arc<str>]) -> Result<ReadState, StoreError> {
+        let mut cmd = self.inner.scripts.read_state.cmd(2);
+        cmd.arg(seq_key(conv)).arg(reads_key(conv));
+        for user in users {
+            cmd.arg(&**user);
+        }
+        let flat: Vec<u64> = parse(&self.inner.pool.query_one(cmd).await?)?;
+        match flat.split_first() {
+            Some((&last_seq, marks)) if marks.len() == users.len() => {
+                Ok(ReadState { last_seq, marks: marks.to_vec() })
+            }
+            _ => Err(StoreError::Unavailable("redis: short reply to read_state".into())),
+        }
     }
 
     async fn link_user(&self, user: &str, conv: &Arc<str>, member: bool) -> Result<(), StoreError> {
