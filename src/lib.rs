@@ -56,6 +56,8 @@
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `bridge`: how shards reach blocking clients without blocking: jobs over
 //!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
+//! - `webhook`: webhook delivery (`sender`): signed, batched POSTs from a thread of its
+//!   own, retried with backoff; callers submit events without waiting.
 //! - `limits`: the host's limits, reported at start.
 //! - `error`: the crate's start-up error type.
 //!
@@ -118,5 +120,6 @@ pub mod shard;
 pub mod store;
 pub mod wake;
 pub mod web;
+pub mod webhook;
 pub mod wheel;
 pub mod ws;
