@@ -485,8 +485,7 @@ fn forwarded_headers_from_a_peer_outside_trusted_proxies_are_ignored() {
 // systemd
 // ---------------------------------------------------------------------------------------
 
-const SHIPPED_EXEC_START: &str =
-    "ExecStart=/usr/bin/ringpush serve --config /etc/ringpush/ringpush.toml";
+const SHIPPED_EXEC_START: &str = "ExecStart=/usr/bin/ringpush serve --config /etc/ringpush/ringpush.toml";
 
 /// The `[Service]` settings of the unit, in order (a key may repeat).
 fn service_settings(unit: &str) -> Vec<(String, String)> {
