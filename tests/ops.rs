@@ -485,8 +485,7 @@ fn forwarded_headers_from_a_peer_outside_trusted_proxies_are_ignored() {
 // systemd
 // ---------------------------------------------------------------------------------------
 
-const SHIPPED_EXEC_START: &str =
-    "ExecStart=/usr/local/bin/ringpush serve --config /etc/ringpush/ringpush.toml";
+const SHIPPED_EXEC_START: &str = "ExecStart=/usr/bin/ringpush serve --config /etc/ringpush/ringpush.toml";
 
 /// The `[Service]` settings of the unit, in order (a key may repeat).
 fn service_settings(unit: &str) -> Vec<(String, String)> {
@@ -530,7 +529,7 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let dir = TempDir::new("unit");
     let exec = format!("ExecStart={} serve", env!("CARGO_BIN_EXE_ringpush"));
     let unit_path =
-        dir.write("ringpush.service", &replace_once(&unit, "ExecStart=/usr/local/bin/ringpush serve", &exec));
+        dir.write("ringpush.service", &replace_once(&unit, "ExecStart=/usr/bin/ringpush serve", &exec));
     let out = run(Command::new(program("systemd-analyze")).args(["verify", "--man=no"]).arg(&unit_path));
     // verify exits 0 on unknown keys and bad values too, warning on stderr: none allowed.
     assert!(
