@@ -314,6 +314,9 @@ async fn route(admin: &Admin, req: &Request) -> Response {
                 if let Some(links) = &admin.node.cluster {
                     links.bus.metrics().render(&mut text);
                 }
+                if let Some(outbox) = &admin.node.webhooks {
+                    outbox.counters().render(&mut text);
+                }
                 metrics::render_process(&mut text);
                 text.into_bytes()
             },

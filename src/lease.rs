@@ -61,6 +61,11 @@ pub async fn upkeep(node: Arc<Node>, mesh: Rc<Mesh>) {
                     }
                     Err(e) => warn!(error = %e, "sweep failed"),
                 }
+                if let Some(outbox) = &node.webhooks {
+                    if let Err(e) = outbox.take_over().await {
+                        warn!(error = %e, "webhook: could not look for a dead node's pending events");
+                    }
+                }
                 if let (true, Some(links)) = (discover, &node.cluster) {
                     if let Ok(peers) = redis.peers().await {
                         links.bus.set_peers(peers.into_iter().map(|(_, endpoint)| endpoint).collect());

@@ -44,6 +44,8 @@
 //! - `cluster`: node-to-node transport: ZeroMQ PUB/SUB on its own threads, the wire
 //!   format, hashed topics; hands what arrives to a routing function, never routes itself.
 //! - `hub`: a shard's indexes of its sessions, by user and by conversation; no I/O.
+//! - `outbox`: the node's webhook events on their way out: kept in Redis in a cluster
+//!   (another node takes over a dead node's), handed to `webhook`'s sender.
 //!
 //! ### Layer 3: durable state and counters
 //! - `store`: membership, seq, history, dedupe, users' conversations behind one trait
@@ -113,6 +115,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -99,6 +99,8 @@ pub enum Reply {
     },
     /// A user's conversations.
     Convs(Vec<Key>),
+    /// Per user asked: a connection on this node.
+    Online(Vec<bool>),
 }
 
 /// A message to a shard, by the role the shard plays for it.
@@ -209,6 +211,20 @@ pub enum UserMsg {
     Convs {
         reply: ReplyTo,
         user: Key,
+    },
+    /// A connection of `user` opened on this node (webhooks: `user.online`).
+    Came {
+        user: Key,
+    },
+    /// A connection of `user` on this node ended (webhooks: `user.offline`).
+    Left {
+        user: Key,
+    },
+    /// Whether each of `users` has a connection on this node (answered with
+    /// `Reply::Online`).
+    AreOnline {
+        reply: ReplyTo,
+        users: Vec<Key>,
     },
 }
 

@@ -150,6 +150,8 @@ pub struct ShardMetrics {
     pub pushes: Counter,
     /// Read marks moved (on the owner shard).
     pub reads: Counter,
+    /// `message.offline` windows decided (webhooks; on the owner shard).
+    pub offline_windows: Counter,
     /// `signal` frames handed to sessions; dropped for a connection without room.
     pub signals_delivered: Counter,
     pub signals_dropped: Counter,
@@ -249,7 +251,7 @@ enum Read {
 }
 
 /// Every family of [`render`], in the order a scrape gets them.
-static FAMILIES: [Family; 26] = [
+static FAMILIES: [Family; 27] = [
     ("connections", "Open WebSocket connections.", Kind::Gauge, Read::PerShard(|m| m.connections.get())),
     ("handshakes_ok_total", "Upgrades accepted.", Kind::Counter, Read::PerShard(|m| m.handshakes_ok.get())),
     (
@@ -355,6 +357,12 @@ static FAMILIES: [Family; 26] = [
         Read::Total(|m| m.pushes.get()),
     ),
     ("read_marks_total", "Read marks moved.", Kind::Counter, Read::Total(|m| m.reads.get())),
+    (
+        "webhook_windows_total",
+        "message.offline windows decided (webhooks only).",
+        Kind::Counter,
+        Read::Total(|m| m.offline_windows.get()),
+    ),
     (
         "signals_delivered_total",
         "signal frames handed to connections.",

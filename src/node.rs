@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::cluster::Bus;
 use crate::config::Config;
 use crate::ids::Key;
+use crate::outbox::Outbox;
 use crate::store::RedisStore;
 
 /// What every thread of the node shares. Read-mostly; the counters are touched once per
@@ -41,6 +42,8 @@ pub struct Node {
     pub presence_lost: AtomicBool,
     /// Presence of dead nodes purged by this node (their lease ended).
     pub presence_purges: AtomicU64,
+    /// Webhook events on their way to the backend (`[webhook]`).
+    pub webhooks: Option<Outbox>,
 }
 
 /// A cluster node's ends of the ZeroMQ network.

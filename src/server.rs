@@ -30,6 +30,7 @@ use crate::mesh::{self, Mesh, MeshEnds, ShardMsg, ShardWide};
 use crate::metrics::ShardMetrics;
 use crate::node::{ClusterLinks, Node};
 use crate::notify::Notifier;
+use crate::outbox::Outbox;
 use crate::shard::{self, ShardSetup};
 use crate::store::RedisStore;
 
@@ -183,7 +184,15 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
         }
         None => None,
     };
+    let webhooks = match &config.webhook {
+        Some(w) => Some(
+            Outbox::start(w, redis.clone())
+                .map_err(|e| Error::Start { what: "webhook sender".into(), reason: e.to_string() })?,
+        ),
+        None => None,
+    };
     let node = Arc::new(Node {
+        webhooks,
         store_up: AtomicBool::new(redis.is_none()),
         presence_lost: AtomicBool::new(false),
         presence_purges: AtomicU64::new(0),
@@ -292,6 +301,18 @@ async fn control(
     // The admin listener keeps answering (readyz 503) until the shards have drained.
     while !all_stopped(&node) {
         glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if node.webhooks.is_some() {
+        // What the sender can still deliver in a moment goes now; in a cluster the rest
+        // stays in Redis for another node.
+        let node = node.clone();
+        glommio::executor()
+            .spawn_blocking(move || {
+                if let Some(outbox) = &node.webhooks {
+                    outbox.stop(Duration::from_secs(2));
+                }
+            })
+            .await;
     }
     lease::leave(&node).await;
     drop(serving);

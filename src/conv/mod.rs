@@ -29,6 +29,7 @@ use crate::wake::Mailbox;
 use crate::wheel::TimerId;
 
 mod interest;
+mod offline;
 mod order;
 
 use crate::ws::codec;
@@ -88,6 +89,8 @@ pub struct Owner {
     reconciles: Mailbox<Key>,
     /// Conversations due for a tail check once quiet (see [`QUIET_MS`]).
     checks: Mailbox<Key>,
+    /// Conversations with an open `message.offline` window (webhooks only).
+    offline: offline::Windows,
 }
 
 impl Owner {
@@ -101,6 +104,7 @@ impl Owner {
             repairs: Mailbox::default(),
             reconciles: Mailbox::default(),
             checks: Mailbox::default(),
+            offline: offline::Windows::default(),
         }
     }
 
@@ -375,7 +379,11 @@ impl Owner {
 /// Handles a message to this shard as the owner of a conversation.
 pub async fn handle(owner: &Rc<Owner>, msg: ConvMsg) {
     match msg {
-        ConvMsg::Send { origin, conv, msg } => on_send(owner, origin, conv, msg).await,
+        ConvMsg::Send { origin, conv, msg } => {
+            if let Some(seq) = on_send(owner, origin, conv.clone(), msg).await {
+                offline::accepted(owner, &conv, seq);
+            }
+        }
         ConvMsg::Sync { session, user, conv, reply } => on_sync(owner, session, user, conv, reply).await,
         ConvMsg::Join { shard, user, convs, session } => on_join(owner, shard, user, convs, session).await,
         ConvMsg::InterestOff { shard, conv, seq } => owner.unwant(&conv, shard, seq),
@@ -485,7 +493,8 @@ pub fn on_remote_signal(owner: &Owner, conv: Key, json: Bytes) {
 }
 
 /// `send` (from a session) or an API post: check, sequence, store, fan out, answer.
-pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessage) {
+/// Returns the seq of a message accepted now (not a repeat).
+pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessage) -> Option<u64> {
     let started = std::time::Instant::now();
     msg.ts = crate::clock::unix_ms();
     let encode = |seq: u64| {
@@ -527,9 +536,12 @@ pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessa
             if let Origin::Session(session) = origin {
                 to_session(owner, session, codec::text_frame(&frame));
             }
-            return;
+            return None;
         }
-        Err(_) => return unavailable(owner, origin, msg.cid.as_deref()),
+        Err(_) => {
+            unavailable(owner, origin, msg.cid.as_deref());
+            return None;
+        }
     };
     // The ack goes first: delivering this seq can release later ones held behind it
     // (with Redis, appends may answer out of order), and the sender must know its seq
@@ -554,10 +566,12 @@ pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessa
             // again (nodes that have it drop it). The repeating connection has its ack.
             publish_and_deliver(owner, &conv, &appended, exclude);
         }
+        None
     } else {
         owner.ctx.metrics.accepted.inc();
         publish_and_deliver(owner, &conv, &appended, exclude);
         owner.ctx.metrics.fanout_latency.record(started.elapsed());
+        Some(appended.seq)
     }
 }
 

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::cluster::{ClusterMsg, Envelope, Topic};
+mod online;
 mod presence;
 mod table;
 
@@ -45,6 +46,7 @@ use crate::store::{MemoryStore, NodeStore, PresenceOp, Store};
 use crate::wake::Mailbox;
 use crate::wheel::{TimerId, Wheel};
 use crate::ws::codec;
+use online::OnlineUsers;
 use presence::PresenceWriter;
 use table::Slab;
 
@@ -81,6 +83,8 @@ pub struct Shard {
     pub owner: Rc<Owner>,
     /// Presence changes of this shard's connections not yet written to Redis.
     presence: Rc<PresenceWriter>,
+    /// The users this shard owns that have connections on the node (webhooks only).
+    online: Rc<OnlineUsers>,
     /// Client sessions in their grace after `hello`, by the shard-clock ms it ends, in
     /// that order (the grace is the same for all): see `session::SYNC_GRACE_MS`.
     graces: Mailbox<(u64, TimerId)>,
@@ -299,6 +303,11 @@ impl Shard {
             UserMsg::LinkUser { reply, user, conv, member } => {
                 let done = self.ctx.store.link_user(&user, &conv, member).await;
                 self.ctx.mesh.reply(reply, if done.is_ok() { Reply::Done } else { Reply::Unavailable });
+            }
+            UserMsg::Came { user } => online::came(&self.ctx, &self.online, user),
+            UserMsg::Left { user } => online::left(&self.ctx, &self.online, user),
+            UserMsg::AreOnline { reply, users } => {
+                self.ctx.mesh.reply(reply, Reply::Online(self.online.are_online(&users)));
             }
             UserMsg::Convs { reply, user } => {
                 let answer = match self.ctx.store.user_convs(&user).await {
@@ -561,6 +570,9 @@ impl session::Table for Shard {
                 &self.ctx,
                 PresenceOp::Add { user: user.clone(), entry: presence::entry(&self.ctx, &session) },
             );
+            if self.ctx.node.webhooks.is_some() {
+                self.ctx.route(self.ctx.owner_of(user), ShardMsg::User(UserMsg::Came { user: user.clone() }));
+            }
         }
         session
     }
@@ -582,6 +594,9 @@ impl session::Table for Shard {
             }
             let conn = Key::from(self.ctx.conn_id(session.conn));
             self.presence.changed(&self.ctx, PresenceOp::Remove { user: user.clone(), conn });
+            if self.ctx.node.webhooks.is_some() {
+                self.ctx.route(self.ctx.owner_of(user), ShardMsg::User(UserMsg::Left { user: user.clone() }));
+            }
         }
     }
 }
@@ -616,6 +631,7 @@ pub async fn run(setup: ShardSetup) {
         owner: Rc::new(Owner::new(ctx.clone())),
         ctx,
         presence: Rc::default(),
+        online: Rc::default(),
         graces: Mailbox::default(),
         sessions: RefCell::new(Slab::default()),
         wheel: RefCell::new(Wheel::new(tick_ms, 4096)),

@@ -23,6 +23,10 @@
 //! | `rp:pn:{node}:<epoch>` | set | `"<user>\n<field>"` of every presence entry written by that node run |
 //! | `rp:lease:{node}` | string, PX lease ttl | the epoch of the node run holding the lease |
 //! | `rp:nodes` | hash | node -> `{"epoch":<epoch>,"pub":<endpoint or null>}` |
+//! | `rp:wh:{node}:<epoch>` | hash | webhook events of that node run not yet delivered: id -> event JSON (taken over by another node once the run's lease is gone) |
+//! | `rp:wh:runs` | set | `"<node>:<epoch>"` of every run that may have pending webhook events |
+//! | `rp:wh:u:{user}` | string | `on` / `off`: the user's state as last sent in `user.online` / `user.offline` |
+//! | `rp:wh:w:{conv}` | string, PX 2 × `webhook.offline_delay_ms` | the node whose `message.offline` window of `conv` is open |
 //! | `rp:epochs` | set | `"<node>:<epoch>"` of every node run that may have presence to purge |
 //!
 //! # Promises
@@ -102,9 +106,13 @@ struct Scripts {
     reseed: Script,
     set_read: Script,
     read_state: Script,
+    hook_claim: Script,
+    hook_user_state: Script,
 }
 
 const NODES: &str = "rp:nodes";
+/// Runs (`node:epoch`) that may have pending webhook events.
+const HOOK_RUNS: &str = "rp:wh:runs";
 const EPOCHS: &str = "rp:epochs";
 
 fn members_key(conv: &str) -> String {
@@ -232,6 +240,41 @@ for i = 1, #ARGV do
   out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i]) or '0'
 end
 return out
+"#;
+
+/// KEYS: rp:wh:runs, this run's pending events. ARGV: this run. Moves the pending webhook
+/// events of every other run whose node lease is gone or held by another epoch (the run
+/// died or was restarted) into this run's hash, and answers them as id, json pairs: each
+/// event is taken over by one node only.
+const HOOK_CLAIM: &str = r#"
+local out = {}
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if run ~= ARGV[1] then
+    local node, epoch = string.match(run, '^(.*):(%d+)$')
+    local lease = node and redis.call('GET', 'rp:lease:{' .. node .. '}')
+    if node and lease ~= epoch then
+      local key = 'rp:wh:{' .. node .. '}:' .. epoch
+      local all = redis.call('HGETALL', key)
+      for i = 1, #all, 2 do
+        redis.call('HSET', KEYS[2], all[i], all[i + 1])
+        out[#out + 1] = all[i]
+        out[#out + 1] = all[i + 1]
+      end
+      redis.call('DEL', key)
+      redis.call('SREM', KEYS[1], run)
+    end
+  end
+end
+if #out > 0 then redis.call('SADD', KEYS[1], ARGV[1]) end
+return out
+"#;
+
+/// KEYS: the user's announced state. ARGV: 'on' | 'off'. Sets it; answers 1 when it changed
+/// (the event is this caller's to send), 0 when it already was so.
+const HOOK_USER_STATE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
 "#;
 
 /// KEYS: members, members version, seq. ARGV: 'replace' | 'add' | 'remove', then users.
@@ -387,6 +430,8 @@ impl RedisStore {
             reseed: pool.register(RESEED),
             set_read: pool.register(SET_READ),
             read_state: pool.register(READ_STATE),
+            hook_claim: pool.register(HOOK_CLAIM),
+            hook_user_state: pool.register(HOOK_USER_STATE),
         };
         let inner = Inner {
             lease_key: lease_key(&node),
@@ -574,6 +619,85 @@ impl RedisStore {
             })
             .collect();
         me.pool.query(cmds).await.map(drop).map_err(StoreError::from)
+    }
+}
+
+/// Webhooks in a cluster: pending events live in Redis until delivered, so another node
+/// sends them when this one dies; the decisions that must be made once for the cluster
+/// (a user's online state, a conversation's offline window) are made here.
+impl RedisStore {
+    fn hook_pending_key(&self) -> String {
+        format!("rp:wh:{{{}}}:{}", self.inner.node, self.inner.epoch)
+    }
+
+    /// Keeps a webhook event until [`RedisStore::hook_done_cmds`] removes it.
+    pub async fn hook_pending(&self, id: &str, json: &str) -> Result<(), StoreError> {
+        let mut hset = ::redis::cmd("HSET");
+        hset.arg(self.hook_pending_key()).arg(id).arg(json);
+        let mut sadd = ::redis::cmd("SADD");
+        sadd.arg(HOOK_RUNS).arg(&self.inner.run);
+        self.inner.pool.query(vec![hset, sadd]).await.map(drop).map_err(StoreError::from)
+    }
+
+    /// The commands that forget delivered (or dropped) events.
+    pub fn hook_done_cmds(&self, ids: &[String]) -> Vec<Cmd> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let mut hdel = ::redis::cmd("HDEL");
+        hdel.arg(self.hook_pending_key());
+        for id in ids {
+            hdel.arg(id);
+        }
+        vec![hdel]
+    }
+
+    /// Takes over the pending events of dead node runs (see `HOOK_CLAIM`): `(id, json)`.
+    pub async fn hook_claim(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut cmd = self.inner.scripts.hook_claim.cmd(2);
+        cmd.arg(HOOK_RUNS).arg(self.hook_pending_key()).arg(&self.inner.run);
+        let flat: Vec<String> = parse(&self.inner.pool.query_one(cmd).await?)?;
+        Ok(flat.chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect())
+    }
+
+    /// Records the user's announced state; true when it changed (send the event).
+    pub async fn hook_user_state(&self, user: &str, online: bool) -> Result<bool, StoreError> {
+        let mut cmd = self.inner.scripts.hook_user_state.cmd(1);
+        cmd.arg(format!("rp:wh:u:{{{user}}}")).arg(if online { "on" } else { "off" });
+        Ok(parse::<i64>(&self.inner.pool.query_one(cmd).await?)? == 1)
+    }
+
+    /// Opens the cluster's offline window of `conv` for `ttl_ms`; false when a node has
+    /// one open already (its event covers this message).
+    pub async fn hook_window(&self, conv: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(format!("rp:wh:w:{{{conv}}}")).arg(&*self.inner.node).arg("NX").arg("PX").arg(ttl_ms.max(1));
+        let answer = self.inner.pool.query_one(cmd).await?;
+        Ok(!matches!(answer, Value::Nil))
+    }
+
+    /// Closes the offline window of `conv` (a message after this opens a new one).
+    pub async fn hook_window_close(&self, conv: &str) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(format!("rp:wh:w:{{{conv}}}"));
+        self.inner.pool.query_one(cmd).await.map(drop).map_err(StoreError::from)
+    }
+
+    /// Whether each of `users` has a connection on any node (presence entries).
+    pub async fn online(&self, users: &[Arc<str>]) -> Result<Vec<bool>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cmds = users
+            .iter()
+            .map(|u| {
+                let mut cmd = ::redis::cmd("HLEN");
+                cmd.arg(presence_key(u));
+                cmd
+            })
+            .collect();
+        let answers = self.inner.pool.query(cmds).await?;
+        answers.iter().map(|v| parse::<u64>(v).map(|n| n > 0)).collect()
     }
 }
 
