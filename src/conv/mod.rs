@@ -90,7 +90,7 @@ pub struct Owner {
     /// Conversations due for a tail check once quiet (see [`QUIET_MS`]).
     checks: Mailbox<Key>,
     /// Conversations with an open `message.offline` window (webhooks only).
-    offline: offline::Windows,
+    offline: Rc<offline::Windows>,
 }
 
 impl Owner {
@@ -104,7 +104,7 @@ impl Owner {
             repairs: Mailbox::default(),
             reconciles: Mailbox::default(),
             checks: Mailbox::default(),
-            offline: offline::Windows::default(),
+            offline: Rc::default(),
         }
     }
 
@@ -381,7 +381,7 @@ pub async fn handle(owner: &Rc<Owner>, msg: ConvMsg) {
     match msg {
         ConvMsg::Send { origin, conv, msg } => {
             if let Some(seq) = on_send(owner, origin, conv.clone(), msg).await {
-                offline::accepted(owner, &conv, seq);
+                offline::accepted(&owner.ctx, &owner.offline, &conv, seq);
             }
         }
         ConvMsg::Sync { session, user, conv, reply } => on_sync(owner, session, user, conv, reply).await,

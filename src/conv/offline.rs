@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::warn;
 
-use super::Owner;
+use crate::ctx::Ctx;
 use crate::ids::Key;
 use crate::mesh::{Reply, ShardMsg, UserMsg};
 use crate::store::{Store, StoreError};
@@ -38,33 +38,33 @@ pub struct Windows {
 
 /// A message of `conv` with seq `seq` was accepted here: opens the conversation's window
 /// unless one is open.
-pub fn accepted(owner: &Rc<Owner>, conv: &Key, seq: u64) {
-    if owner.ctx.node.webhooks.is_none() || !owner.offline.open.borrow_mut().insert(conv.clone()) {
+pub fn accepted(ctx: &Rc<Ctx>, windows: &Rc<Windows>, conv: &Key, seq: u64) {
+    if ctx.node.webhooks.is_none() || !windows.open.borrow_mut().insert(conv.clone()) {
         return;
     }
-    let (owner, conv) = (owner.clone(), conv.clone());
-    glommio::spawn_local(async move { window(&owner, conv, seq).await }).detach();
+    let (ctx, windows, conv) = (ctx.clone(), windows.clone(), conv.clone());
+    glommio::spawn_local(async move { window(&ctx, &windows, conv, seq).await }).detach();
 }
 
-async fn window(owner: &Owner, conv: Key, from_seq: u64) {
-    let Some(outbox) = &owner.ctx.node.webhooks else { return };
+async fn window(ctx: &Ctx, windows: &Windows, conv: Key, from_seq: u64) {
+    let Some(outbox) = &ctx.node.webhooks else { return };
     let delay = outbox.offline_delay_ms;
-    if let Some(redis) = owner.ctx.redis() {
+    if let Some(redis) = ctx.redis() {
         // Another node's window covers this message: its decision reads it from history.
         if let Ok(false) = redis.hook_window(&conv, delay.saturating_mul(2)).await {
-            owner.offline.open.borrow_mut().remove(&conv);
+            windows.open.borrow_mut().remove(&conv);
             return;
         }
     }
     glommio::timer::sleep(Duration::from_millis(delay)).await;
     // Messages from here on open the next window.
-    owner.offline.open.borrow_mut().remove(&conv);
-    if let Some(redis) = owner.ctx.redis() {
+    windows.open.borrow_mut().remove(&conv);
+    if let Some(redis) = ctx.redis() {
         let _ = redis.hook_window_close(&conv).await;
     }
     for attempt in 1..=ATTEMPTS {
-        match decide(owner, &conv, from_seq).await {
-            Ok(()) => return owner.ctx.metrics.offline_windows.inc(),
+        match decide(ctx, &conv, from_seq).await {
+            Ok(()) => return ctx.metrics.offline_windows.inc(),
             Err(e) if attempt == ATTEMPTS => {
                 warn!(conv = %conv, error = %e, "webhook: message.offline not decided (store unavailable)")
             }
@@ -85,11 +85,10 @@ struct Msg<'a> {
 }
 
 /// The window of `conv` from `from_seq` ended: an event for each member it concerns.
-async fn decide(owner: &Owner, conv: &Key, from_seq: u64) -> Result<(), StoreError> {
-    let store = &owner.ctx.store;
+async fn decide(ctx: &Ctx, conv: &Key, from_seq: u64) -> Result<(), StoreError> {
+    let store = &ctx.store;
     let members = store.conversation(conv).await?.members;
-    let history =
-        store.history(conv, from_seq.saturating_sub(1), owner.ctx.config.history.max_per_conv).await?;
+    let history = store.history(conv, from_seq.saturating_sub(1), ctx.config.history.max_per_conv).await?;
     let payloads: Vec<bytes::Bytes> =
         history.messages.iter().map(|m| codec::text_payload(&m.frame)).collect();
     let msgs: Vec<Msg> = payloads.iter().filter_map(|p| serde_json::from_slice::<Msg>(p).ok()).collect();
@@ -109,8 +108,8 @@ async fn decide(owner: &Owner, conv: &Key, from_seq: u64) -> Result<(), StoreErr
         return Ok(());
     }
     let users: Vec<Key> = due.iter().map(|(u, _)| u.clone()).collect();
-    let online = online(owner, &users).await?;
-    let Some(outbox) = &owner.ctx.node.webhooks else { return Ok(()) };
+    let online = online(ctx, &users).await?;
+    let Some(outbox) = &ctx.node.webhooks else { return Ok(()) };
     for ((user, unread), online) in due.into_iter().zip(online) {
         if online {
             continue;
@@ -134,11 +133,10 @@ async fn decide(owner: &Owner, conv: &Key, from_seq: u64) -> Result<(), StoreErr
 
 /// Whether each of `users` has a connection anywhere: Redis presence in a cluster, the
 /// users' owner shards on one node.
-async fn online(owner: &Owner, users: &[Key]) -> Result<Vec<bool>, StoreError> {
-    if let Some(redis) = owner.ctx.redis() {
+async fn online(ctx: &Ctx, users: &[Key]) -> Result<Vec<bool>, StoreError> {
+    if let Some(redis) = ctx.redis() {
         return redis.online(users).await;
     }
-    let ctx = &owner.ctx;
     let mut answer = vec![false; users.len()];
     for shard in 0..ctx.shard_count {
         let (index, mine): (Vec<usize>, Vec<Key>) = users
