@@ -10,7 +10,12 @@
 //   included once acknowledged, so every device of a user shows the same list;
 // - sends idempotently: each `send` carries a client-made `cid`, and is sent again with
 //   the same `cid` after `unavailable` or `rate_limited` and after a reconnect, until it
-//   is acknowledged (the server answers a repeat with the seq it first assigned).
+//   is acknowledged (the server answers a repeat with the seq it first assigned);
+// - keeps each conversation's unread count: the last seq it knows (from `msg`, `ack`,
+//   `gap` and `synced.last`) and the user's read mark (from `synced.read`, the `read`
+//   frames of the user's other devices and its own `read()` calls), which only goes up;
+//   `read()` moves it at once and tells the server (after the next hello if offline);
+// - sends ephemeral `signal`s (typing, ...) to the members online now.
 //
 // Usage:
 //   import { RingpushClient } from './ringpush.js';
@@ -23,6 +28,10 @@
 //   client.on('state', (s) => showStatus(s.state));
 //   client.connect();
 //   const ack = await client.send('c1', { text: 'hi' });   // { conv, cid, seq, ts }
+//   client.on('unread', (u) => badge(u.conv, u.unread));     // { conv, unread, read, last }
+//   client.read('c1');                                       // read up to the last seq known
+//   client.on('signal', (s) => showTyping(s.conv, s.from, s.body));
+//   client.signal('c1', { typing: true });
 
 /**
  * Reconnect timing: attempt n waits `min(maxMs, initialMs * factor^n)`, of which the
@@ -78,6 +87,16 @@
  */
 
 /**
+ * A conversation's unread state, as the `unread` event carries it: `unread` is
+ * `last - read` (never below 0).
+ * @typedef {object} Unread
+ * @property {string} conv
+ * @property {number} unread  messages above the read mark
+ * @property {number} read  the user's read mark: seqs up to it are read (0: none)
+ * @property {number} last  the last seq this client knows of (0: none)
+ */
+
+/**
  * Connection states, in the order a client usually goes through them:
  * `idle` (never connected), `connecting`, `open` (the server said `hello`),
  * `reconnecting` (waiting `delayMs` before attempt `attempt`), `offline` (the browser
@@ -100,6 +119,12 @@ const CLOSE_KICKED = 4001;
 
 /** Syncs in a row that leave the same hole before the client stops asking and skips it. */
 const MAX_FRUITLESS_SYNCS = 2;
+
+/**
+ * `read` and `signal` requests remembered by cid, so that an error names its
+ * conversation; they get no answer on success, so only the latest are kept.
+ */
+const MAX_REMEMBERED_REQUESTS = 256;
 
 /**
  * The `reconnect_after_ms=N` hint of a 1001 close reason (a draining server), or null.
@@ -161,6 +186,10 @@ export class RingpushError extends Error {
  * @property {Map<number, Message>} ahead  messages above `last + 1`, waiting for the hole
  * @property {number} syncing  syncs of this conversation in flight on this connection
  * @property {number} fruitless  syncs in a row that left `last` where it was with a hole
+ * @property {number} top  the highest seq known to exist (msg, ack, gap, synced.last,
+ *   where the device stopped); 0 when none
+ * @property {number} read  the user's read mark, as far as this client knows; only goes up
+ * @property {boolean} readOwed  this client moved `read` and the server has not been told
  */
 
 /**
@@ -174,6 +203,14 @@ export class RingpushError extends Error {
  * @property {(ack: Ack) => void} resolve
  * @property {(err: RingpushError) => void} reject
  */
+
+/**
+ * @param {number | null} last
+ * @returns {ConvState}
+ */
+function newConvState(last) {
+  return { last, ahead: new Map(), syncing: 0, fruitless: 0, top: last ?? 0, read: 0, readOwed: false };
+}
 
 export class RingpushClient {
   /** @param {ClientOptions} options */
@@ -214,6 +251,11 @@ export class RingpushClient {
     /** @type {Map<string, {conv: string, after: number}>} sync cid -> what it asked */
     this._syncs = new Map();
     this._syncSeq = 0;
+    /** @type {Map<string, {op: 'read' | 'signal', conv: string}>} read/signal cid -> what it was */
+    this._requests = new Map();
+    this._requestSeq = 0;
+    /** @type {ReturnType<typeof setTimeout> | null} a retry of owed read marks waiting */
+    this._readTimer = null;
     const watch = (options.watchNetwork ?? true) && typeof globalThis.addEventListener === 'function'
       && typeof navigator !== 'undefined' && 'onLine' in navigator;
     /** Whether the browser says there is no network (then no attempt is made). */
@@ -239,7 +281,14 @@ export class RingpushClient {
    * - `gap` the server's `gap` frame (the client syncs by itself)
    * - `incomplete` `{conv, after, first}`: history no longer reaches back to `after`;
    *   seqs `after + 1 .. first - 1` must be fetched from the backend
-   * - `error` `{code, message, cid?, conv?}`: an error frame, or a send given up
+   * - `read` `{conv, seq, dev}`: the user's read mark moved on another of their
+   *   connections (`dev` is that device, null for a read through the backend's API)
+   * - `unread` an {@link Unread}: a conversation's read mark or last known seq moved
+   * - `signal` `{conv, from, dev, body}`: an ephemeral signal of another connection of
+   *   a member (this client's own signals do not come back)
+   * - `error` `{code, message, cid, conv, op}`: an error frame (`op` is the request it
+   *   answers when the client knows it: `send`, `sync`, `read` or `signal`), or a send
+   *   given up
    * - `close` `{code, reason}`: the connection ended (a reconnect may follow)
    * - `frame` `{dir: 'in' | 'out', frame}`: every frame, for logs and debugging
    * @param {string} type
@@ -314,6 +363,8 @@ export class RingpushClient {
       entry.reject(new RingpushError('closed', 'client closed before the send was acknowledged', entry));
     }
     this._outbox.clear();
+    if (this._readTimer) clearTimeout(this._readTimer);
+    this._readTimer = null;
     if (this._onOffline) {
       globalThis.removeEventListener('offline', this._onOffline);
       globalThis.removeEventListener('online', this._onOnline);
@@ -421,6 +472,7 @@ export class RingpushClient {
     this.hello = null;
     clearTimeout(this._helloTimer);
     this._syncs.clear();
+    this._requests.clear();
     for (const c of this._convs.values()) c.syncing = 0;
     for (const entry of this._outbox.values()) {
       if (entry.timer) clearTimeout(entry.timer);
@@ -494,13 +546,14 @@ export class RingpushClient {
     const c = this._convs.get(conv);
     if (c && c.last !== null) return;
     if (c) c.last = after;
-    else this._convs.set(conv, { last: after, ahead: new Map(), syncing: 0, fruitless: 0 });
+    else this._convs.set(conv, newConvState(after));
+    this._moved(conv, after, 0);
     if (this.state === 'open') this._sync(conv, after);
   }
 
   /**
    * Stops tracking a conversation (no more syncs; its messages are still delivered while
-   * the user is a member).
+   * the user is a member). Its unread state is forgotten too.
    * @param {string} conv
    */
   untrack(conv) {
@@ -526,10 +579,126 @@ export class RingpushClient {
   _conv(conv) {
     let c = this._convs.get(conv);
     if (!c) {
-      c = { last: null, ahead: new Map(), syncing: 0, fruitless: 0 };
+      c = newConvState(null);
       this._convs.set(conv, c);
     }
     return c;
+  }
+
+  // ---- read marks and unread counts -------------------------------------------------
+
+  /**
+   * The number of messages of `conv` above the user's read mark, as far as this client
+   * knows (the last seq it knows minus the read mark); 0 for a conversation it knows
+   * nothing of.
+   * @param {string} conv
+   * @returns {number}
+   */
+  unread(conv) {
+    const c = this._convs.get(conv);
+    return c ? Math.max(0, c.top - c.read) : 0;
+  }
+
+  /**
+   * The user's read mark in `conv` (seqs up to it are read; 0: none), as far as this
+   * client knows: the highest of `synced.read`, the `read` frames of the user's other
+   * devices and this client's own `read()` calls.
+   * @param {string} conv
+   * @returns {number}
+   */
+  readMark(conv) {
+    return this._convs.get(conv)?.read ?? 0;
+  }
+
+  /**
+   * Every known conversation's {@link Unread} state, by conversation.
+   * @returns {Record<string, Unread>}
+   */
+  unreads() {
+    /** @type {Record<string, Unread>} */
+    const out = {};
+    for (const conv of this._convs.keys()) out[conv] = this._unreadOf(conv);
+    return out;
+  }
+
+  /**
+   * Marks `conv` read up to `seq` for this user, on every device: the local read mark
+   * moves at once (an `unread` event), only ever up, and the server is told (its other
+   * connections get a `read` frame). Without `seq`, up to the last seq this client
+   * knows. A `seq` above the last seq the client knows is taken as that seq, as the
+   * server does with its own last seq, so messages this device never saw are not marked
+   * read (and a conversation it knows no seq of has nothing to mark). While
+   * disconnected the mark is sent after the next `hello`; after `unavailable` it is sent
+   * again. Errors (`not_member`) are `error` events with `op: 'read'`.
+   * @param {string} conv
+   * @param {number} [seq]  the last seq read (default: the last one known)
+   * @returns {number} the read mark now
+   */
+  read(conv, seq) {
+    if (seq !== undefined && !(Number.isSafeInteger(seq) && seq >= 0)) {
+      throw new TypeError('RingpushClient.read: seq must be an integer >= 0');
+    }
+    const c = this._conv(conv);
+    // Nothing known of the conversation (no seq): nothing to mark.
+    const mark = Math.min(seq ?? c.top, c.top);
+    if (mark <= c.read) return c.read;
+    this._moved(conv, 0, mark);
+    c.readOwed = true;
+    this._sendRead(conv, c);
+    return c.read;
+  }
+
+  /**
+   * Tells the server `conv`'s read mark, if it is owed and the connection is open.
+   * @param {string} conv
+   * @param {ConvState} c
+   */
+  _sendRead(conv, c) {
+    if (!c.readOwed) return;
+    const cid = `read-${++this._requestSeq}`;
+    if (!this._send({ op: 'read', conv, seq: c.read, cid })) return;
+    c.readOwed = false;
+    this._remember(cid, 'read', conv);
+  }
+
+  /**
+   * Raises what is known of a conversation: its last seq to at least `last`, its read
+   * mark to at least `read`; emits `unread` when either moved.
+   * @param {string} conv
+   * @param {number} last
+   * @param {number} read
+   */
+  _moved(conv, last, read) {
+    const c = this._convs.get(conv);
+    if (!c) return;
+    // A read mark is never above the conversation's last seq (the server clamps it).
+    const top = Math.max(c.top, last, read);
+    const mark = Math.max(c.read, read);
+    if (top === c.top && mark === c.read) return;
+    c.top = top;
+    c.read = mark;
+    this._emit('unread', this._unreadOf(conv));
+  }
+
+  /**
+   * @param {string} conv
+   * @returns {Unread}
+   */
+  _unreadOf(conv) {
+    return { conv, unread: this.unread(conv), read: this.readMark(conv), last: this._convs.get(conv)?.top ?? 0 };
+  }
+
+  /**
+   * Keeps what a `read` or `signal` was, for its error; only the latest few.
+   * @param {string} cid
+   * @param {'read' | 'signal'} op
+   * @param {string} conv
+   */
+  _remember(cid, op, conv) {
+    this._requests.set(cid, { op, conv });
+    if (this._requests.size > MAX_REMEMBERED_REQUESTS) {
+      this._requests.delete(this._requests.keys().next().value);
+    }
   }
 
   /**
@@ -594,10 +763,11 @@ export class RingpushClient {
       case 'hello':
         return this._onHello(f);
       case 'msg':
-        return this._accept({
+        this._accept({
           conv: f.conv, seq: f.seq, from: f.from, dev: f.dev ?? null, cid: f.cid ?? null,
           ts: f.ts, body: f.body, own: false, replayed: this._conv(f.conv).syncing > 0,
         });
+        return this._moved(f.conv, f.seq, 0);
       case 'ack':
         return this._onAck(f);
       case 'push':
@@ -606,6 +776,12 @@ export class RingpushClient {
         return this._onSynced(f);
       case 'gap':
         return this._onGap(f);
+      case 'read':
+        this._conv(f.conv);
+        this._emit('read', { conv: f.conv, seq: f.seq, dev: f.dev ?? null });
+        return this._moved(f.conv, f.seq, f.seq);
+      case 'signal':
+        return this._emit('signal', { conv: f.conv, from: f.from, dev: f.dev ?? null, body: f.body });
       case 'error':
         return this._onError(f);
       default:
@@ -620,6 +796,8 @@ export class RingpushClient {
     this._attempt = 0;
     this._setState('open', { hello });
     this._emit('hello', hello);
+    // Read marks made while disconnected first: the syncs' `synced.read` then has them.
+    for (const [conv, c] of this._convs) this._sendRead(conv, c);
     for (const [conv, c] of this._convs) {
       if (c.last !== null) this._sync(conv, c.last);
     }
@@ -637,6 +815,7 @@ export class RingpushClient {
       }
     }
     this._emit('synced', f);
+    this._moved(f.conv, f.last ?? 0, f.read ?? 0);
     if (!f.complete && c.last !== null) {
       // History starts after where this device stopped: go on from its first message.
       const first = c.ahead.size > 0 ? Math.min(...c.ahead.keys()) : f.last + 1;
@@ -656,6 +835,7 @@ export class RingpushClient {
     const c = this._conv(f.conv);
     const after = c.last === null ? f.from - 1 : Math.min(c.last, f.from - 1);
     if (c.last === null) c.last = after;
+    this._moved(f.conv, f.to, 0);
     // The server holds this conversation's live messages until this sync, whose replay
     // carries everything from the gap on.
     this._sync(f.conv, after);
@@ -663,12 +843,27 @@ export class RingpushClient {
 
   /** @param {any} f */
   _onError(f) {
-    const event = { code: f.code, message: f.message, cid: f.cid ?? null, conv: null };
+    /** @type {{code: string, message: string, cid: string | null, conv: string | null, op: string | null}} */
+    const event = { code: f.code, message: f.message, cid: f.cid ?? null, conv: null, op: null };
+    const request = f.cid ? this._requests.get(f.cid) : undefined;
+    if (request) {
+      this._requests.delete(f.cid);
+      event.conv = request.conv;
+      event.op = request.op;
+      const c = this._convs.get(request.conv);
+      if (request.op === 'read' && c && (f.code === 'unavailable' || f.code === 'rate_limited')) {
+        // Not stored: tell the server again (the mark as it is then) after a while.
+        c.readOwed = true;
+        this._retryReads();
+      }
+      return this._emit('error', event);
+    }
     const sync = f.cid ? this._syncs.get(f.cid) : undefined;
     if (sync) {
       this._syncs.delete(f.cid);
       const c = this._convs.get(sync.conv);
       event.conv = sync.conv;
+      event.op = 'sync';
       if (c) c.syncing = Math.max(0, c.syncing - 1);
       if (f.code === 'not_member') {
         this.untrack(sync.conv);
@@ -686,6 +881,7 @@ export class RingpushClient {
     const entry = f.cid ? this._outbox.get(f.cid) : undefined;
     if (!entry) return this._emit('error', event);
     event.conv = entry.conv;
+    event.op = 'send';
     if (FATAL_SEND_CODES.has(f.code)) {
       this._outbox.delete(entry.cid);
       entry.reject(new RingpushError(f.code, f.message, entry));
@@ -699,6 +895,15 @@ export class RingpushClient {
       entry.timer = null;
       if (this._ws === ws && this._outbox.get(entry.cid) === entry) this._transmit(entry);
     }, delay);
+  }
+
+  /** Sends the owed read marks after the retry delay (once, for all of them). */
+  _retryReads() {
+    if (this._readTimer) return;
+    this._readTimer = setTimeout(() => {
+      this._readTimer = null;
+      for (const [conv, c] of this._convs) this._sendRead(conv, c);
+    }, backoffDelay(0, this.retry));
   }
 
   /** @param {any} f */
@@ -718,6 +923,7 @@ export class RingpushClient {
       });
       entry.resolve(ack);
     }
+    this._moved(f.conv, f.seq, 0);
   }
 
   // ---- sending ----------------------------------------------------------------------
@@ -755,6 +961,24 @@ export class RingpushClient {
   /** The sends not yet acknowledged, oldest first. */
   pending() {
     return [...this._outbox.values()].map(({ conv, cid, body, attempts }) => ({ conv, cid, body, attempts }));
+  }
+
+  /**
+   * Sends an ephemeral signal (typing, recording, ...) into `conv`: every other
+   * connection of every member online now gets it as a `signal` event, the user's other
+   * devices included; this connection does not. Best-effort: not queued while
+   * disconnected, never stored or retried. Errors (`not_member`, `bad_request` for a
+   * body over `limits.max_signal_bytes`, `rate_limited`) are `error` events with
+   * `op: 'signal'`.
+   * @param {string} conv
+   * @param {any} body  any JSON value
+   * @returns {boolean} whether it went out (false when not connected)
+   */
+  signal(conv, body) {
+    const cid = `signal-${++this._requestSeq}`;
+    if (!this._send({ op: 'signal', conv, body, cid })) return false;
+    this._remember(cid, 'signal', conv);
+    return true;
   }
 
   /** @param {PendingSend} entry */

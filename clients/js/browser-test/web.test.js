@@ -5,6 +5,9 @@
 // - one context goes offline (network emulation) while messages flow and, back online,
 //   shows every message in order;
 // - the dashboard's connection count rises as the pages connect;
+// - typing on one page shows "typing…" on the other members' pages (not on the typist's
+//   own devices) and goes away ~4 s after the last signal; marking read on one device
+//   moves the read mark and the unread count on the user's other device;
 // - screenshots of both pages go to docs/ (or $RINGPUSH_SCREENSHOTS).
 //
 // Run with `npm run test:browser` in clients/js; $CHROMIUM overrides /usr/bin/chromium.
@@ -165,4 +168,83 @@ test('three pages stay in the same order, one goes offline and catches up, the d
 
   assert.deepEqual(problems, [], 'no script errors, CSP violations or foreign requests');
   for (const p of [...pages, dash]) await p.context.close();
+});
+
+/** Frames of `op` in a page's protocol log, going `dir` ('in' or 'out'). */
+function logged(page, dir, op) {
+  return page.$$eval(`#log li.${dir}`, (lis, needle) => lis.filter((li) => li.textContent.includes(needle)).length,
+    `"op":"${op}"`);
+}
+
+/** `{unread, read, by}` as a page shows them. */
+async function reads(page) {
+  return page.evaluate(() => ({
+    unread: Number(document.querySelector('#unread').dataset.unread),
+    read: Number(document.querySelector('#read-mark').dataset.read),
+    by: document.querySelector('#read-mark').dataset.by,
+  }));
+}
+
+test('typing shows on the other members\' pages; a read on one device moves the mark on the other', async () => {
+  const conv = 'talk';
+  const laptop = await openDemo('carol', 'laptop', conv);
+  const phone = await openDemo('carol', 'phone', conv);
+  const dan = await openDemo('dan', 'web', conv);
+  // Carol's devices read only when told to, so every move of her mark is one the test made.
+  for (const p of [laptop, phone]) await p.page.uncheck('#auto-read');
+
+  for (let i = 1; i <= 3; i++) await send(dan.page, `dan says ${i}`);
+  for (const p of [laptop, phone, dan]) await waitShown(p.page, 3, p.name);
+  for (const p of [laptop, phone]) {
+    await p.page.waitForSelector('#unread[data-unread="3"]');
+    assert.deepEqual(await reads(p.page), { unread: 3, read: 0, by: '' }, p.name);
+    assert.equal(await p.page.$$eval('#messages li.unread', (lis) => lis.length), 3, `${p.name}: 3 rows unread`);
+  }
+
+  // The laptop marks read: its count drops, and the phone's mark follows, naming the laptop.
+  await laptop.page.click('#mark-read');
+  await laptop.page.waitForSelector('#unread[data-unread="0"]');
+  await phone.page.waitForSelector('#read-mark[data-read="3"][data-by="laptop"]');
+  assert.deepEqual(await reads(phone.page), { unread: 0, read: 3, by: 'laptop' });
+  assert.match(await phone.page.textContent('#read-mark'), /read up to #3 · by laptop/);
+  assert.equal(await phone.page.$$eval('#messages li.unread', (lis) => lis.length), 0, 'no row unread on the phone');
+  assert.equal(await logged(phone.page, 'out', 'read'), 0, 'the phone itself sent no read');
+
+  // With "read when visible" on, the laptop reads a new message as it arrives; the phone follows.
+  await laptop.page.check('#auto-read');
+  await send(dan.page, 'dan says 4');
+  await phone.page.waitForSelector('#read-mark[data-read="4"][data-by="laptop"]');
+  await waitShown(phone.page, 4, 'carol/phone');
+  assert.deepEqual(await reads(phone.page), { unread: 0, read: 4, by: 'laptop' });
+
+  // Dan types: carol's two devices show it; one signal per 2 s at most.
+  const signalled = await logged(dan.page, 'out', 'signal'); // one before each message sent so far
+  const started = Date.now();
+  await dan.page.locator('#text').pressSequentially('hello carol', { delay: 15 });
+  const typed = Date.now() - started;
+  for (const p of [laptop, phone]) {
+    await p.page.waitForSelector('#typing:not([hidden])');
+    assert.equal(await p.page.textContent('#typing'), 'dan is typing…', p.name);
+  }
+  const signals = await logged(dan.page, 'out', 'signal') - signalled;
+  assert.ok(signals >= 1 && signals <= 1 + Math.floor(typed / 2000), `${signals} signals in ${typed} ms of typing`);
+  assert.equal(await dan.page.isHidden('#typing'), true, 'not on the typist\'s page');
+  // It goes away about 4 s after the last signal, with no message sent.
+  await laptop.page.waitForSelector('#typing', { state: 'hidden', timeout: 15000 });
+  assert.ok(Date.now() - started >= 4000, `hidden after ${Date.now() - started} ms`);
+
+  // Carol types on the laptop: dan sees it; her phone gets the signal but shows nothing.
+  await laptop.page.locator('#text').pressSequentially('hi dan', { delay: 15 });
+  await dan.page.waitForSelector('#typing:not([hidden])');
+  assert.equal(await dan.page.textContent('#typing'), 'carol is typing…');
+  await phone.page.waitForFunction(() => [...document.querySelectorAll('#log li.in')]
+    .some((li) => li.textContent.includes('"op":"signal"') && li.textContent.includes('"from":"carol"')));
+  assert.equal(await phone.page.isHidden('#typing'), true, 'carol\'s own devices typing is not shown to her');
+  // Her message ends "typing…" on dan's page at once.
+  await laptop.page.press('#text', 'Enter');
+  await waitShown(dan.page, 5, 'dan');
+  assert.equal(await dan.page.isHidden('#typing'), true, 'the message ended "typing…"');
+
+  assert.deepEqual(problems, [], 'no script errors, CSP violations or foreign requests');
+  for (const p of [laptop, phone, dan]) await p.context.close();
 });

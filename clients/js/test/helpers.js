@@ -251,7 +251,8 @@ export async function startProxy(target) {
 export function record(client) {
   /** @type {Record<string, any[]>} */
   const events = {};
-  for (const type of ['state', 'hello', 'msg', 'ack', 'push', 'synced', 'gap', 'incomplete', 'error', 'close', 'frame']) {
+  for (const type of ['state', 'hello', 'msg', 'ack', 'push', 'synced', 'gap', 'incomplete', 'read', 'unread',
+    'signal', 'error', 'close', 'frame']) {
     events[type] = [];
     client.on(type, (e) => events[type].push(e));
   }
