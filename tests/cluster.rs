@@ -747,3 +747,56 @@ fn a_member_added_gets_no_message_sent_before_it_was_added() {
         "w was added after seq 1: its first frame is the message after that, not {got}"
     );
 }
+
+/// Read marks and signals across nodes: two devices of alice on n1 and n2, bob on n3.
+#[test]
+fn read_marks_and_signals_cross_nodes() {
+    let (_redis, nodes, _) = cluster("");
+    nodes[0].set_members("c1", &["alice", "bob"]);
+    let (mut laptop, _) = connect_synced(&nodes[0], "alice", "laptop", &["c1"]);
+    let (mut phone, _) = connect_synced(&nodes[1], "alice", "phone", &["c1"]);
+    let (mut bob, _) = connect_synced(&nodes[2], "bob", "tablet", &["c1"]);
+    // Live between the nodes for every connection (the subscriptions are in place).
+    let live = post_until_live(&nodes[0], &mut phone, "c1");
+    for ws in [&mut laptop, &mut bob] {
+        let (msgs, _) = collect_msgs(ws, "c1", |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(live));
+        assert_increasing("catch-up", &seqs(&msgs));
+    }
+
+    // A read on n1 moves the mark on alice's phone on n2; a signal reaches n2 and n3.
+    send_json(&mut laptop, &json!({"op": "read", "conv": "c1", "seq": live}));
+    assert_eq!(read_json(&mut phone), json!({"op": "read", "conv": "c1", "seq": live, "dev": "laptop"}));
+    send_json(&mut laptop, &json!({"op": "signal", "conv": "c1", "body": {"typing": true}}));
+    let signal =
+        json!({"op": "signal", "conv": "c1", "from": "alice", "dev": "laptop", "body": {"typing": true}});
+    assert_eq!(read_json(&mut phone), signal);
+    assert_eq!(read_json(&mut bob), signal);
+    // The API's read on n3 reaches every device of its user (bob's here); then alice's.
+    nodes[2].api_expect("POST", "/api/v1/conversations/c1/read", Some(r#"{"user":"bob","seq":1}"#), 200);
+    assert_eq!(read_json(&mut bob), json!({"op": "read", "conv": "c1", "seq": 1, "dev": null}));
+    let seq = nodes[2].post_message("c1", "system", &json!("marker"));
+    let read = nodes[2].api_expect(
+        "POST",
+        "/api/v1/conversations/c1/read",
+        Some(&format!(r#"{{"user":"alice","seq":{seq}}}"#)),
+        200,
+    );
+    assert_eq!(read["read"], seq);
+    for (who, ws) in [("laptop", &mut laptop), ("phone", &mut phone)] {
+        let frames = read_until(ws, |f| f["op"] == "read");
+        assert_eq!(
+            frames.last(),
+            Some(&json!({"op": "read", "conv": "c1", "seq": seq, "dev": null})),
+            "{who}"
+        );
+        assert!(frames[..frames.len() - 1].iter().all(|f| f["op"] == "msg"), "{who}: {frames:?}");
+    }
+    let frames = read_until(&mut bob, |f| f["op"] == "msg" && f["seq"] == seq);
+    assert_eq!(frames.len(), 1, "bob got more than the marker (alice's read?): {frames:?}");
+    // A new device of alice on n3 learns the mark from `synced`; the unread API agrees.
+    let (mut watch, _) = connect_client(&nodes[2], "alice", "watch");
+    assert_eq!(sync(&mut watch, "c1", seq, None).synced["read"], seq);
+    let unread = nodes[1].api_expect("GET", "/api/v1/users/bob/unread", None, 200);
+    assert_eq!(unread["convs"][0]["read"], 1, "{unread}");
+    assert_eq!(unread["convs"][0]["unread"], seq - 1, "{unread}");
+}

@@ -525,7 +525,7 @@ mod tests {
             },
         };
         let expected: &[u8] = &[
-            3, 1, // version, kind
+            4, 1, // version, kind
             1, 0, b'n', // node
             2, 0, 0, 0, 0, 0, 0, 0, // epoch
             1, 0, b'c', // conv
@@ -588,7 +588,7 @@ mod tests {
         let mut version = good.clone();
         version[0] = 1;
         let mut kind = good.clone();
-        kind[1] = 6;
+        kind[1] = 8;
         let mut kind_zero = good.clone();
         kind_zero[1] = 0;
         // version, kind, node id "n", epoch, then the body.
@@ -610,7 +610,7 @@ mod tests {
             ("version only", vec![FORMAT_VERSION], WireError::Truncated { at: 1, wanted: 1, left: 0 }),
             ("trailing byte", trailing, WireError::TrailingBytes(1)),
             ("an older version", version, WireError::Version(1)),
-            ("unknown kind", kind, WireError::Kind(6)),
+            ("unknown kind", kind, WireError::Kind(8)),
             ("kind zero", kind_zero, WireError::Kind(0)),
             (
                 "node length past the end",

@@ -329,6 +329,7 @@ impl Sampler {
             "closes": f.by_label("ringpush_closes_sent_total", "code"),
             "requests_refused": f.by_label("ringpush_requests_refused_total", "code"),
             "cluster": cluster(&f),
+            "webhooks": webhooks(&f),
             "store": store(&f),
         });
         self.previous = Some((now, values));
@@ -426,6 +427,22 @@ fn cluster(f: &Figures<'_>) -> Value {
         .map(|s| json!({ "labels": s.labels_json(), "value": num(s.value) }))
         .collect();
     json!({ "enabled": true, "peers": peers, "series": series })
+}
+
+/// The webhook part: `{"enabled": false}` without `[webhook]` (no `ringpush_webhook_*`
+/// family), else every webhook series (histogram buckets left out) and the request
+/// latency's percentiles over the node's life.
+fn webhooks(f: &Figures<'_>) -> Value {
+    let series: Vec<Value> = f
+        .series("ringpush_webhook_")
+        .into_iter()
+        .filter(|x| x["name"].as_str().is_some_and(|n| !n.starts_with("ringpush_webhook_request_seconds")))
+        .collect();
+    if series.is_empty() {
+        return json!({ "enabled": false });
+    }
+    let buckets = histogram(f.samples, "ringpush_webhook_request_seconds");
+    json!({ "enabled": true, "series": series, "latency": percentiles(&buckets, 0.0) })
 }
 
 /// The store part: `{"reported": false, "backend": "memory"}` without `ringpush_store_up`
