@@ -342,6 +342,9 @@ fn node_facts(node: &Node) -> metrics::NodeFacts {
         store_up: node.store_up.load(Relaxed),
         redis: node.redis.is_some(),
         presence_purges: node.presence_purges.load(Relaxed),
+        ready: node.is_ready(),
+        max_connections: node.config.limits.max_connections as u64,
+        shard_ping_us: node.shard_ping_us.load(Relaxed),
     }
 }
 

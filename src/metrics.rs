@@ -490,6 +490,13 @@ pub struct NodeFacts {
     pub redis: bool,
     /// Dead nodes whose presence this node purged (shown with Redis only).
     pub presence_purges: u64,
+    /// Every shard accepts, the store answers, the node is not draining (`/readyz`).
+    pub ready: bool,
+    /// `limits.max_connections`.
+    pub max_connections: u64,
+    /// How long the slowest shard took to answer the last watchdog ping, in microseconds
+    /// (capped at the ping's timeout: a stalled shard shows the cap).
+    pub shard_ping_us: u64,
 }
 
 /// The node-wide figures: store health and, with Redis, the delivery order's repairs and
@@ -498,6 +505,19 @@ pub struct NodeFacts {
 pub fn render_node(node: &NodeFacts, shards: &[Arc<ShardMetrics>], out: &mut String) {
     let up = node.store_up as u8;
     let kind = if node.redis { "redis" } else { "memory" };
+    let _ = writeln!(
+        out,
+        "# HELP ringpush_ready 1 while /readyz answers 200 (every shard accepts, the store answers, not draining).\n\
+         # TYPE ringpush_ready gauge\nringpush_ready {}\n\
+         # HELP ringpush_max_connections limits.max_connections.\n\
+         # TYPE ringpush_max_connections gauge\nringpush_max_connections {}\n\
+         # HELP ringpush_shard_ping_seconds Time the slowest shard took to answer the last watchdog ping (once a second; capped at its timeout).\n\
+         # TYPE ringpush_shard_ping_seconds gauge\nringpush_shard_ping_seconds {}.{:06}",
+        node.ready as u8,
+        node.max_connections,
+        node.shard_ping_us / 1_000_000,
+        node.shard_ping_us % 1_000_000
+    );
     let _ = writeln!(
         out,
         "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
@@ -536,7 +556,21 @@ pub fn render_process(out: &mut String) {
             info.fordblks
         );
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    #[cfg(target_os = "linux")]
+    {
+        // The standard process collector's names, so existing alerts on them apply.
+        let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct it is given.
+        let max =
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 0 };
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n\
+             # HELP process_max_fds The open-file limit (RLIMIT_NOFILE, soft).\n# TYPE process_max_fds gauge\nprocess_max_fds {max}"
+        );
+    }
+    #[cfg(not(target_os = "linux"))]
     let _ = out;
 }
 
@@ -581,15 +615,41 @@ mod tests {
         m.cluster_repairs.add(3);
         let shards = [m];
         let mut out = String::new();
-        render_node(&NodeFacts { store_up: true, redis: false, presence_purges: 9 }, &shards, &mut out);
-        assert_eq!(
-            out,
+        render_node(
+            &NodeFacts {
+                store_up: true,
+                redis: false,
+                presence_purges: 9,
+                ready: true,
+                max_connections: 7,
+                shard_ping_us: 1_500,
+            },
+            &shards,
+            &mut out,
+        );
+        assert!(out.contains("\nringpush_ready 1\n"), "{out}");
+        assert!(out.contains("\nringpush_max_connections 7\n"), "{out}");
+        assert!(out.contains("\nringpush_shard_ping_seconds 0.001500\n"), "{out}");
+        assert!(out.ends_with(
             "# HELP ringpush_store_up 1 while the store answers (Redis: as of the last lease renewal).\n\
              # TYPE ringpush_store_up gauge\nringpush_store_up{backend=\"memory\"} 1\n"
-        );
+        ));
+        assert!(!out.contains("cluster"), "{out}");
         out.clear();
-        render_node(&NodeFacts { store_up: false, redis: true, presence_purges: 9 }, &shards, &mut out);
+        render_node(
+            &NodeFacts {
+                store_up: false,
+                redis: true,
+                presence_purges: 9,
+                ready: false,
+                max_connections: 7,
+                shard_ping_us: 0,
+            },
+            &shards,
+            &mut out,
+        );
         assert!(out.contains("ringpush_store_up{backend=\"redis\"} 0\n"));
+        assert!(out.contains("\nringpush_ready 0\n"), "{out}");
         assert!(out.contains(
             "# HELP ringpush_cluster_gap_repairs_total Reads of missing seqs from the store.\n\
              # TYPE ringpush_cluster_gap_repairs_total counter\nringpush_cluster_gap_repairs_total 3\n"

@@ -42,6 +42,8 @@ pub struct Node {
     pub presence_lost: AtomicBool,
     /// Presence of dead nodes purged by this node (their lease ended).
     pub presence_purges: AtomicU64,
+    /// How long the slowest shard took to answer the last watchdog ping, in µs.
+    pub shard_ping_us: AtomicU64,
     /// Webhook events on their way to the backend (`[webhook]`).
     pub webhooks: Option<Outbox>,
 }

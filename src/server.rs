@@ -193,6 +193,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<(), Error> {
     };
     let node = Arc::new(Node {
         webhooks,
+        shard_ping_us: AtomicU64::new(0),
         store_up: AtomicBool::new(redis.is_none()),
         presence_lost: AtomicBool::new(false),
         presence_purges: AtomicU64::new(0),
@@ -326,15 +327,27 @@ async fn supervise(node: Arc<Node>, mesh: Rc<Mesh>, notifier: Rc<Notifier>) {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     notifier.notify(&format!("READY=1\nSTATUS=serving {} shards", node.shard_count));
-    let Some(interval) = Notifier::watchdog_interval() else { return };
+    // Every shard is pinged through the mesh: at half systemd's watchdog interval when it
+    // has one (and petted only while every shard answers), else once a second for the
+    // metric alone (`ringpush_shard_ping_seconds`).
+    let watchdog = Notifier::watchdog_interval();
+    let every = watchdog.map_or(Duration::from_secs(1), |i| i / 2);
+    let limit = watchdog.map_or(Duration::from_secs(1), |i| i / 4);
     loop {
-        glommio::timer::sleep(interval / 2).await;
+        glommio::timer::sleep(every).await;
         let mut alive = true;
+        let mut slowest = Duration::ZERO;
         for shard in 0..node.shard_count {
-            let ping = glommio::timer::timeout(interval / 4, async {
+            let asked = std::time::Instant::now();
+            let ping = glommio::timer::timeout(limit, async {
                 Ok(mesh.request(shard, |reply| ShardMsg::Shard(ShardWide::Ping { reply })).await)
             });
             alive &= matches!(ping.await, Ok(Some(_)));
+            slowest = slowest.max(asked.elapsed().min(limit));
+        }
+        node.shard_ping_us.store(slowest.as_micros() as u64, Ordering::Relaxed);
+        if watchdog.is_none() {
+            continue;
         }
         if alive {
             notifier.notify("WATCHDOG=1");

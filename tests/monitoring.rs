@@ -18,12 +18,9 @@ use std::process::Command;
 use common::redis::{free_port, Redis};
 use common::*;
 
-/// The metrics of the webhook feature, which is being added to the server: the dashboard
-/// and the rules use them already. While the config has no `[webhook]` section (so no
-/// live server can export them), these names are accepted unseen; once `[webhook]`
-/// exists, the live server below is started with one and must export each of them, and
-/// this list can be deleted.
-const ADDED_BY_THE_WEBHOOK_FEATURE: [&str; 6] = [
+/// The webhook families: exported only by a node with `[webhook]`, which the live server
+/// below has.
+const WEBHOOK_FAMILIES: [&str; 6] = [
     "ringpush_webhook_events_total",
     "ringpush_webhook_delivered_total",
     "ringpush_webhook_retried_total",
@@ -32,7 +29,7 @@ const ADDED_BY_THE_WEBHOOK_FEATURE: [&str; 6] = [
     "ringpush_webhook_request_seconds",
 ];
 
-/// A `[webhook]` section for the live server, tried with `check-config` first.
+/// A `[webhook]` section for the live server.
 const WEBHOOK_TOML: &str = "[webhook]\nurl = \"http://127.0.0.1:9/x\"\nsecret = \"whsecret123\"\n";
 
 const RULES: &str = "ops/prometheus/ringpush.rules.yml";
@@ -91,31 +88,14 @@ fn exported_names(metrics: &str) -> BTreeSet<String> {
     names
 }
 
-/// `name` is one of the webhook feature's families, or a histogram series of one.
-fn added_by_the_webhook_feature(name: &str) -> bool {
-    ADDED_BY_THE_WEBHOOK_FEATURE.iter().any(|family| {
-        name == *family || ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}"))
-    })
-}
-
-/// Whether this build's config accepts a `[webhook]` section.
-fn webhook_config_exists() -> bool {
-    let dir = TempDir::new("webhook-config");
-    let path = dir.write("webhook.toml", WEBHOOK_TOML);
-    let out =
-        ringpush_command().args(["check-config", "--config"]).arg(&path).output().expect("check-config");
-    out.status.success()
-}
-
 #[test]
 fn the_dashboard_and_the_rules_name_only_metrics_a_live_node_exports() {
-    let webhook = webhook_config_exists();
     let redis = Redis::start();
     let publish = free_port();
     let node = format!(
         "node_id = \"mon\"\n{}[redis]\nurl = \"{}\"\n[cluster]\npub_listen = \"tcp://127.0.0.1:{publish}\"\n\
          advertise = \"tcp://127.0.0.1:{publish}\"\n",
-        if webhook { WEBHOOK_TOML } else { "" },
+        WEBHOOK_TOML,
         redis.url(),
     );
     let server = Server::start(&node);
@@ -131,20 +111,15 @@ fn the_dashboard_and_the_rules_name_only_metrics_a_live_node_exports() {
     ] {
         assert!(exported.contains(family), "{family} missing from /metrics: {exported:?}");
     }
-    if webhook {
-        for family in ADDED_BY_THE_WEBHOOK_FEATURE {
-            let seen = exported.contains(family) || exported.contains(&format!("{family}_bucket"));
-            assert!(seen, "{family} missing from /metrics of a node with [webhook]");
-        }
+    for family in WEBHOOK_FAMILIES {
+        let seen = exported.contains(family) || exported.contains(&format!("{family}_bucket"));
+        assert!(seen, "{family} missing from /metrics of a node with [webhook]");
     }
 
     for file in [DASHBOARD, RULES, RULES_TEST] {
         let named = metric_names(&repo_file(file));
         assert!(named.len() > 10, "{file}: only {named:?}");
-        let unknown: Vec<&String> = named
-            .iter()
-            .filter(|n| !exported.contains(*n) && (webhook || !added_by_the_webhook_feature(n)))
-            .collect();
+        let unknown: Vec<&String> = named.iter().filter(|n| !exported.contains(*n)).collect();
         assert!(unknown.is_empty(), "{file} names metrics /metrics does not export: {unknown:?}");
     }
 }
