@@ -34,7 +34,7 @@
 //!
 //! ### Layer 6: a shard's shared context
 //! - `ctx`: what a shard's parts share (`Ctx`): id, config, metrics, clock, store, mesh,
-//!   the local and flush queues. Sessions, conversations and the demo page get a `&Ctx`.
+//!   the local and flush queues, the hub. Sessions, conversations and the demo page get a `&Ctx`.
 //!
 //! ### Layer 5: the process's plumbing
 //! - `mesh`: messages between the executors of the process (`ShardMsg`, `Reply`).

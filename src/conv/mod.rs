@@ -7,6 +7,11 @@
 //! of shards that want its messages ([`Interest`]): a shard is added when one of its
 //! users joins (connect, `sync`, membership change) and removed when it reports it has
 //! no session left there.
+//!
+//! Besides messages the owner routes what has no seq: read marks (`on_read`, stored, then
+//! told to the user's other devices on every node) and signals (`signal_out`, fanned out
+//! like a message, stored nowhere), and it decides `message.offline` webhooks
+//! (`offline`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -9,9 +9,10 @@
 //!
 //! What the shard's parts share is its context ([`Ctx`]); the conversations it owns are
 //! [`Owner`]'s (in `conv`), which gets the messages addressed to a conversation's owner.
-//! This module keeps the executor's tasks, the session table (`table`), the hub, the
-//! timer wheel, the graces, the presence writer (`presence`), and the handling of the
-//! messages addressed to a user's owner and to the shard's sessions.
+//! This module keeps the executor's tasks, the session table (`table`), the hub (kept in its `Ctx`), the
+//! timer wheel, the graces, the presence writer (`presence`), the users it owns for
+//! `user.online`/`user.offline` webhooks (`online`), and the handling of the messages
+//! addressed to a user's owner and to the shard's sessions.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
