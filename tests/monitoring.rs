@@ -50,19 +50,22 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b':';
     let mut names = BTreeSet::new();
-    let mut i = 0;
-    while let Some(found) = text[i..].find("ringpush_") {
-        let start = i + found;
-        let mut end = start + "ringpush_".len();
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
+    // ringpush's own families, and the process collector's that it exports too.
+    for prefix in ["ringpush_", "process_"] {
+        let mut i = 0;
+        while let Some(found) = text[i..].find(prefix) {
+            let start = i + found;
+            let mut end = start + prefix.len();
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            let standalone =
+                (start == 0 || !word(bytes[start - 1])) && (end == bytes.len() || bytes[end] != b':');
+            if standalone && end > start + prefix.len() {
+                names.insert(text[start..end].to_owned());
+            }
+            i = end;
         }
-        let standalone =
-            (start == 0 || !word(bytes[start - 1])) && (end == bytes.len() || bytes[end] != b':');
-        if standalone && end > start + "ringpush_".len() {
-            names.insert(text[start..end].to_owned());
-        }
-        i = end;
     }
     names
 }
@@ -248,11 +251,15 @@ fn every_alert_is_tested_firing_and_not_firing_and_has_a_runbook_row() {
 #[test]
 fn metric_names_finds_names_and_skips_recording_rules() {
     let names = metric_names(
-        "sum(rate(ringpush_frames_in_total[5m])) / ringpush:connections:sum + x_ringpush_no ringpush_a_bucket{le=\"1\"}",
+        "sum(rate(ringpush_frames_in_total[5m])) / ringpush:connections:sum + x_ringpush_no ringpush_a_bucket{le=\"1\"} / process_max_fds",
     );
     assert_eq!(
         names,
-        BTreeSet::from(["ringpush_frames_in_total".to_owned(), "ringpush_a_bucket".to_owned()])
+        BTreeSet::from([
+            "ringpush_frames_in_total".to_owned(),
+            "ringpush_a_bucket".to_owned(),
+            "process_max_fds".to_owned()
+        ])
     );
     let exported =
         exported_names("# TYPE ringpush_x_seconds histogram\n# TYPE ringpush_y gauge\nringpush_y 1\n");
