@@ -812,3 +812,27 @@ fn concurrent_jobs_share_round_trips() {
         .expect("cmdstat_evalsha in INFO commandstats");
     assert_eq!(calls, 1000);
 }
+
+#[test]
+fn read_marks_only_move_up_stop_at_the_last_seq_and_need_membership() {
+    let server = RedisServer::start();
+    let p = pool(&server);
+    on_shard(move || async move {
+        let s = store(&p, "a", 1);
+        bounded(s.set_members("c1", MemberOp::Add, &users(&["al", "bo"]))).await.unwrap();
+        for i in 0..4 {
+            append(&s, "c1", &message("al", None, 1000 + i, "1"), 0).await;
+        }
+        assert_eq!(bounded(s.set_read("c1", "eve", 2)).await.unwrap(), None, "not a member");
+        let mark = bounded(s.set_read("c1", "bo", 2)).await.unwrap().expect("member");
+        assert_eq!((mark.read, mark.moved), (2, true));
+        let mark = bounded(s.set_read("c1", "bo", 1)).await.unwrap().expect("member");
+        assert_eq!((mark.read, mark.moved), (2, false));
+        let mark = bounded(s.set_read("c1", "bo", 99)).await.unwrap().expect("member");
+        assert_eq!((mark.read, mark.moved), (4, true), "clamped to the last seq");
+        let state = bounded(s.read_state("c1", &users(&["al", "bo", "eve"]))).await.unwrap();
+        assert_eq!((state.last_seq, state.marks), (4, vec![0, 4, 0]));
+        let state = bounded(s.read_state("nothing", &users(&["al"]))).await.unwrap();
+        assert_eq!((state.last_seq, state.marks), (0, vec![0]));
+    });
+}
