@@ -56,9 +56,26 @@ pub struct ChatArgs {
     /// Also read the kernel's arrival time of each read (SO_TIMESTAMPNS).
     #[arg(long)]
     pub kernel_stamps: bool,
+    /// Connections per user: connection `j` of the run is user `j / D`, device `d<j % D>`
+    /// (the plan's users are users, not connections); only device 0 of a sender sends.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// `read` frames per message sent: each `msg` read is marked read (`read` of its seq
+    /// on the receiving connection) with this share over the K*D-1 receivers of a send.
+    #[arg(long, default_value_t = 0.0)]
+    pub reads: f64,
+    /// `signal` frames per message sent: a sender sends this many signals (`{"typing":true}`)
+    /// into the conversation before its send, on average.
+    #[arg(long, default_value_t = 0.0)]
+    pub signals: f64,
 }
 
 impl ChatArgs {
+    /// Connections per user (at least 1).
+    pub fn devices(&self) -> usize {
+        self.devices.max(1)
+    }
+
     pub fn plan(&self) -> Plan {
         Plan {
             users: self.plan_users,
@@ -152,6 +169,15 @@ pub struct Counters {
     pub seq_errors: u64,
     /// `msg` frames of conversations the connection does not know.
     pub strays: u64,
+    /// `read` and `signal` frames sent (the mix; none without `--reads`/`--signals`).
+    pub reads_sent: u64,
+    pub signals_sent: u64,
+    /// `read` frames (another device's read mark) and `signal` frames read, in all and
+    /// before the end of the window.
+    pub reads: u64,
+    pub reads_in_window: u64,
+    pub signals: u64,
+    pub signals_in_window: u64,
 }
 
 /// Receipts of one seq of the fan-out conversation, latencies in nanoseconds.
@@ -217,27 +243,41 @@ pub struct Chat {
     frame: Vec<u8>,
     /// `error` frames printed so far (the first few go to stderr).
     errors_shown: u64,
+    /// `read` frames per `msg` read, and the share owed so far (a `read` goes out at 1).
+    read_share: f64,
+    read_owed: f64,
+    /// `signal` frames per send, and the share owed so far.
+    signals: f64,
+    signal_owed: f64,
 }
 
 impl Chat {
     /// The process's IM state and one [`Peer`] per connection, for the users
     /// `first..first + count`.
+    /// `first..first + count` are connections: with `--devices D`, connection `j` is
+    /// user `j / D`, device `j % D`.
     pub fn new(args: &ChatArgs, first: usize, count: usize) -> (Chat, Vec<Peer>) {
         let plan = args.plan();
+        let d = args.devices();
         let names = (0..plan.convs).map(|c| plan.conv_name(c).into_bytes()).collect();
-        let peers = plan
-            .convs_of_range(first, count)
-            .into_iter()
-            .enumerate()
-            .map(|(i, convs)| Peer {
-                unsynced: convs.len(),
-                convs: convs.into_iter().map(|conv| PeerConv { conv, last: 0, synced: false }).collect(),
-                inflight: 0,
-                next: 0,
-                sender: plan.is_sender(first + i),
-                text: Vec::new(),
+        let first_user = first / d;
+        let users = if count == 0 { 0 } else { (first + count - 1) / d + 1 - first_user };
+        let lists = plan.convs_of_range(first_user, users);
+        let peers = (first..first + count)
+            .map(|j| {
+                let convs = &lists[j / d - first_user];
+                Peer {
+                    unsynced: convs.len(),
+                    convs: convs.iter().map(|&conv| PeerConv { conv, last: 0, synced: false }).collect(),
+                    inflight: 0,
+                    next: 0,
+                    sender: j % d == 0 && plan.is_sender(j / d),
+                    text: Vec::new(),
+                }
             })
             .collect();
+        // Each send reaches every other connection of every member.
+        let receivers = plan.receivers_per_send(d).max(1);
         let chat = Chat {
             plan,
             names,
@@ -254,6 +294,10 @@ impl Chat {
             last_rx: 0,
             frame: Vec::with_capacity(256),
             errors_shown: 0,
+            read_share: args.reads.max(0.0) / receivers as f64,
+            read_owed: 0.0,
+            signals: args.signals.max(0.0),
+            signal_owed: 0.0,
         };
         (chat, peers)
     }
@@ -289,7 +333,19 @@ impl Chat {
         rng: &mut Rng,
     ) -> bool {
         match scan::op(text) {
-            Op::Msg => self.on_msg(peer, text, at),
+            Op::Msg => self.on_msg(peer, text, at, out, rng),
+            Op::Read => {
+                self.counters.reads += 1;
+                if at.read < self.window_end {
+                    self.counters.reads_in_window += 1;
+                }
+            }
+            Op::Signal => {
+                self.counters.signals += 1;
+                if at.read < self.window_end {
+                    self.counters.signals_in_window += 1;
+                }
+            }
             Op::Ack => {
                 self.last_rx = at.read;
                 self.counters.acks += 1;
@@ -352,7 +408,7 @@ impl Chat {
         false
     }
 
-    fn on_msg(&mut self, peer: &mut Peer, text: &[u8], at: Stamp) {
+    fn on_msg(&mut self, peer: &mut Peer, text: &[u8], at: Stamp, out: &mut Vec<u8>, rng: &mut Rng) {
         self.last_rx = at.read;
         self.counters.msgs += 1;
         if at.read < self.window_end {
@@ -373,6 +429,14 @@ impl Chat {
                     self.counters.seq_errors += 1;
                 }
                 pc.last = pc.last.max(seq);
+                let c = pc.conv;
+                if self.read_share > 0.0 && at.read < self.window_end {
+                    self.read_owed += self.read_share;
+                    if self.read_owed >= 1.0 {
+                        self.read_owed -= 1.0;
+                        self.write_read(c, seq, out, rng);
+                    }
+                }
             }
             None => self.counters.strays += 1,
         }
@@ -402,6 +466,30 @@ impl Chat {
         ws::write_frame(out, opcode::TEXT, f, rng.mask());
     }
 
+    /// Writes a `read` of `conv` up to `seq` into `out`.
+    fn write_read(&mut self, conv: u32, seq: u64, out: &mut Vec<u8>, rng: &mut Rng) {
+        let f = &mut self.frame;
+        f.clear();
+        f.extend_from_slice(b"{\"op\":\"read\",\"conv\":\"");
+        f.extend_from_slice(&self.names[conv as usize]);
+        f.extend_from_slice(b"\",\"seq\":");
+        scan::put_u64(f, seq);
+        f.push(b'}');
+        ws::write_frame(out, opcode::TEXT, f, rng.mask());
+        self.counters.reads_sent += 1;
+    }
+
+    /// Writes a `signal` into `conv` (a typing indicator) into `out`.
+    fn write_signal(&mut self, conv: u32, out: &mut Vec<u8>, rng: &mut Rng) {
+        let f = &mut self.frame;
+        f.clear();
+        f.extend_from_slice(b"{\"op\":\"signal\",\"conv\":\"");
+        f.extend_from_slice(&self.names[conv as usize]);
+        f.extend_from_slice(b"\",\"body\":{\"typing\":true}}");
+        ws::write_frame(out, opcode::TEXT, f, rng.mask());
+        self.counters.signals_sent += 1;
+    }
+
     /// Writes the peer's next `send` (round robin over its conversations) into `out`,
     /// stamped with `now` (or just after the last stamp, so cids stay unique).
     pub fn write_send(&mut self, peer: &mut Peer, out: &mut Vec<u8>, rng: &mut Rng, now: u64) {
@@ -412,6 +500,13 @@ impl Chat {
         self.last_t = t;
         let conv = peer.convs[peer.next % peer.convs.len()].conv;
         peer.next = peer.next.wrapping_add(1);
+        if self.signals > 0.0 {
+            self.signal_owed += self.signals;
+            while self.signal_owed >= 1.0 {
+                self.signal_owed -= 1.0;
+                self.write_signal(conv, out, rng);
+            }
+        }
         let f = &mut self.frame;
         f.clear();
         f.extend_from_slice(b"{\"op\":\"send\",\"conv\":\"");
@@ -526,6 +621,9 @@ mod tests {
             body_bytes: 100,
             per_seq,
             kernel_stamps: false,
+            devices: 1,
+            reads: 0.0,
+            signals: 0.0,
         };
         Chat::new(&args, 0, 4)
     }

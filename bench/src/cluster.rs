@@ -60,6 +60,7 @@ pub fn run(args: ClusterArgs) -> Result<im::Report, Error> {
             echo: false,
             max_message_bytes: 64 * 1024,
             send_rate_per_sec: Some(SEND_RATE_PER_SEC),
+            signal_rate_per_sec: Some(SEND_RATE_PER_SEC),
             outbound_queue_bytes: Some(4 << 20),
             cpu: server_cpu,
             log: None,

@@ -41,6 +41,18 @@ pub struct CrowdSetup<'a> {
     /// The clients poll instead of sleeping in epoll (`idle-worker --spin`).
     pub spin: bool,
     pub concurrency: usize,
+    /// Connections per user (`im --devices`); the crowd holds `users * devices`.
+    pub devices: usize,
+    /// `read` and `signal` frames per message sent (`im --reads`, `--signals`).
+    pub reads: f64,
+    pub signals: f64,
+}
+
+impl CrowdSetup<'_> {
+    /// Connections in the crowd.
+    pub fn conns(&self) -> usize {
+        self.plan.users * self.devices.max(1)
+    }
 }
 
 /// The client side of the IM scenarios (`im`, `fanout`): how the crowd is run and reported.
@@ -89,6 +101,9 @@ impl ClientArgs {
             kernel_stamps: !self.no_kernel_stamps,
             spin: self.client_spin,
             concurrency: self.concurrency,
+            devices: 1,
+            reads: 0.0,
+            signals: 0.0,
         }
     }
 }
@@ -106,7 +121,7 @@ impl Crowd {
     /// Starts the processes and waits until every connection is up and synced; any
     /// connection that fails fails the run (its receipts would be missing).
     pub fn start(setup: &CrowdSetup<'_>) -> Result<Crowd, Error> {
-        let users = setup.plan.users;
+        let users = setup.conns();
         let source_ips = users.div_ceil(CONNS_PER_SOURCE_IP).clamp(1, 254);
         let lists: Vec<Vec<OsString>> = shares(users, setup.procs)
             .into_iter()
@@ -133,7 +148,7 @@ impl Crowd {
                     CONNECT_TIMEOUT_SECS.to_string(),
                     "--chat".into(),
                     "--plan-users".into(),
-                    users.to_string(),
+                    setup.plan.users.to_string(),
                     "--plan-convs".into(),
                     setup.plan.convs.to_string(),
                     "--plan-members".into(),
@@ -145,6 +160,18 @@ impl Crowd {
                     "--body-bytes".into(),
                     setup.body_bytes.to_string(),
                 ];
+                if setup.devices > 1 {
+                    v.push("--devices".into());
+                    v.push(setup.devices.to_string());
+                }
+                if setup.reads > 0.0 {
+                    v.push("--reads".into());
+                    v.push(setup.reads.to_string());
+                }
+                if setup.signals > 0.0 {
+                    v.push("--signals".into());
+                    v.push(setup.signals.to_string());
+                }
                 if !setup.also.is_empty() {
                     v.push("--also".into());
                     v.push(setup.also.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","));

@@ -24,7 +24,7 @@
 //!
 //! | parent sends  | fleet answers |
 //! | ---           | ---           |
-//! | `go RATE WINDOW MS` | after the phase and its drain: `done sent S acks A acks_win AW msgs M msgs_win MW gaps G errors E seq_errors Q strays X drain_ms D`, then `hist deliver ...`, `hist arrival ...` and `hist ack ...` ([`crate::latency`]). For MS milliseconds the local senders send RATE messages a second in all (open loop), or, with RATE 0, keep WINDOW sends each unacked (closed loop) |
+//! | `go RATE WINDOW MS` | after the phase and its drain: `done sent S acks A acks_win AW msgs M msgs_win MW gaps G errors E seq_errors Q strays X drain_ms D reads_sent RS signals_sent SS reads R reads_win RW signals N signals_win NW` (the mix: `read`/`signal` frames sent, and read by the clients), then `hist deliver ...`, `hist arrival ...` and `hist ack ...` ([`crate::latency`]). For MS milliseconds the local senders send RATE messages a second in all (open loop), or, with RATE 0, keep WINDOW sends each unacked (closed loop) |
 //! | `fan SEQ MS`  | the local sender (if any) sends one message; once every local receiver has read seq SEQ, or after MS: `fan seq SEQ got C want R first_read .. last_read .. first_arrival .. last_arrival ..` (latencies in ns) |
 //! | `flood FIRST COUNT MS` | the local sender sends COUNT messages back to back; once seqs FIRST.. are all read, or after MS: `flood got C want R t0 T last_read_at L last_arrival_at A` and `seqlat` with six numbers per seq (seq, receipts, first and last read latency, first and last arrival latency) |
 //!
@@ -808,8 +808,11 @@ impl Fleet {
         let target = match self.args.path {
             Endpoint::Echo => "/echo".to_string(),
             Endpoint::Ws => {
-                let user = format!("{}{}", self.args.user_prefix, self.args.first + i);
-                match ringpush::auth::mint(&self.args.secret, &user, "d", TOKEN_TTL_SECS) {
+                // With `--devices D` (IM), connection j is user j / D on device `d<j % D>`.
+                let (j, d) = (self.args.first + i, self.args.chat.devices());
+                let user = format!("{}{}", self.args.user_prefix, j / d);
+                let device = if d == 1 { "d".to_string() } else { format!("d{}", j % d) };
+                match ringpush::auth::mint(&self.args.secret, &user, &device, TOKEN_TTL_SECS) {
                     Ok(token) => format!("/ws?token={token}"),
                     Err(e) => return self.fail(i, format!("mint a token: {e}")),
                 }
@@ -1390,7 +1393,8 @@ impl Fleet {
                     let c = chat.counters;
                     say(&format!(
                         "done sent {} acks {} acks_win {} msgs {} msgs_win {} gaps {} errors {} seq_errors {} \
-                         strays {} inflight {inflight} drain_ms {}",
+                         strays {} inflight {inflight} drain_ms {} reads_sent {} signals_sent {} reads {} \
+                         reads_win {} signals {} signals_win {}",
                         c.sent,
                         c.acks,
                         c.acks_in_window,
@@ -1400,7 +1404,13 @@ impl Fleet {
                         c.errors,
                         c.seq_errors,
                         c.strays,
-                        after.as_millis()
+                        after.as_millis(),
+                        c.reads_sent,
+                        c.signals_sent,
+                        c.reads,
+                        c.reads_in_window,
+                        c.signals,
+                        c.signals_in_window
                     ))?;
                     say(&chat.deliver.line("deliver"))?;
                     say(&chat.arrival.line("arrival"))?;

@@ -354,6 +354,7 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
                 echo: args.path == Endpoint::Echo,
                 max_message_bytes: args.burst.max(DEFAULT_MAX_MESSAGE),
                 send_rate_per_sec: None,
+                signal_rate_per_sec: None,
                 outbound_queue_bytes: None,
                 cpu: server_cpu,
                 log: args.server_log.clone(),

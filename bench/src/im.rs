@@ -61,6 +61,18 @@ pub struct ImArgs {
     /// Seconds of each phase.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// D: connections per user (devices `d0..d(D-1)`; N*D connections in all). A `msg`
+    /// reaches K*D-1 connections, a `read` the reader's D-1 other devices.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// The mix: `read` frames per message sent. Receivers mark the `msg` they just read as
+    /// read (spread evenly over them); only a user's other devices get the `read`.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub reads: f64,
+    /// The mix: `signal` frames per message sent. Senders send a typing signal into the
+    /// conversation before a send; every other connection of every member gets it.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub signals: f64,
     #[command(flatten)]
     pub clients: ClientArgs,
 }
@@ -107,6 +119,19 @@ pub struct Phase {
     /// how many frames (msgs, acks) one socket write carried on average.
     pub server_frames: Option<u64>,
     pub server_writes: Option<u64>,
+    /// The mix: `read` and `signal` frames the clients sent over the phase.
+    pub reads_sent: u64,
+    pub signals_sent: u64,
+    /// `read` and `signal` frames the clients read, over the phase and in the window.
+    pub reads: u64,
+    pub reads_in_window: u64,
+    pub signals: u64,
+    pub signals_in_window: u64,
+    /// `ringpush_signals_delivered_total` and `ringpush_read_marks_total` over the window,
+    /// `ringpush_signals_dropped_total` over the phase.
+    pub server_signals: Option<u64>,
+    pub server_read_marks: Option<u64>,
+    pub server_signals_dropped: Option<u64>,
 }
 
 impl Phase {
@@ -140,6 +165,25 @@ impl Phase {
     /// Deliveries one fully used server core would make at this cost.
     pub fn deliveries_per_core_sec(&self) -> f64 {
         1e6 / self.cpu_us_per_delivery().max(1e-9)
+    }
+
+    /// Whether the phase had a mix (`read` or `signal` frames sent).
+    pub fn mixed(&self) -> bool {
+        self.reads_sent + self.signals_sent > 0
+    }
+
+    /// Frames delivered in the window, `msg`, `read` and `signal` together: the server's
+    /// counts of `msg` and `signal` (the clients' without /metrics), the clients' of `read`
+    /// (the server counts read marks moved, not the frames it sends).
+    pub fn frames_delivered(&self) -> u64 {
+        self.server_delivered.unwrap_or(self.msgs_in_window)
+            + self.server_signals.unwrap_or(self.signals_in_window)
+            + self.reads_in_window
+    }
+
+    /// Server CPU µs per delivered frame of any of the three kinds.
+    pub fn cpu_us_per_frame(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.frames_delivered().max(1) as f64
     }
 
     /// Frames per socket write on the server over the window, when /metrics is known.
@@ -190,6 +234,37 @@ impl Phase {
             self.deliveries_per_core_sec(),
             self.frames_per_write().map(|f| format!("; {f:.2} frames per socket write")).unwrap_or_default()
         );
+        if self.mixed() {
+            let per_send = |n: u64| n as f64 / self.sent.max(1) as f64;
+            s += &format!(
+                "    mix        {} reads and {} signals sent ({:.2} and {:.2} per send); read by the clients: \
+                 {:.0} read/s, {:.0} signal/s{}\n",
+                self.reads_sent,
+                self.signals_sent,
+                per_send(self.reads_sent),
+                per_send(self.signals_sent),
+                self.per_sec(self.reads_in_window),
+                self.per_sec(self.signals_in_window),
+                match (self.server_read_marks, self.server_signals) {
+                    (Some(marks), Some(sig)) => format!(
+                        " (server: {:.0} read marks moved/s, {:.0} signals handed to sockets/s{})",
+                        self.per_sec(marks),
+                        self.per_sec(sig),
+                        self.server_signals_dropped
+                            .filter(|d| *d > 0)
+                            .map(|d| format!(", {d} dropped"))
+                            .unwrap_or_default()
+                    ),
+                    _ => String::new(),
+                }
+            );
+            s += &format!(
+                "    per frame  {:.2} µs server CPU per delivered frame (msg + read + signal: {:.0}/s) = {:.0} frames/s per core\n",
+                self.cpu_us_per_frame(),
+                self.per_sec(self.frames_delivered()),
+                1e6 / self.cpu_us_per_frame().max(1e-9)
+            );
+        }
         s += &format!("    clients    CPU {:.1}% of one core\n", 100.0 * self.client_util());
         s += &format!(
             "    integrity  {} gaps, {} errors, {} out-of-order seqs, {} strays, {} missing deliveries\n",
@@ -222,6 +297,16 @@ impl Phase {
             "strays": self.strays, "unacked": self.unacked, "missing": self.missing,
             "server_gaps": self.server_gaps,
             "server_frames_per_write": self.frames_per_write().map(r3),
+            "reads_sent": self.reads_sent, "signals_sent": self.signals_sent,
+            "read_frames": self.reads, "read_frames_in_window": self.reads_in_window,
+            "read_frames_per_sec": r(self.per_sec(self.reads_in_window)),
+            "signal_frames": self.signals, "signal_frames_in_window": self.signals_in_window,
+            "signal_frames_per_sec": r(self.per_sec(self.signals_in_window)),
+            "server_signals_delivered_in_window": self.server_signals,
+            "server_read_marks_in_window": self.server_read_marks,
+            "server_signals_dropped": self.server_signals_dropped,
+            "frames_delivered_in_window": self.frames_delivered(),
+            "server_cpu_us_per_frame": r3(self.cpu_us_per_frame()),
         })
     }
 }
@@ -230,6 +315,10 @@ impl Phase {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub plan: Plan,
+    /// Connections per user, and the mix asked for (frames per send).
+    pub devices: usize,
+    pub reads: f64,
+    pub signals: f64,
     pub body_bytes: usize,
     pub procs: usize,
     pub server_pid: u32,
@@ -244,9 +333,12 @@ impl Report {
     pub fn human(&self) -> String {
         let p = &self.plan;
         let mut s = format!(
-            "ringpush-bench im: {} connections in {} conversations of {} members, {} senders, {}-byte bodies; \
+            "ringpush-bench im: {} in {} conversations of {} members, {} senders, {}-byte bodies; \
              {} client process(es) ({}); server pid {} ({})\n",
-            p.users,
+            match self.devices {
+                1 => format!("{} connections", p.users),
+                d => format!("{} users x {d} devices", p.users),
+            },
             p.convs,
             p.members,
             p.senders,
@@ -256,9 +348,20 @@ impl Report {
             self.server_pid,
             pin_name(self.server_cpu)
         );
+        if self.devices > 1 || self.reads > 0.0 || self.signals > 0.0 {
+            s += &format!(
+                "  mix        {} device(s) per user ({} connections); per send {} read(s) and {} signal(s)\n",
+                self.devices,
+                p.users * self.devices,
+                self.reads,
+                self.signals
+            );
+        }
         s += &format!(
             "  setup      memberships in {:.1} s; {} connections up and synced in {:.1} s\n",
-            self.setup_secs, p.users, self.connect_secs
+            self.setup_secs,
+            p.users * self.devices,
+            self.connect_secs
         );
         for phase in &self.phases {
             s += &phase.human();
@@ -283,6 +386,7 @@ impl Report {
             "scenario": "im",
             "conns": p.users, "convs": p.convs, "members": p.members, "senders": p.senders,
             "body_bytes": self.body_bytes, "procs": self.procs,
+            "devices": self.devices, "reads": self.reads, "signals": self.signals,
             "server": { "pid": self.server_pid, "cpu": self.server_cpu },
             "client_cpu": self.client_cpu,
             "setup_secs": (self.setup_secs * 100.0).round() / 100.0,
@@ -325,6 +429,12 @@ fn check(args: &ImArgs) -> Result<(), Error> {
     if args.rate == Some(0) || args.latency_rate == Some(0) {
         return usage("a rate must be at least 1 send a second");
     }
+    if args.devices == 0 {
+        return usage("--devices must be at least 1");
+    }
+    if !(args.reads.is_finite() && args.reads >= 0.0 && args.signals.is_finite() && args.signals >= 0.0) {
+        return usage("--reads and --signals must be 0 or more");
+    }
     if args.clients.body_bytes < 32 {
         return usage("--body-bytes must be at least 32 (the timestamp lives in the body)");
     }
@@ -357,6 +467,10 @@ pub fn measure(
     let setup_secs = started.elapsed().as_secs_f64();
     let mut setup = args.clients.crowd(server.client, &plan, &args.target.secret, client_cpu, false);
     setup.also = servers[1..].iter().map(|s| s.client).collect();
+    (setup.devices, setup.reads, setup.signals) = (args.devices, args.reads, args.signals);
+    if args.clients.procs.is_none() {
+        setup.procs = crowd::default_procs(setup.conns());
+    }
     setup.procs = setup.procs.max(servers.len());
     let mut crowd = Crowd::start(&setup)?;
     eprintln!(
@@ -364,17 +478,18 @@ pub fn measure(
         crowd.connected, crowd.connect_secs
     );
 
+    let receivers = plan.receivers_per_send(args.devices) as u64;
     let mut phases = Vec::new();
     let duration = Duration::from_secs(args.duration);
     match args.rate {
-        Some(rate) => phases.push(phase(servers, &mut crowd, &plan, Mode::Open { rate }, duration)?),
+        Some(rate) => phases.push(phase(servers, &mut crowd, receivers, Mode::Open { rate }, duration)?),
         None => {
-            let sat = phase(servers, &mut crowd, &plan, Mode::Closed { window: args.window }, duration)?;
+            let sat = phase(servers, &mut crowd, receivers, Mode::Closed { window: args.window }, duration)?;
             let half = ((sat.acks_per_sec() / 2.0).round() as u64).max(1);
             let rate = args.latency_rate.unwrap_or(half);
             phases.push(sat);
             if !args.no_latency_phase {
-                phases.push(phase(servers, &mut crowd, &plan, Mode::Open { rate }, duration)?);
+                phases.push(phase(servers, &mut crowd, receivers, Mode::Open { rate }, duration)?);
             }
         }
     }
@@ -385,6 +500,9 @@ pub fn measure(
     let server = &servers[0];
     let report = Report {
         plan,
+        devices: args.devices,
+        reads: args.reads,
+        signals: args.signals,
         body_bytes: args.clients.body_bytes,
         procs: crowd.procs,
         server_pid: server.pid,
@@ -416,7 +534,7 @@ const PHASE_ANSWER_LIMIT: Duration = Duration::from_secs(20);
 fn phase(
     servers: &[Server],
     crowd: &mut Crowd,
-    plan: &Plan,
+    receivers: u64,
     mode: Mode,
     duration: Duration,
 ) -> Result<Phase, Error> {
@@ -480,7 +598,7 @@ fn phase(
         seq_errors: total(&done, "seq_errors"),
         strays: total(&done, "strays"),
         unacked: total(&done, "inflight"),
-        missing: (acks * plan.receivers_per_send() as u64) as i64 - msgs as i64,
+        missing: (acks * receivers) as i64 - msgs as i64,
         deliver: deliver.summary(),
         arrival: Some(arrival.summary()).filter(|a| a.count > 0),
         ack: ack.summary(),
@@ -490,6 +608,15 @@ fn phase(
         server_gaps: rise(&metrics_before, &metrics_after, "ringpush_slow_consumer_gaps_total"),
         server_frames: rise(&metrics_before, &metrics_window, "ringpush_frames_out_total"),
         server_writes: rise(&metrics_before, &metrics_window, "ringpush_socket_writes_total"),
+        reads_sent: total(&done, "reads_sent"),
+        signals_sent: total(&done, "signals_sent"),
+        reads: total(&done, "reads"),
+        reads_in_window: total(&done, "reads_win"),
+        signals: total(&done, "signals"),
+        signals_in_window: total(&done, "signals_win"),
+        server_signals: rise(&metrics_before, &metrics_window, "ringpush_signals_delivered_total"),
+        server_read_marks: rise(&metrics_before, &metrics_window, "ringpush_read_marks_total"),
+        server_signals_dropped: rise(&metrics_before, &metrics_after, "ringpush_signals_dropped_total"),
     })
 }
 
@@ -546,6 +673,15 @@ mod tests {
             server_gaps: Some(0),
             server_frames: Some(220),
             server_writes: Some(55),
+            reads_sent: 0,
+            signals_sent: 0,
+            reads: 30,
+            reads_in_window: 30,
+            signals: 40,
+            signals_in_window: 40,
+            server_signals: Some(50),
+            server_read_marks: Some(30),
+            server_signals_dropped: Some(0),
         };
         assert_eq!(p.acks_per_sec(), 10.0);
         assert_eq!(p.deliveries_per_sec(), 90.0);
@@ -553,5 +689,8 @@ mod tests {
         assert_eq!(p.deliveries_per_core_sec(), 200_000.0);
         assert_eq!(p.server_util(), 0.0005);
         assert_eq!(p.frames_per_write(), Some(4.0));
+        assert!(!p.mixed());
+        assert_eq!(p.frames_delivered(), 200 + 50 + 30);
+        assert_eq!(p.cpu_us_per_frame(), 1000.0 / 280.0);
     }
 }

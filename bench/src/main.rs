@@ -11,6 +11,8 @@
 //! - `echo`: the `echo` scenario: round trips, latency and server CPU per message of any
 //!   echo server (ringpush's `/echo`, a peer, a plain TCP echo).
 //! - `upgrades`: the `upgrades` scenario: new upgrades a second, a reconnect storm.
+//! - `webhooks`: the `webhooks` scenario: `message.offline` events into a receiver of the
+//!   bench's own (a minimal HTTP/1.1 server); events a second, server CPU per event.
 //! - `soak`: the `soak` scenario: a 3-node cluster under churn, rogues and faults, then
 //!   the account of loss, order, memory, files and panics (`conn`, `device`, `rogue`).
 //! - `redis`: a redis-server of the bench's own (`cluster`, `soak`).
@@ -58,6 +60,7 @@ mod soak;
 mod tabulate;
 mod target;
 mod upgrades;
+mod webhooks;
 mod workers;
 mod ws;
 
@@ -96,6 +99,9 @@ enum Command {
     Soak(soak::SoakArgs),
     /// New WebSocket upgrades a second, and a reconnect storm of N clients at once.
     Upgrades(upgrades::UpgradesArgs),
+    /// Webhooks: message.offline events at a high rate (offline members, many
+    /// conversations) into a receiver inside the bench; events/s and server CPU per event.
+    Webhooks(webhooks::WebhooksArgs),
     /// Side-by-side tables (Markdown) from the JSON lines bench/compare.sh collects.
     Tabulate(tabulate::TabulateArgs),
     /// One client process of a scenario (started by the scenario itself).
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
         Command::Echo(args) => echo::run(args).map(|_| ()),
         Command::Soak(args) => soak::run(args),
         Command::Upgrades(args) => upgrades::run(args).map(|_| ()),
+        Command::Webhooks(args) => webhooks::run(args).map(|_| ()),
         Command::Tabulate(args) => tabulate::run(args),
         Command::IdleWorker(args) => fleet::run(args),
         Command::FloorWorker(args) => sink::run(args),

@@ -63,9 +63,10 @@ impl Plan {
         i < s && i * n / s == user as u128
     }
 
-    /// Deliveries one send into `conv` makes: every member but the sender.
-    pub fn receivers_per_send(&self) -> usize {
-        self.members.saturating_sub(1)
+    /// Deliveries one send into `conv` makes when each user holds `devices` connections:
+    /// every connection of every member but the sending one.
+    pub fn receivers_per_send(&self, devices: usize) -> usize {
+        (self.members * devices.max(1)).saturating_sub(1)
     }
 }
 
@@ -107,6 +108,7 @@ mod tests {
         assert!(p.is_sender(0) && p.is_sender(10) && !p.is_sender(11));
         assert_eq!(p.conv_name(7), "tc7");
         assert_eq!(Plan::user_name(3), "u3");
-        assert_eq!(p.receivers_per_send(), 9);
+        assert_eq!(p.receivers_per_send(1), 9);
+        assert_eq!(p.receivers_per_send(2), 19);
     }
 }

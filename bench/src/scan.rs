@@ -18,6 +18,8 @@ pub enum Op {
     Gap,
     Error,
     Push,
+    Read,
+    Signal,
     Other,
 }
 
@@ -33,6 +35,8 @@ pub fn op(frame: &[u8]) -> Op {
         b"gap" => Op::Gap,
         b"error" => Op::Error,
         b"push" => Op::Push,
+        b"read" => Op::Read,
+        b"signal" => Op::Signal,
         _ => Op::Other,
     }
 }

@@ -38,6 +38,8 @@ pub struct ServerSetup {
     pub max_message_bytes: usize,
     /// `limits.send_rate_per_sec`, when the server's default (50) would limit the run.
     pub send_rate_per_sec: Option<u32>,
+    /// `limits.signal_rate_per_sec`, when the server's default (5) would limit the run.
+    pub signal_rate_per_sec: Option<u32>,
     /// `limits.outbound_queue_bytes`, when the server's default (1 MiB) should not apply.
     pub outbound_queue_bytes: Option<usize>,
     /// Pin the server process to this CPU before it starts its threads.
@@ -62,6 +64,9 @@ impl ServerSetup {
         let mut limits = format!("max_message_bytes = {}\n", self.max_message_bytes);
         if let Some(rate) = self.send_rate_per_sec {
             limits += &format!("send_rate_per_sec = {rate}\n");
+        }
+        if let Some(rate) = self.signal_rate_per_sec {
+            limits += &format!("signal_rate_per_sec = {rate}\n");
         }
         if let Some(bytes) = self.outbound_queue_bytes {
             limits += &format!("outbound_queue_bytes = {bytes}\n");
@@ -534,6 +539,17 @@ impl Metrics {
             .map(|v| v as u64)
             .sum()
     }
+
+    /// The value of one series, written exactly as `/metrics` has it (name and labels,
+    /// e.g. `ringpush_webhook_events_total{type="message.offline"}`); 0 when absent.
+    pub fn value(&self, series: &str) -> u64 {
+        self.0
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(s, _)| *s == series)
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
 }
 
 /// CPU time a process has used (user + system, all its threads): the sum of its threads'
@@ -744,6 +760,8 @@ mod tests {
         assert_eq!(m.sum("ringpush_connections"), 7);
         assert_eq!(m.sum("ringpush_pings_sent_total"), 12);
         assert_eq!(m.sum("absent"), 0);
+        assert_eq!(m.value("ringpush_connections{shard=\"1\"}"), 4);
+        assert_eq!(m.value("ringpush_connections"), 0);
     }
 
     #[test]

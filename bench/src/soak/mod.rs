@@ -367,6 +367,7 @@ pub fn run(args: SoakArgs) -> Result<(), Error> {
             echo: false,
             max_message_bytes: 64 * 1024,
             send_rate_per_sec: Some(1000),
+            signal_rate_per_sec: None,
             outbound_queue_bytes: None,
             cpu: None,
             log: Some(logs.join(format!("node{}.log", i + 1))),
