@@ -23,7 +23,15 @@ fuzz_target!(|data: &[u8]| {
             });
             assert!(serde_json::from_slice::<serde_json::Value>(&msg).is_ok());
         }
-        Ok(ClientRequest::Sync { conv, .. }) => assert!(valid_id(&conv, MAX_CONV_CHARS)),
+        Ok(ClientRequest::Sync { conv, .. }) | Ok(ClientRequest::Read { conv, .. }) => {
+            assert!(valid_id(&conv, MAX_CONV_CHARS))
+        }
+        Ok(ClientRequest::Signal { conv, body, .. }) => {
+            assert!(valid_id(&conv, MAX_CONV_CHARS));
+            // The body is forwarded as is inside a `signal` frame: it must be JSON by itself.
+            let frame = protocol::signal_json(&conv, "u", "d", body.get().as_bytes());
+            assert!(serde_json::from_slice::<serde_json::Value>(&frame).is_ok());
+        }
         Err(r) => {
             let frame = protocol::error_json(r.cid.as_deref(), r.code, r.message);
             assert!(serde_json::from_slice::<serde_json::Value>(&frame).is_ok());

@@ -648,9 +648,11 @@ pub async fn on_sync(owner: &Owner, session: SessionRef, user: Key, conv: Key, m
                     history.messages.retain(|m| m.seq <= delivered);
                     history.last_seq = delivered;
                 }
-                let caught_up = catch_up(owner, &conv, &mut history, reply.after, reply.limit).await;
-                // The user's read mark goes with `synced`.
+                // The user's read mark goes with `synced`. Read before the catch-up, which
+                // must be the last wait before the answer leaves: a seq delivered during a
+                // wait after it would reach the session neither live nor in the replay.
                 let read = owner.ctx.store.read_state(&conv, std::slice::from_ref(&user)).await;
+                let caught_up = catch_up(owner, &conv, &mut history, reply.after, reply.limit).await;
                 match (caught_up, read) {
                     (Ok(()), Ok(read)) => {
                         history.read = read.marks.first().copied().unwrap_or(0);
