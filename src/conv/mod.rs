@@ -442,16 +442,7 @@ async fn on_read(
 ) {
     let mark = match owner.ctx.store.set_read(&conv, &user, seq).await {
         Ok(Some(mark)) => mark,
-        Ok(None) => {
-            owner.ctx.metrics.refused_send(ErrorCode::NotMember);
-            return match origin {
-                Origin::Session(session) => {
-                    let frame = protocol::error_json(cid.as_deref(), ErrorCode::NotMember, "not a member");
-                    to_session(owner, session, codec::text_frame(&frame));
-                }
-                Origin::Api(reply) => owner.ctx.mesh.reply(reply, Reply::NotMember),
-            };
-        }
+        Ok(None) => return not_member(owner, origin, cid.as_deref()),
         Err(_) => return unavailable(owner, origin, cid.as_deref()),
     };
     if let Origin::Api(reply) = origin {
@@ -536,11 +527,7 @@ pub async fn on_send(owner: &Owner, origin: Origin, conv: Key, mut msg: NewMessa
     let appended = match appended {
         Ok(Some(appended)) => appended,
         Ok(None) => {
-            owner.ctx.metrics.refused_send(ErrorCode::NotMember);
-            let frame = protocol::error_json(msg.cid.as_deref(), ErrorCode::NotMember, "not a member");
-            if let Origin::Session(session) = origin {
-                to_session(owner, session, codec::text_frame(&frame));
-            }
+            not_member(owner, origin, msg.cid.as_deref());
             return None;
         }
         Err(_) => {
@@ -609,6 +596,19 @@ pub fn fan_out(owner: &Owner, conv: &Key, seq: u64, frame: Bytes, exclude: Optio
 
 fn to_session(owner: &Owner, session: SessionRef, frame: Bytes) {
     owner.ctx.route(session.shard, ShardMsg::Answer(Answer::ToSession { session: session.id, frame }));
+}
+
+/// Refuses a request of a non-member: an `error` frame to a session, `Reply::NotMember`
+/// to the API.
+fn not_member(owner: &Owner, origin: Origin, cid: Option<&str>) {
+    owner.ctx.metrics.refused_send(ErrorCode::NotMember);
+    match origin {
+        Origin::Session(session) => {
+            let frame = protocol::error_json(cid, ErrorCode::NotMember, "not a member");
+            to_session(owner, session, codec::text_frame(&frame));
+        }
+        Origin::Api(reply) => owner.ctx.mesh.reply(reply, Reply::NotMember),
+    }
 }
 
 fn unavailable(owner: &Owner, origin: Origin, cid: Option<&str>) {
