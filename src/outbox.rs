@@ -3,7 +3,7 @@
 //! webhook sender's thread, which signs, batches and retries them (`webhook`).
 //!
 //! On one node the events live in the sender's memory. In a cluster each event is first
-//! kept in Redis under this node run (`rp:wh:{node}:<epoch>`) and forgotten once it is
+//! kept in Redis under this node run (`rp:{ctl}:wh:{node}:<epoch>`) and forgotten once it is
 //! delivered or dropped; a node run that dies with events pending leaves them there, and
 //! the next node whose upkeep finds the run's lease gone takes them over and sends them
 //! (PROTOCOL.md: "events pending on a node that dies are taken over by another node once

@@ -218,7 +218,7 @@ fn killed_node_leaves_no_presence_and_a_restarted_one_rejoins() {
     let (msgs, _) =
         collect_msgs(&mut on_n1, conv, |m, _| m.last().and_then(|f| f["seq"].as_u64()) == Some(seq));
     assert_increasing("n1 after the kill", &seqs(&msgs));
-    assert!(redis.cli(&["HGET", "rp:nodes", "n3"]).trim().is_empty(), "n3 still registered");
+    assert!(redis.cli(&["HGET", "rp:{ctl}:nodes", "n3"]).trim().is_empty(), "n3 still registered");
 
     // Restarted on the same ports, with a new epoch, it takes part again.
     nodes[2] = start_node("n3", &redis, &ports[2], "");
@@ -469,7 +469,7 @@ fn a_drained_node_leaves_the_cluster_at_once() {
     // Gone now, not when its lease would have expired.
     let presence = nodes[0].presence("u1");
     assert!(presence.is_empty(), "{presence:?}");
-    assert!(redis.cli(&["EXISTS", "rp:lease:{n3}"]).trim() == "0", "the lease outlived the drain");
+    assert!(redis.cli(&["EXISTS", "rp:{ctl}:lease:{n3}"]).trim() == "0", "the lease outlived the drain");
     nodes[0].wait_metric("ringpush_cluster_peers", Duration::from_secs(5), |n| n == 1);
 }
 

@@ -474,7 +474,7 @@ fn presence_is_written_read_and_removed() {
         record,
         serde_json::json!({"device":"pc","conn":"k2","node":"n1","epoch":7,"ip":"203.0.113.7","since":1764201600123u64})
     );
-    let index: Vec<String> = server.cmd(&["SMEMBERS", "rp:pn:{n1}:7"]);
+    let index: Vec<String> = server.cmd(&["SMEMBERS", "rp:{ctl}:pn:{n1}:7"]);
     assert_eq!(index, vec!["v\nn1/k2".to_owned()]);
 }
 
@@ -529,7 +529,7 @@ fn sweep_purges_an_expired_node_and_never_a_live_one() {
         let direct = redis::Client::open(url).unwrap();
         poll_until(Duration::from_secs(5), "the short lease to expire", || {
             let held: Option<String> = redis::cmd("GET")
-                .arg("rp:lease:{dead}")
+                .arg("rp:{ctl}:lease:{dead}")
                 .query(&mut direct.get_connection().unwrap())
                 .unwrap();
             async move { held.is_none() }
@@ -546,11 +546,11 @@ fn sweep_purges_an_expired_node_and_never_a_live_one() {
             vec![(Arc::from("live"), "tcp://live:1".to_owned())]
         );
         let mut conn = direct.get_connection().unwrap();
-        let nodes: Vec<String> = redis::cmd("HKEYS").arg("rp:nodes").query(&mut conn).unwrap();
+        let nodes: Vec<String> = redis::cmd("HKEYS").arg("rp:{ctl}:nodes").query(&mut conn).unwrap();
         assert_eq!(nodes, vec!["live".to_owned()]);
-        let runs: Vec<String> = redis::cmd("SMEMBERS").arg("rp:epochs").query(&mut conn).unwrap();
+        let runs: Vec<String> = redis::cmd("SMEMBERS").arg("rp:{ctl}:epochs").query(&mut conn).unwrap();
         assert_eq!(runs, vec!["live:2".to_owned()]);
-        let index: i64 = redis::cmd("EXISTS").arg("rp:pn:{dead}:1").query(&mut conn).unwrap();
+        let index: i64 = redis::cmd("EXISTS").arg("rp:{ctl}:pn:{dead}:1").query(&mut conn).unwrap();
         assert_eq!(index, 0);
 
         // A restarted node (new epoch, lease live) has its old run purged, not its new one.
@@ -585,7 +585,7 @@ fn two_concurrent_sweeps_purge_each_run_once() {
                 .await
                 .unwrap();
             redis::cmd("DEL")
-                .arg(format!("rp:lease:{{g{i}}}"))
+                .arg(format!("rp:{{ctl}}:lease:{{g{i}}}"))
                 .query::<()>(&mut direct.get_connection().unwrap())
                 .unwrap();
         }
@@ -621,7 +621,7 @@ fn leave_drops_lease_presence_and_registration() {
         bounded(n1.leave()).await.unwrap();
         assert!(!bounded(n1.renew_lease(None, 30_000)).await.unwrap());
     });
-    let lease: Option<String> = server.cmd(&["GET", "rp:lease:{n2}"]);
+    let lease: Option<String> = server.cmd(&["GET", "rp:{ctl}:lease:{n2}"]);
     assert_eq!(lease.as_deref(), Some("4"));
 }
 

@@ -325,7 +325,7 @@ fn events_pending_on_a_killed_node_are_sent_by_another_node() {
         nodes[0].post_message(conv, "poster", &json!({"conv": conv}));
     }
     let pending = |redis: &Redis| -> usize {
-        let keys = redis.cli(&["--scan", "--pattern", "rp:wh:{n1}:*"]);
+        let keys = redis.cli(&["--scan", "--pattern", "rp:{ctl}:wh:{n1}:*"]);
         keys.lines()
             .filter(|k| !k.is_empty())
             .map(|k| redis.cli(&["HLEN", k]).trim().parse::<usize>().unwrap_or(0))

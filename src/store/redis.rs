@@ -1,33 +1,41 @@
 //! The cluster's store: Redis, reached through the [`RedisPool`] of `bridge` (blocking
-//! connections on their own threads; a shard only awaits answers). Every call is one job,
-//! so one round trip, and every change that must be atomic is one Lua script (one
-//! `EVALSHA`). Besides the [`Store`] trait it holds what nodes share: presence of every
+//! connections on their own threads; a shard only awaits answers). Every call of the
+//! [`Store`] trait is one job, so one round trip, and every change that must be atomic is
+//! one Lua script (one `EVALSHA`) over the keys of one slot. Besides the [`Store`] trait it holds what nodes share: presence of every
 //! node's connections and the node leases that let a dead node's presence be purged.
 //!
 //! # Keys
 //!
 //! Ids (conversations, users, nodes, cids) may contain `:`, so they are written inside
-//! `{}`, which no id may contain: a key reads back unambiguously, and under Redis Cluster
-//! all keys of one conversation (the append script touches three) share a hash slot.
+//! `{}`, which no id may contain: a key reads back unambiguously. The first `{...}` of a
+//! key is its Redis Cluster hash tag, so every key of one conversation shares a slot
+//! (`{conv}`), every key of one user shares one (`{user}`), and the keys the nodes share
+//! to keep the cluster itself (leases, node runs, presence indexes, pending webhook
+//! events) all live in the one slot of `{ctl}`.
 //!
-//! | key | type | holds |
-//! | --- | --- | --- |
-//! | `rp:c:{conv}:m` | set | members of `conv` |
-//! | `rp:c:{conv}:seq` | string | last seq assigned in `conv` |
-//! | `rp:c:{conv}:mv` | string | members version of `conv`: raised by one at every change of `rp:c:{conv}:m` |
-//! | `rp:c:{conv}:h` | stream | history; entry id `<seq>-1`, fields `v` members version, `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
-//! | `rp:c:{conv}:d:{user}:{cid}` | string, PX `dedupe_window_ms` | `"<seq>:<ts>"` of the first message with this cid |
-//! | `rp:c:{conv}:r` | hash | read marks: user -> the highest seq the user marked read (never above `:seq`) |
-//! | `rp:u:{user}:c` | set | conversations of `user` |
-//! | `rp:p:{user}` | hash | presence: field `<node>/<conn>` -> `{"device","conn","node","epoch","ip","since"}` |
-//! | `rp:pn:{node}:<epoch>` | set | `"<user>\n<field>"` of every presence entry written by that node run |
-//! | `rp:lease:{node}` | string, PX lease ttl | the epoch of the node run holding the lease |
-//! | `rp:nodes` | hash | node -> `{"epoch":<epoch>,"pub":<endpoint or null>}` |
-//! | `rp:wh:{node}:<epoch>` | hash | webhook events of that node run not yet delivered: id -> event JSON (taken over by another node once the run's lease is gone) |
-//! | `rp:wh:runs` | set | `"<node>:<epoch>"` of every run that may have pending webhook events |
-//! | `rp:wh:u:{user}` | string | `on` / `off`: the user's state as last sent in `user.online` / `user.offline` |
-//! | `rp:wh:w:{conv}` | string, PX 2 × `webhook.offline_delay_ms` | the node whose `message.offline` window of `conv` is open |
-//! | `rp:epochs` | set | `"<node>:<epoch>"` of every node run that may have presence to purge |
+//! | key | slot | type | holds |
+//! | --- | --- | --- | --- |
+//! | `rp:c:{conv}:m` | conv | set | members of `conv` |
+//! | `rp:c:{conv}:seq` | conv | string | last seq assigned in `conv` |
+//! | `rp:c:{conv}:mv` | conv | string | members version of `conv`: raised by one at every change of `rp:c:{conv}:m` |
+//! | `rp:c:{conv}:h` | conv | stream | history; entry id `<seq>-1`, fields `v` members version, `f` from, `t` ts, `b` body, `d` dev and `c` cid when present; exactly the last `history.max_per_conv` |
+//! | `rp:c:{conv}:d:{user}:{cid}` | conv | string, PX `dedupe_window_ms` | `"<seq>:<ts>"` of the first message with this cid |
+//! | `rp:c:{conv}:r` | conv | hash | read marks: user -> the highest seq the user marked read (never above `:seq`) |
+//! | `rp:wh:w:{conv}` | conv | string, PX 2 × `webhook.offline_delay_ms` | the node whose `message.offline` window of `conv` is open |
+//! | `rp:u:{user}:c` | user | set | conversations of `user` |
+//! | `rp:p:{user}` | user | hash | presence: field `<node>/<conn>` -> `{"device","conn","node","epoch","ip","since"}` |
+//! | `rp:wh:u:{user}` | user | string | `on` / `off`: the user's state as last sent in `user.online` / `user.offline` |
+//! | `rp:{ctl}:lease:{node}` | ctl | string, PX lease ttl | the epoch of the node run holding the lease |
+//! | `rp:{ctl}:nodes` | ctl | hash | node -> `{"epoch":<epoch>,"pub":<endpoint or null>}` |
+//! | `rp:{ctl}:epochs` | ctl | set | `"<node>:<epoch>"` of every node run that may have presence to purge |
+//! | `rp:{ctl}:purging` | ctl | set | `"<node>:<epoch>"` of every run whose purge has begun and not ended |
+//! | `rp:{ctl}:pn:{node}:<epoch>` | ctl | set | `"<user>\n<field>"` of every presence entry written by that node run |
+//! | `rp:{ctl}:wh:{node}:<epoch>` | ctl | hash | webhook events of that node run not yet delivered: id -> event JSON (taken over by another node once the run's lease is gone) |
+//! | `rp:{ctl}:wh:runs` | ctl | set | `"<node>:<epoch>"` of every run that may have pending webhook events |
+//!
+//! Every command and every script names keys of one slot only (a script may compute
+//! further keys of that same slot, never of another), so the store runs unchanged on one
+//! Redis and on a Redis Cluster, where the pool routes each command by its first key.
 //!
 //! # Promises
 //! - Seqs: `append` continues above the caller's `floor` and above the newest history
@@ -35,12 +43,15 @@
 //!   Counters and history never expire; dedupe entries expire after the window.
 //! - A `msg` frame rebuilt from history is byte for byte the frame the sender's node
 //!   encoded (`protocol::msg_json` over the same fields, `codec::text_frame`).
-//! - Presence lives as long as its node's lease: once `rp:lease:{node}` is gone or holds
-//!   another epoch, the next [`RedisStore::sweep`] of any node removes every entry of that
-//!   node run at once (one script). A node whose lease comes back false from
-//!   [`RedisStore::renew_lease`] must write its presence again.
-//! - The presence, lease and sweep scripts touch keys they compute (`rp:p:{user}`,
-//!   `rp:lease:{node}`), so they need one Redis (or its replicas), not Redis Cluster.
+//! - Presence lives as long as its node's lease: once `rp:{ctl}:lease:{node}` is gone or
+//!   holds another epoch, the next [`RedisStore::sweep`] of any node removes every entry
+//!   of that node run. The purge spans the users' slots, so it is not one script: it
+//!   begins with one (which checks the lease, unregisters the run and marks it purging),
+//!   removes the entries in chunks, each chunk removed from the run's index after its
+//!   entries, and ends when the index is empty. A purge cut short (its node died) is
+//!   resumed by the next sweep of any node; only the sweep that began it reports it. A
+//!   node whose lease comes back false from [`RedisStore::renew_lease`] must write its
+//!   presence again.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -60,7 +71,7 @@ use super::contract::{
     ReadState, Store, StoreError, Stored,
 };
 
-/// Most conversations per `reseed` script call (a long script blocks Redis).
+/// Most conversations per `reseed` round trip.
 const RESEED_CHUNK: usize = 1000;
 
 /// One change to this node's presence in Redis.
@@ -85,9 +96,9 @@ struct Inner {
     max_per_conv: usize,
     dedupe_window_ms: u64,
     scripts: Scripts,
-    /// `rp:lease:{node}`.
+    /// `rp:{ctl}:lease:{node}`.
     lease_key: String,
-    /// `rp:pn:{node}:<epoch>`.
+    /// `rp:{ctl}:pn:{node}:<epoch>`.
     presence_index_key: String,
     /// `<node>:<epoch>`, this run's member of `rp:epochs`.
     run: String,
@@ -97,11 +108,11 @@ struct Scripts {
     append: Script,
     history: Script,
     conversation: Script,
-    member_views: Script,
+    member_view: Script,
     set_members: Script,
     renew: Script,
     dead_runs: Script,
-    purge: Script,
+    purge_begin: Script,
     peers: Script,
     reseed: Script,
     set_read: Script,
@@ -110,10 +121,16 @@ struct Scripts {
     hook_user_state: Script,
 }
 
-const NODES: &str = "rp:nodes";
+// The cluster's own keys, all in the slot of `{ctl}` (see "Keys").
+const NODES: &str = "rp:{ctl}:nodes";
 /// Runs (`node:epoch`) that may have pending webhook events.
-const HOOK_RUNS: &str = "rp:wh:runs";
-const EPOCHS: &str = "rp:epochs";
+const HOOK_RUNS: &str = "rp:{ctl}:wh:runs";
+const EPOCHS: &str = "rp:{ctl}:epochs";
+/// Runs whose presence purge has begun and not ended.
+const PURGING: &str = "rp:{ctl}:purging";
+
+/// Presence entries removed per round trip of a purge.
+const PURGE_CHUNK: usize = 1000;
 
 fn members_key(conv: &str) -> String {
     format!("rp:c:{{{conv}}}:m")
@@ -136,16 +153,25 @@ fn dedupe_key(conv: &str, user: &str, cid: &str) -> String {
 fn user_convs_key(user: &str) -> String {
     format!("rp:u:{{{user}}}:c")
 }
-/// Also built inside `PURGE` from the `rp:pn:` entries: keep both in step.
 fn presence_key(user: &str) -> String {
     format!("rp:p:{{{user}}}")
 }
-/// Also built inside `DEAD_RUNS`, `PURGE` and `PEERS`: keep them in step.
+/// Also built inside `DEAD_RUNS`, `PEERS` and `HOOK_CLAIM`: keep them in step.
 fn lease_key(node: &str) -> String {
-    format!("rp:lease:{{{node}}}")
+    format!("rp:{{ctl}}:lease:{{{node}}}")
 }
 fn presence_index_key(node: &str, epoch: u64) -> String {
-    format!("rp:pn:{{{node}}}:{epoch}")
+    format!("rp:{{ctl}}:pn:{{{node}}}:{epoch}")
+}
+/// Also built inside `HOOK_CLAIM`: keep both in step.
+fn hook_pending_key(node: &str, epoch: u64) -> String {
+    format!("rp:{{ctl}}:wh:{{{node}}}:{epoch}")
+}
+fn hook_user_key(user: &str) -> String {
+    format!("rp:wh:u:{{{user}}}")
+}
+fn hook_window_key(conv: &str) -> String {
+    format!("rp:wh:w:{{{conv}}}")
 }
 
 /// KEYS: seq, history, members, members version, [dedupe]. ARGV: floor, max_per_conv, ts,
@@ -193,17 +219,11 @@ end
 return {seq, ARGV[3], 0, false, mv}
 "#;
 
-/// KEYS: members, seq, members version of each conversation. ARGV: the user. Answers, per
-/// conversation, `member (1/0), last seq, members version`, read at once (a membership
-/// and its version belong together).
-const MEMBER_VIEWS: &str = r#"
-local out = {}
-for i = 1, #KEYS, 3 do
-  out[#out + 1] = redis.call('SISMEMBER', KEYS[i], ARGV[1])
-  out[#out + 1] = redis.call('GET', KEYS[i + 1]) or '0'
-  out[#out + 1] = redis.call('GET', KEYS[i + 2]) or '0'
-end
-return out
+/// KEYS: members, seq, members version of one conversation. ARGV: the user. Answers
+/// `{member (1/0), last seq, members version}`, read at once (a membership and its
+/// version belong together).
+const MEMBER_VIEW: &str = r#"
+return {redis.call('SISMEMBER', KEYS[1], ARGV[1]), redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[3]) or '0'}
 "#;
 
 /// KEYS: members, seq, members version. Answers `{members, last seq, members version}`
@@ -251,9 +271,9 @@ local out = {}
 for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if run ~= ARGV[1] then
     local node, epoch = string.match(run, '^(.*):(%d+)$')
-    local lease = node and redis.call('GET', 'rp:lease:{' .. node .. '}')
+    local lease = node and redis.call('GET', 'rp:{ctl}:lease:{' .. node .. '}')
     if node and lease ~= epoch then
-      local key = 'rp:wh:{' .. node .. '}:' .. epoch
+      local key = 'rp:{ctl}:wh:{' .. node .. '}:' .. epoch
       local all = redis.call('HGETALL', key)
       for i = 1, #all, 2 do
         redis.call('HSET', KEYS[2], all[i], all[i + 1])
@@ -322,39 +342,39 @@ if held == ARGV[1] then return 1 end
 return 0
 "#;
 
-/// KEYS: rp:epochs. Answers the runs (`node:epoch`) whose lease is gone or moved on.
+/// KEYS: rp:{ctl}:epochs, rp:{ctl}:purging. Answers the runs (`node:epoch`) whose lease
+/// is gone or moved on: those never purged, and those whose purge was cut short.
 const DEAD_RUNS: &str = r#"
-local dead = {}
-for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local node, epoch = string.match(run, '^(.*):(%d+)$')
-  if not node or redis.call('GET', 'rp:lease:{' .. node .. '}') ~= epoch then
-    dead[#dead + 1] = run
+local dead, seen = {}, {}
+for k = 1, 2 do
+  for _, run in ipairs(redis.call('SMEMBERS', KEYS[k])) do
+    local node, epoch = string.match(run, '^(.*):(%d+)$')
+    if not seen[run] and (not node or redis.call('GET', 'rp:{ctl}:lease:{' .. node .. '}') ~= epoch) then
+      seen[run] = true
+      dead[#dead + 1] = run
+    end
   end
 end
 return dead
 "#;
 
-/// KEYS: rp:epochs, the run's lease, its rp:pn set, rp:nodes. ARGV: run, epoch, node,
-/// '1' when the run itself is leaving (its lease is dropped first) else '0'.
-/// Removes every presence entry of the run unless its lease is live. Answers 1 if this call
-/// took the run out of rp:epochs (so two sweeps never both report it), else 0.
-const PURGE: &str = r#"
+/// KEYS: rp:{ctl}:epochs, the run's lease, rp:{ctl}:nodes, rp:{ctl}:purging. ARGV: run,
+/// epoch, node, '1' when the run itself is leaving (its lease is dropped first) else '0'.
+/// Begins the purge of a run's presence unless its lease is live (answers -1 then):
+/// unregisters the node run and marks it purging. Answers 1 if this call took the run
+/// out of rp:{ctl}:epochs (so two sweeps never both report it), else 0. The entries
+/// themselves are removed by the caller, then the run is taken out of rp:{ctl}:purging.
+const PURGE_BEGIN: &str = r#"
 local lease = redis.call('GET', KEYS[2])
 if ARGV[4] == '1' then
   if lease == ARGV[2] then redis.call('DEL', KEYS[2]) end
 elseif lease == ARGV[2] then
-  return 0
+  return -1
 end
-for _, entry in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local at = string.find(entry, '\n', 1, true)
-  if at then
-    redis.call('HDEL', 'rp:p:{' .. string.sub(entry, 1, at - 1) .. '}', string.sub(entry, at + 1))
-  end
-end
-redis.call('DEL', KEYS[3])
-local info = redis.call('HGET', KEYS[4], ARGV[3])
+local info = redis.call('HGET', KEYS[3], ARGV[3])
 local mine = '{"epoch":' .. ARGV[2] .. ','
-if info and string.sub(info, 1, #mine) == mine then redis.call('HDEL', KEYS[4], ARGV[3]) end
+if info and string.sub(info, 1, #mine) == mine then redis.call('HDEL', KEYS[3], ARGV[3]) end
+redis.call('SADD', KEYS[4], ARGV[1])
 return redis.call('SREM', KEYS[1], ARGV[1])
 "#;
 
@@ -367,7 +387,7 @@ for i = 1, #all, 2 do
   local node, info = all[i], all[i + 1]
   if node ~= ARGV[1] then
     local epoch = string.match(info, '^{"epoch":(%d+),')
-    if epoch and redis.call('GET', 'rp:lease:{' .. node .. '}') == epoch then
+    if epoch and redis.call('GET', 'rp:{ctl}:lease:{' .. node .. '}') == epoch then
       out[#out + 1] = node
       out[#out + 1] = info
     end
@@ -376,12 +396,9 @@ end
 return out
 "#;
 
-/// KEYS: seq counters. ARGV: a seq per key. Raises each counter to at least its seq.
+/// KEYS: a seq counter. ARGV: a seq. Raises the counter to at least the seq.
 const RESEED: &str = r#"
-for i = 1, #KEYS do
-  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if cur < tonumber(ARGV[i]) then redis.call('SET', KEYS[i], ARGV[i]) end
-end
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 "#;
 
@@ -421,11 +438,11 @@ impl RedisStore {
             append: pool.register(APPEND),
             history: pool.register(HISTORY),
             conversation: pool.register(CONVERSATION),
-            member_views: pool.register(MEMBER_VIEWS),
+            member_view: pool.register(MEMBER_VIEW),
             set_members: pool.register(SET_MEMBERS),
             renew: pool.register(RENEW),
             dead_runs: pool.register(DEAD_RUNS),
-            purge: pool.register(PURGE),
+            purge_begin: pool.register(PURGE_BEGIN),
             peers: pool.register(PEERS),
             reseed: pool.register(RESEED),
             set_read: pool.register(SET_READ),
@@ -534,40 +551,66 @@ impl RedisStore {
         Ok(held == 1)
     }
 
-    /// Purges the presence of every node run whose lease is gone or held by another epoch
-    /// (each run in one atomic script that checks the lease again). Answers the runs
-    /// (`node:epoch`) this call purged; a run purged by a concurrent sweep is not listed.
+    /// Purges the presence of every node run whose lease is gone or held by another epoch,
+    /// and finishes purges that were cut short. Answers the runs (`node:epoch`) whose
+    /// purge this call began; a run begun by a concurrent sweep is not listed.
     pub async fn sweep(&self) -> Result<Vec<String>, StoreError> {
         let me = &*self.inner;
-        let mut find = me.scripts.dead_runs.cmd(1);
-        find.arg(EPOCHS);
+        let mut find = me.scripts.dead_runs.cmd(2);
+        find.arg(EPOCHS).arg(PURGING);
         let dead: Vec<String> = parse(&me.pool.query_one(find).await?)?;
-        let runs: Vec<(String, &str, u64)> = dead
-            .iter()
-            .filter_map(|run| {
-                let (node, epoch) = run.rsplit_once(':')?;
-                Some((run.clone(), node, epoch.parse().ok()?))
-            })
-            .collect();
-        if runs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let cmds = runs.iter().map(|(run, node, epoch)| self.purge_cmd(run, node, *epoch, false)).collect();
-        let done = me.pool.query(cmds).await?;
         let mut purged = Vec::new();
-        for ((run, _, _), value) in runs.into_iter().zip(done) {
-            if parse::<i64>(&value)? == 1 {
+        for run in dead {
+            let Some((node, epoch)) = run.rsplit_once(':').and_then(|(n, e)| Some((n, e.parse().ok()?)))
+            else {
+                continue;
+            };
+            if self.purge(&run, node, epoch, false).await? {
                 purged.push(run);
             }
         }
         Ok(purged)
     }
 
-    fn purge_cmd(&self, run: &str, node: &str, epoch: u64, leaving: bool) -> Cmd {
-        let mut cmd = self.inner.scripts.purge.cmd(4);
-        cmd.arg(EPOCHS).arg(lease_key(node)).arg(presence_index_key(node, epoch)).arg(NODES);
-        cmd.arg(run).arg(epoch).arg(node).arg(if leaving { "1" } else { "0" });
-        cmd
+    /// Purges the presence of node run `run` (see "Promises"): true when this call began
+    /// it. Nothing happens to a run whose lease is live, unless it is this node `leaving`.
+    async fn purge(&self, run: &str, node: &str, epoch: u64, leaving: bool) -> Result<bool, StoreError> {
+        let me = &*self.inner;
+        let mut begin = me.scripts.purge_begin.cmd(4);
+        begin.arg(EPOCHS).arg(lease_key(node)).arg(NODES).arg(PURGING);
+        begin.arg(run).arg(epoch).arg(node).arg(if leaving { "1" } else { "0" });
+        let began: i64 = parse(&me.pool.query_one(begin).await?)?;
+        if began < 0 {
+            return Ok(false);
+        }
+        let index = presence_index_key(node, epoch);
+        loop {
+            let mut some = ::redis::cmd("SRANDMEMBER");
+            some.arg(&index).arg(PURGE_CHUNK);
+            let entries: Vec<String> = parse(&me.pool.query_one(some).await?)?;
+            if entries.is_empty() {
+                break;
+            }
+            // The entries first, then their index lines: a purge cut short in between
+            // finds them again.
+            let mut cmds: Vec<Cmd> = entries
+                .iter()
+                .filter_map(|entry| {
+                    let (user, field) = entry.split_once('\n')?;
+                    let mut hdel = ::redis::cmd("HDEL");
+                    hdel.arg(presence_key(user)).arg(field);
+                    Some(hdel)
+                })
+                .collect();
+            let mut srem = ::redis::cmd("SREM");
+            srem.arg(&index).arg(&entries);
+            cmds.push(srem);
+            me.pool.query(cmds).await?;
+        }
+        let mut done = ::redis::cmd("SREM");
+        done.arg(PURGING).arg(run);
+        me.pool.query_one(done).await?;
+        Ok(began == 1)
     }
 
     /// `(node, PUB endpoint)` of the other nodes whose lease is live under the epoch they
@@ -590,35 +633,32 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Leaves the cluster: drops this run's lease, its presence and its `rp:nodes` entry
-    /// (one script).
+    /// Leaves the cluster: drops this run's lease, its `rp:{ctl}:nodes` entry and its
+    /// presence.
     pub async fn leave(&self) -> Result<(), StoreError> {
         let me = &*self.inner;
-        let cmd = self.purge_cmd(&me.run, &me.node, me.epoch, true);
-        me.pool.query_one(cmd).await.map(drop).map_err(StoreError::from)
+        self.purge(&me.run, &me.node, me.epoch, true).await.map(drop)
     }
 
     /// Raises each conversation's counter to at least the given seq (after Redis lost its
-    /// data), in one round trip.
+    /// data), one round trip per [`RESEED_CHUNK`] conversations.
     pub async fn reseed(&self, convs: Vec<(Arc<str>, u64)>) -> Result<(), StoreError> {
         if convs.is_empty() {
             return Ok(());
         }
         let me = &*self.inner;
-        let cmds = convs
-            .chunks(RESEED_CHUNK)
-            .map(|chunk| {
-                let mut cmd = me.scripts.reseed.cmd(chunk.len());
-                for (conv, _) in chunk {
-                    cmd.arg(seq_key(conv));
-                }
-                for (_, seq) in chunk {
-                    cmd.arg(*seq);
-                }
-                cmd
-            })
-            .collect();
-        me.pool.query(cmds).await.map(drop).map_err(StoreError::from)
+        for chunk in convs.chunks(RESEED_CHUNK) {
+            let cmds = chunk
+                .iter()
+                .map(|(conv, seq)| {
+                    let mut cmd = me.scripts.reseed.cmd(1);
+                    cmd.arg(seq_key(conv)).arg(*seq);
+                    cmd
+                })
+                .collect();
+            me.pool.query(cmds).await?;
+        }
+        Ok(())
     }
 }
 
@@ -627,7 +667,7 @@ impl RedisStore {
 /// (a user's online state, a conversation's offline window) are made here.
 impl RedisStore {
     fn hook_pending_key(&self) -> String {
-        format!("rp:wh:{{{}}}:{}", self.inner.node, self.inner.epoch)
+        hook_pending_key(&self.inner.node, self.inner.epoch)
     }
 
     /// Keeps a webhook event until [`RedisStore::hook_done_cmds`] removes it.
@@ -663,7 +703,7 @@ impl RedisStore {
     /// Records the user's announced state; true when it changed (send the event).
     pub async fn hook_user_state(&self, user: &str, online: bool) -> Result<bool, StoreError> {
         let mut cmd = self.inner.scripts.hook_user_state.cmd(1);
-        cmd.arg(format!("rp:wh:u:{{{user}}}")).arg(if online { "on" } else { "off" });
+        cmd.arg(hook_user_key(user)).arg(if online { "on" } else { "off" });
         Ok(parse::<i64>(&self.inner.pool.query_one(cmd).await?)? == 1)
     }
 
@@ -671,7 +711,7 @@ impl RedisStore {
     /// one open already (its event covers this message).
     pub async fn hook_window(&self, conv: &str, ttl_ms: u64) -> Result<bool, StoreError> {
         let mut cmd = ::redis::cmd("SET");
-        cmd.arg(format!("rp:wh:w:{{{conv}}}")).arg(&*self.inner.node).arg("NX").arg("PX").arg(ttl_ms.max(1));
+        cmd.arg(hook_window_key(conv)).arg(&*self.inner.node).arg("NX").arg("PX").arg(ttl_ms.max(1));
         let answer = self.inner.pool.query_one(cmd).await?;
         Ok(!matches!(answer, Value::Nil))
     }
@@ -679,7 +719,7 @@ impl RedisStore {
     /// Closes the offline window of `conv` (a message after this opens a new one).
     pub async fn hook_window_close(&self, conv: &str) -> Result<(), StoreError> {
         let mut cmd = ::redis::cmd("DEL");
-        cmd.arg(format!("rp:wh:w:{{{conv}}}"));
+        cmd.arg(hook_window_key(conv));
         self.inner.pool.query_one(cmd).await.map(drop).map_err(StoreError::from)
     }
 
@@ -721,19 +761,25 @@ impl Store for RedisStore {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = self.inner.scripts.member_views.cmd(3 * convs.len());
-        for conv in convs {
-            cmd.arg(members_key(conv)).arg(seq_key(conv)).arg(members_version_key(conv));
-        }
-        cmd.arg(user);
-        let flat: Vec<u64> = parse(&self.inner.pool.query_one(cmd).await?)?;
-        if flat.len() != 3 * convs.len() {
+        let cmds = convs
+            .iter()
+            .map(|conv| {
+                let mut cmd = self.inner.scripts.member_view.cmd(3);
+                cmd.arg(members_key(conv)).arg(seq_key(conv)).arg(members_version_key(conv)).arg(user);
+                cmd
+            })
+            .collect();
+        let answers = self.inner.pool.query(cmds).await?;
+        if answers.len() != convs.len() {
             return Err(StoreError::Unavailable("redis: short reply to member_views".into()));
         }
-        Ok(flat
-            .chunks(3)
-            .map(|v| (v[0] == 1).then_some(MemberView { last_seq: v[1], members_version: v[2] }))
-            .collect())
+        answers
+            .iter()
+            .map(|answer| {
+                let (member, last_seq, members_version): (u64, u64, u64) = parse(answer)?;
+                Ok((member == 1).then_some(MemberView { last_seq, members_version }))
+            })
+            .collect()
     }
 
     async fn conversation(&self, conv: &str) -> Result<Conversation, StoreError> {
@@ -973,13 +1019,16 @@ impl RedisStore {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut get = ::redis::cmd("MGET");
-        for conv in convs {
-            get.arg(seq_key(conv));
-        }
-        let mut values = self.inner.pool.query(vec![get]).await?;
-        let value = values.pop().ok_or_else(|| StoreError::Unavailable("MGET gave no reply".into()))?;
-        let seqs: Vec<Option<u64>> = parse(&value)?;
-        Ok(seqs.into_iter().map(|s| s.unwrap_or(0)).collect())
+        // One GET per conversation: their counters live in as many slots.
+        let cmds = convs
+            .iter()
+            .map(|conv| {
+                let mut get = ::redis::cmd("GET");
+                get.arg(seq_key(conv));
+                get
+            })
+            .collect();
+        let values = self.inner.pool.query(cmds).await?;
+        values.iter().map(|v| parse::<Option<u64>>(v).map(|s| s.unwrap_or(0))).collect()
     }
 }
