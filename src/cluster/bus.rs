@@ -24,6 +24,7 @@
 //! subscriptions on every (re)connection.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -51,9 +52,9 @@ const HEARTBEAT_TIMEOUT_MS: i32 = 5_000;
 const KEEPALIVE_IDLE_S: i32 = 30;
 const KEEPALIVE_INTVL_S: i32 = 5;
 const KEEPALIVE_CNT: i32 = 3;
-/// How long the subscriber thread waits for a message before applying queued commands:
-/// the most a subscribe, unsubscribe or peer change waits to reach the socket.
-const POLL_MS: i64 = 10;
+/// The longest the subscriber thread sleeps in `zmq::poll`. A command rings its doorbell
+/// and wakes it at once; this bound only keeps an idle node from sleeping forever.
+const IDLE_POLL_MS: i64 = 1_000;
 /// Messages the subscriber thread takes in a row before looking at its commands again.
 const RECV_BATCH: usize = 1024;
 
@@ -71,6 +72,9 @@ pub enum BusError {
     /// A bus thread could not be spawned: the process is out of threads or memory.
     #[error("cannot start the cluster {thread} thread: {source}")]
     Thread { thread: &'static str, source: std::io::Error },
+    /// The subscriber thread's eventfd could not be made (out of file descriptors).
+    #[error("cannot create the cluster subscriber's eventfd: {0}")]
+    Doorbell(std::io::Error),
     /// `receivers` was 0: inbound messages need at least one channel to go to.
     #[error("the cluster bus needs at least one receiver")]
     NoReceivers,
@@ -90,6 +94,8 @@ struct Inner {
     outbox: Sender<Outgoing>,
     /// To the subscriber thread; unbounded, since commands are few and must not be lost.
     commands: Sender<Command>,
+    /// Rung after every command, so the subscriber thread applies it at once.
+    doorbell: Arc<Doorbell>,
     metrics: Arc<ClusterMetrics>,
     /// Taken (and joined) by the first shutdown.
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -155,12 +161,14 @@ impl Bus {
         let metrics = Arc::new(ClusterMetrics::default());
         let (outbox, queue) = crossbeam_channel::bounded(OUTBOX_SLOTS);
         let (commands, command_rx) = crossbeam_channel::unbounded();
+        let doorbell = Arc::new(Doorbell::new().map_err(BusError::Doorbell)?);
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..receivers).map(|_| flume::bounded(INBOUND_SLOTS)).unzip();
         let inner = Arc::new(Inner {
             endpoint,
             outbox,
             commands,
+            doorbell: doorbell.clone(),
             metrics: metrics.clone(),
             threads: Mutex::new(Vec::with_capacity(2)),
         });
@@ -179,6 +187,7 @@ impl Bus {
             route,
             senders,
             commands: command_rx,
+            doorbell,
             topics: HashMap::new(),
             peers: HashSet::new(),
             metrics,
@@ -241,6 +250,7 @@ impl Inner {
     fn command(&self, command: Command) {
         // Disconnected only after shutdown, when there is nothing left to command.
         let _ = self.commands.send(command);
+        self.doorbell.ring();
     }
 
     fn push_thread(&self, handle: JoinHandle<()>) {
@@ -261,6 +271,7 @@ impl Inner {
         // one free slot; an error means the thread is already gone.
         let _ = self.outbox.send(Outgoing::Stop);
         let _ = self.commands.send(Command::Stop);
+        self.doorbell.ring();
         let me = std::thread::current().id();
         for handle in threads {
             // A route function that dropped the last handle runs on the subscriber thread,
@@ -366,6 +377,7 @@ struct Subscriber {
     route: Route,
     senders: Vec<flume::Sender<Envelope>>,
     commands: Receiver<Command>,
+    doorbell: Arc<Doorbell>,
     /// Interest count per subscribed topic, keyed by frame so that two spellings of one
     /// bucket (`Conv(1)`, `Conv(4097)`) share a count. Absent means 0.
     topics: HashMap<TopicFrame, usize>,
@@ -386,12 +398,22 @@ impl Subscriber {
                     Err(TryRecvError::Empty) => break,
                 }
             }
-            match self.socket.poll(zmq::POLLIN, POLL_MS) {
-                Ok(0) => {}
+            // Sleeps until a message or a command comes: no timer wakes an idle node.
+            let mut items = [
+                self.socket.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.doorbell.fd(), zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, IDLE_POLL_MS) {
                 Ok(_) => {
-                    for _ in 0..RECV_BATCH {
-                        if !self.receive(&mut topic, &mut payload) {
-                            break;
+                    let (message, rung) = (items[0].is_readable(), items[1].is_readable());
+                    if rung {
+                        self.doorbell.clear();
+                    }
+                    if message {
+                        for _ in 0..RECV_BATCH {
+                            if !self.receive(&mut topic, &mut payload) {
+                                break;
+                            }
                         }
                     }
                 }
@@ -498,5 +520,39 @@ impl Subscriber {
             self.metrics.inbound_dropped.inc();
         }
         true
+    }
+}
+
+/// An eventfd that the subscriber thread polls beside its SUB socket.
+struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    fn new() -> std::io::Result<Doorbell> {
+        // SAFETY: eventfd(2) takes no pointers; a non-negative answer is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Wakes the poller (the counter saturates long after anyone would care).
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
+        let _ = unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the counter after a wake-up.
+    fn clear(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from a descriptor we own.
+        let _ = unsafe { libc::read(self.fd(), (&mut count as *mut u64).cast(), 8) };
     }
 }

@@ -165,7 +165,7 @@ impl Owner {
             let mut h = Holdback::new(last, members_version.unwrap_or(0));
             h.active_ms = self.ctx.now_ms();
             h.check_queued = true;
-            self.checks.items().push_back(conv.clone());
+            self.checks.push(conv.clone());
             h
         });
         h.saw(last);
@@ -209,7 +209,7 @@ impl Owner {
         h.active_ms = now;
         if !h.check_queued {
             h.check_queued = true;
-            self.checks.items().push_back(conv.clone());
+            self.checks.push(conv.clone());
         }
         if !h.offer(seq, (frame, exclude)) {
             return;
@@ -334,6 +334,8 @@ impl Owner {
         let Some(redis) = self.ctx.redis().cloned() else { return };
         let tick = Duration::from_millis(QUIET_MS / 2);
         loop {
+            // A shard with no conversation to check never wakes up for checks.
+            self.checks.ready().await;
             glommio::timer::sleep(tick).await;
             let now = self.ctx.now_ms();
             let mut due = Vec::new();
@@ -370,12 +372,11 @@ impl Owner {
     /// when Redis or the node's lease was lost).
     pub fn check_all(&self) {
         let mut order = self.order.borrow_mut();
-        let mut checks = self.checks.items();
         for (conv, h) in order.iter_mut() {
             h.active_ms = 0;
             if !h.check_queued {
                 h.check_queued = true;
-                checks.push_back(conv.clone());
+                self.checks.push(conv.clone());
             }
         }
     }

@@ -2,9 +2,10 @@
 //! batches (a connection storm costs a few round trips per interval, not one per
 //! connection), kept while Redis is away and re-registered from scratch when asked.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use tracing::debug;
@@ -14,7 +15,8 @@ use crate::ids::Key;
 use crate::session::{Kind, Session};
 use crate::store::{Presence, PresenceOp};
 
-/// How often a shard writes its connections' presence changes to Redis, in one pipeline.
+/// How long a shard gathers its connections' presence changes before writing them to
+/// Redis in one pipeline (and how long it waits before writing again after a failure).
 const PRESENCE_FLUSH: Duration = Duration::from_millis(20);
 
 /// Presence changes a shard keeps for Redis while it is unreachable; past this it drops
@@ -25,6 +27,9 @@ const PRESENCE_BACKLOG: usize = 200_000;
 #[derive(Default)]
 pub struct PresenceWriter {
     out: RefCell<Vec<PresenceOp>>,
+    /// The writer task, while it waits for a first change (an idle shard never wakes
+    /// up for presence).
+    waiting: Cell<Option<Waker>>,
 }
 
 /// How the presence API shows a client session.
@@ -54,6 +59,14 @@ impl PresenceWriter {
         } else {
             ctx.node.presence_lost.store(true, Ordering::Relaxed);
         }
+        drop(out);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = self.waiting.take() {
+            waker.wake();
+        }
     }
 
     /// Every live client session's presence, queued again (see `ShardWide::Reregister`).
@@ -65,13 +78,25 @@ impl PresenceWriter {
                 out.push(PresenceOp::Add { user: user.clone(), entry: entry(ctx, s) });
             }
         }
+        drop(out);
+        self.wake();
     }
 
-    /// Writes queued presence changes to Redis every [`PRESENCE_FLUSH`], one pipeline per
-    /// write; what fails is kept (bounded) and written when Redis answers again.
+    /// Writes queued presence changes to Redis [`PRESENCE_FLUSH`] after the first one
+    /// came, one pipeline per write; what fails is kept (bounded) and written when Redis
+    /// answers again.
     pub async fn run(self: Rc<Self>, ctx: Rc<Ctx>) {
         let Some(redis) = ctx.redis().cloned() else { return };
         loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.out.borrow().is_empty() {
+                    self.waiting.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
             glommio::timer::sleep(PRESENCE_FLUSH).await;
             let ops = std::mem::take(&mut *self.out.borrow_mut());
             if ops.is_empty() {
