@@ -4,7 +4,8 @@
 //!
 //! Every [`RENEW_EVERY`] the node renews a lease key that expires after [`LEASE_TTL_MS`]
 //! and sweeps: any node whose lease is gone (killed, partitioned, paused) has its
-//! presence purged in one atomic script by whichever live node sweeps first. A node
+//! presence purged by whichever live node sweeps first (a purge cut short is finished by
+//! the next sweep; see `store::redis`). A node
 //! killed outright is thus gone from presence within `LEASE_TTL_MS + RENEW_EVERY` (4 s).
 //! Presence entries and leases carry the node's epoch (its start time), so a restarted
 //! node never inherits, nor protects, its previous life's entries.
