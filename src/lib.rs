@@ -57,7 +57,10 @@
 //! - `protocol`: the JSON frames of PROTOCOL.md as types; no sockets.
 //! - `ws`: the upgrade (`handshake`) and RFC 6455 framing through tungstenite (`codec`).
 //! - `bridge`: how shards reach blocking clients without blocking: jobs over
-//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool).
+//!   `crossbeam-channel` to worker threads, answers over `flume` (the Redis pool,
+//!   `mod.rs`); a Redis Cluster's slot map, per-master connections and redirections
+//!   (`cluster.rs`); hash slots and command keys (`slot.rs`); one connection's round
+//!   trips, script loads and counters (`wire.rs`).
 //! - `webhook`: webhook delivery (`sender`): signed, batched POSTs from a thread of its
 //!   own, retried with backoff; callers submit events without waiting.
 //! - `limits`: the host's limits, reported at start.

@@ -1,6 +1,7 @@
 //! A real `redis-server` for the cluster tests: its own free loopback port and temp dir,
 //! no persistence (a restart loses everything, which the tests use on purpose), killed
-//! on drop.
+//! on drop; and a real three-master Redis Cluster ([`RedisCluster`]) for the pool's
+//! cluster mode.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -100,14 +101,7 @@ impl Redis {
 
     /// Whether the server answers PING now.
     pub fn pings(&self) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        pings(self.port)
     }
 
     /// Kills the server (SIGKILL): its data is gone.
@@ -139,4 +133,189 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// How long a new Redis Cluster has to reach `cluster_state:ok` on every node.
+const CLUSTER_READY: Duration = Duration::from_secs(30);
+
+/// Three `redis-server` masters made one Redis Cluster (no replicas), each on its own free
+/// port (and cluster bus port) and temp dir, no persistence; killed on drop.
+///
+/// `cluster-require-full-coverage no`: a master that is down leaves the others serving
+/// their slots (the tests kill one on purpose).
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    dir: TempDir,
+    port: u16,
+    bus: u16,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--protected-mode", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-port", &self.bus.to_string()])
+            .args(["--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.path().join("nodes.conf"))
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (scripts/test installs it: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + REDIS_START;
+        while !pings(self.port) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                panic!("cluster redis-server on port {} exited ({status}):\n{log}", self.port);
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} never answered PING", self.port);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts the three masters, joins them with `redis-cli --cluster create` (the slots
+    /// split in three ranges, in node order) and waits until every node says the cluster
+    /// is ok with all 16384 slots assigned.
+    pub fn start() -> RedisCluster {
+        let mut nodes: Vec<ClusterNode> = (0..3)
+            .map(|_| ClusterNode {
+                dir: TempDir::new("redis-cluster"),
+                port: free_port(),
+                bus: free_port(),
+                child: None,
+            })
+            .collect();
+        for node in &mut nodes {
+            node.run();
+        }
+        let cluster = RedisCluster { nodes };
+        let addrs: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits (bounded) until every running node reports `cluster_state:ok`, all slots
+    /// assigned and every node known.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_READY;
+        loop {
+            let ok = self.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some()).all(|(i, _)| {
+                let info = self.cli_at(i, &["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_assigned:16384")
+                    && info.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+                    && info.contains(&format!("cluster_size:{}", self.nodes.len()))
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never became ok: {}",
+                self.cli_at(0, &["CLUSTER", "INFO"])
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first node's URL (any node would do).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.nodes[0].port)
+    }
+
+    pub fn port(&self, node: usize) -> u16 {
+        self.nodes[node].port
+    }
+
+    /// The node's cluster id.
+    pub fn id(&self, node: usize) -> String {
+        self.cli_at(node, &["CLUSTER", "MYID"]).trim().to_owned()
+    }
+
+    /// Runs a command with `redis-cli -c` (following redirections) against the first node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_on(0, true, args)
+    }
+
+    /// Runs a command with `redis-cli` on node `node` only (no redirection followed).
+    pub fn cli_at(&self, node: usize, args: &[&str]) -> String {
+        self.cli_on(node, false, args)
+    }
+
+    fn cli_on(&self, node: usize, follow: bool, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[node].port.to_string()])
+            .args(if follow { &["-c"][..] } else { &[][..] })
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Kills master `node` (SIGKILL): its data is gone, its slots stay its own.
+    pub fn kill_master(&mut self, node: usize) {
+        self.nodes[node].kill();
+    }
+
+    /// Starts master `node` again on its ports, with its cluster config (same id and
+    /// slots) and no data, and waits until the cluster is ok again.
+    pub fn restart(&mut self, node: usize) {
+        self.nodes[node].kill();
+        self.nodes[node].run();
+        self.wait_ok();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// Whether a server on `port` answers PING now.
+fn pings(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
