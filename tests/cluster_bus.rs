@@ -504,3 +504,48 @@ fn a_glommio_executor_is_woken_by_the_subscriber_thread() {
     let env = got.expect("woken before the deadline").expect("channel open");
     assert!(a.sent(&env) && is_probe(&env), "{env:?}");
 }
+
+/// A node that subscribes to every bucket at once (a crowd of users in thousands of
+/// conversations) gets messages on every one of them: libzmq queues subscriptions behind
+/// the SUB socket's send high-water mark, and past it would drop them without a word
+/// (the crowd bench saw no message cross nodes at 20,000 connections). Both orders: the
+/// subscriptions sent to a connected peer, and the whole set resent on a new connection.
+#[test]
+fn thousands_of_subscriptions_at_once_all_take_effect() {
+    let a = Node::start("a", 1);
+    let b = Node::start("b", 1);
+    let c = Node::start("c", 1);
+    b.bus.set_peers(vec![a.endpoint()]);
+    await_route_all(&a, &b);
+    let every: Vec<Topic> = (0..cluster::BUCKETS).flat_map(|i| [Topic::Conv(i), Topic::User(i)]).collect();
+    for topic in &every {
+        b.bus.subscribe(*topic);
+        c.bus.subscribe(*topic);
+    }
+    c.bus.set_peers(vec![a.endpoint()]);
+    for to in [&b, &c] {
+        // Subscriptions travel in order on one connection: once the last one works,
+        // every earlier one reached `a` too (or was dropped on the way).
+        await_route(&a, *every.last().expect("topics"), to);
+        let _ = to.rx.drain();
+    }
+    for (i, topic) in every.iter().enumerate() {
+        a.bus.publish(*topic, msg("any", i as u64 + 1));
+    }
+    for to in [&b, &c] {
+        let mut seqs = Vec::with_capacity(every.len());
+        while seqs.len() < every.len() {
+            match next(to).msg {
+                ClusterMsg::Msg { seq, .. } => seqs.push(seq),
+                other => panic!("{} got {other:?}", to.name),
+            }
+        }
+        assert_eq!(seqs, (1..=every.len() as u64).collect::<Vec<_>>(), "{} missed topics", to.name);
+    }
+}
+
+/// Waits until `to` hears `from` on the `All` topic (the connection is up).
+fn await_route_all(from: &Node, to: &Node) {
+    to.bus.subscribe(Topic::All);
+    await_route(from, Topic::All, to);
+}

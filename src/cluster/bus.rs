@@ -17,6 +17,12 @@
 //! nothing) rather than stalling the node or its other peers. `send` uses `DONTWAIT`
 //! anyway, so the publisher thread can never block on the network.
 //!
+//! Subscriptions: the SUB's `SNDHWM` and the PUB's `RCVHWM` are 0 (no limit). libzmq
+//! queues subscribe and unsubscribe messages behind them and silently drops what is past
+//! the mark (1000 by default): a node that took an interest in thousands of buckets at
+//! once (a crowd connecting) would never hear most of them. Subscriptions are a few bytes
+//! each and bounded by the `2 * BUCKETS + 1` topics there are.
+//!
 //! SUB: `RCVHWM` `cluster.hwm`; `RECONNECT_IVL` 100 ms backing off to `RECONNECT_IVL_MAX` 1 s,
 //! so a restarted peer (same endpoint, new epoch) is back within a second of listening;
 //! `MAXMSGSIZE` = [`MAX_PAYLOAD`], the largest valid payload, so a peer announcing a bigger
@@ -319,6 +325,8 @@ fn pub_socket(ctx: &zmq::Context, hwm: i32) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::PUB)?;
     common_options(&socket)?;
     socket.set_sndhwm(hwm)?;
+    // Subscriptions arrive on the PUB's receive side: never limited (see the module doc).
+    socket.set_rcvhwm(0)?;
     Ok(socket)
 }
 
@@ -326,6 +334,8 @@ fn sub_socket(ctx: &zmq::Context, hwm: i32) -> zmq::Result<zmq::Socket> {
     let socket = ctx.socket(zmq::SUB)?;
     common_options(&socket)?;
     socket.set_rcvhwm(hwm)?;
+    // Subscriptions leave on the SUB's send side: never limited (see the module doc).
+    socket.set_sndhwm(0)?;
     socket.set_reconnect_ivl(RECONNECT_IVL_MS)?;
     socket.set_reconnect_ivl_max(RECONNECT_IVL_MAX_MS)?;
     socket.set_maxmsgsize(MAX_PAYLOAD as i64)?;
