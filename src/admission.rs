@@ -18,6 +18,10 @@ const RATE_RETRY_S: (u32, u32) = (1, 5);
 /// `Retry-After` seconds for an address over its cap: its connections end slowly.
 const IP_RETRY_S: (u32, u32) = (10, 30);
 
+/// `Retry-After` seconds for a node at `limits.max_connections` or draining: long enough
+/// for a load balancer to send the retry elsewhere, spread so retries do not come in step.
+pub const FULL_RETRY_S: (u32, u32) = (2, 10);
+
 /// Why a connection is turned away, and when to try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttle {

@@ -98,7 +98,7 @@ impl From<handshake::Refusal> for Refusal {
             handshake::Refusal::Forbidden => Refusal::Forbidden,
             handshake::Refusal::NotFound => Refusal::NotFound,
             handshake::Refusal::UpgradeRequired => Refusal::BadVersion,
-            handshake::Refusal::Unavailable(_) => Refusal::Unavailable,
+            handshake::Refusal::Unavailable { .. } => Refusal::Unavailable,
             handshake::Refusal::Throttled { .. } => Refusal::Throttled,
         }
     }

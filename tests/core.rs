@@ -271,7 +271,11 @@ fn handshake_answers_503_at_the_connection_limit() {
 
     let token = server.token("bob", "phone", 3600);
     let req = upgrade_request(&format!("/ws?token={token}"), &[]);
-    assert_refusal(&raw_http(addr, req.as_bytes()), 503, "second client");
+    let refused = raw_http(addr, req.as_bytes());
+    assert_refusal(&refused, 503, "second client");
+    // PROTOCOL.md: with a Retry-After, spread so refused clients do not return together.
+    let retry: u32 = refused.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After");
+    assert!((2..=10).contains(&retry), "Retry-After {retry}");
     assert_refusal(&raw_http(addr, upgrade_request("/echo", &[]).as_bytes()), 503, "echo client");
     assert_eq!(server.metric("ringpush_handshakes_refused_total{reason=\"unavailable\"}"), 2);
     // The first connection is unaffected.

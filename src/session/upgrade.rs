@@ -17,6 +17,7 @@ use std::task::Poll;
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use crate::admission::FULL_RETRY_S;
 use crate::clock::unix_ms;
 use crate::ctx::Ctx;
 use crate::ids::Key;
@@ -98,7 +99,8 @@ fn check(ctx: &Ctx, request: &handshake::Request<'_>, peer: SocketAddr) -> Resul
         _ => return Err(Refusal::NotFound),
     };
     if ctx.draining.get() {
-        return Err(Refusal::Unavailable("server is shutting down"));
+        let retry_after_s = ctx.admission.borrow_mut().spread(FULL_RETRY_S);
+        return Err(Refusal::Unavailable { why: "server is shutting down", retry_after_s });
     }
     let ip = request.client_ip(peer.ip(), &config.trusted_proxies);
     if let Err(t) = ctx.admission.borrow_mut().admit(ip, ctx.now_ms()) {
@@ -108,7 +110,8 @@ fn check(ctx: &Ctx, request: &handshake::Request<'_>, peer: SocketAddr) -> Resul
     if count >= config.limits.max_connections {
         ctx.node.connections.fetch_sub(1, Ordering::Relaxed);
         ctx.admission.borrow_mut().release(ip);
-        return Err(Refusal::Unavailable("connection limit reached"));
+        let retry_after_s = ctx.admission.borrow_mut().spread(FULL_RETRY_S);
+        return Err(Refusal::Unavailable { why: "connection limit reached", retry_after_s });
     }
     let now_unix = unix_ms() / 1000;
     let expires_ms = match &claims {

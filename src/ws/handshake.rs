@@ -45,8 +45,8 @@ pub enum Refusal {
     NotFound,
     /// 426: `Sec-WebSocket-Version` is not 13.
     UpgradeRequired,
-    /// 503: the connection limit is reached, or the server is draining.
-    Unavailable(&'static str),
+    /// 503 with `Retry-After`: the connection limit is reached, or the server is draining.
+    Unavailable { why: &'static str, retry_after_s: u32 },
     /// 503 with `Retry-After`: too many new connections (node-wide or from the address).
     Throttled { why: &'static str, retry_after_s: u32 },
 }
@@ -59,7 +59,7 @@ impl Refusal {
             Refusal::Forbidden => 403,
             Refusal::NotFound => 404,
             Refusal::UpgradeRequired => 426,
-            Refusal::Unavailable(_) | Refusal::Throttled { .. } => 503,
+            Refusal::Unavailable { .. } | Refusal::Throttled { .. } => 503,
         }
     }
 
@@ -71,15 +71,15 @@ impl Refusal {
             Refusal::Forbidden => "forbidden",
             Refusal::NotFound => "not_found",
             Refusal::UpgradeRequired => "bad_version",
-            Refusal::Unavailable(_) => "unavailable",
+            Refusal::Unavailable { .. } => "unavailable",
             Refusal::Throttled { .. } => "throttled",
         }
     }
 
     fn body(&self) -> &'static str {
         match self {
-            Refusal::BadRequest(why) | Refusal::Unauthorized(why) | Refusal::Unavailable(why) => why,
-            Refusal::Throttled { why, .. } => why,
+            Refusal::BadRequest(why) | Refusal::Unauthorized(why) => why,
+            Refusal::Unavailable { why, .. } | Refusal::Throttled { why, .. } => why,
             Refusal::Forbidden => "origin not allowed",
             Refusal::NotFound => "not found",
             Refusal::UpgradeRequired => "unsupported Sec-WebSocket-Version; use 13",
@@ -90,7 +90,9 @@ impl Refusal {
     pub fn response(&self) -> Vec<u8> {
         let extra = match self {
             Refusal::UpgradeRequired => "Sec-WebSocket-Version: 13\r\n".to_owned(),
-            Refusal::Throttled { retry_after_s, .. } => format!("Retry-After: {retry_after_s}\r\n"),
+            Refusal::Unavailable { retry_after_s, .. } | Refusal::Throttled { retry_after_s, .. } => {
+                format!("Retry-After: {retry_after_s}\r\n")
+            }
             _ => String::new(),
         };
         let body = format!("{}\n", self.body());
