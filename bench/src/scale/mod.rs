@@ -637,9 +637,16 @@ pub fn run(args: CrowdArgs) -> Result<(), Error> {
     );
     let crowd = measure_crowd(&args, &mut nodes, &redis, client_cpu, &tag)?;
     eprint!("{}", human_crowd(&args, &crowd));
-    let faults = match args.fault_conns {
-        0 => None,
-        _ => Some(faults(&args, &mut nodes, &redis, client_cpu, &tag)?),
+    // A failed fault run still leaves the crowd's figures to print and write.
+    let (faults, fault_error) = match args.fault_conns {
+        0 => (None, None),
+        _ => match faults(&args, &mut nodes, &redis, client_cpu, &tag) {
+            Ok(f) => (Some(f), None),
+            Err(e) => {
+                eprintln!("  faults     FAILED: {e}");
+                (None, Some(e))
+            }
+        },
     };
     if let Some(f) = &faults {
         eprint!("{}", human_faults(&args, f));
@@ -658,7 +665,10 @@ pub fn run(args: CrowdArgs) -> Result<(), Error> {
     let checks = paper::check(&host, &hosts, &tuning);
     eprint!("{}", paper::human(&host, &hosts, &checks));
     if args.write_results {
-        let section = results_section(&args, &crowd, faults.as_ref(), &host, &hosts, &checks);
+        let mut section = results_section(&args, &crowd, faults.as_ref(), &host, &hosts, &checks);
+        if let Some(e) = &fault_error {
+            section += &format!("\nThe drain and kill runs of this run failed: {e}\n");
+        }
         paper::write_section(&args.results, &section)?;
         eprintln!("  wrote its section of {}", args.results.display());
     }
@@ -666,6 +676,9 @@ pub fn run(args: CrowdArgs) -> Result<(), Error> {
         println!("{}", json_line(&args, &crowd, faults.as_ref(), &host, &hosts, &checks));
     }
     drop(nodes);
+    if let Some(e) = fault_error {
+        return Err(e);
+    }
     match faults.map(|f| f.account) {
         Some(a) if a.lost + a.duplicated + a.out_of_order > 0 => Err(Error::Server(format!(
             "the syncing devices lost {}, saw {} twice and {} out of order",
@@ -1005,13 +1018,16 @@ fn fault(
     let crowd = args.fault_conns as u64;
     let want = args.sample as u64;
     let deadline = started + RECOVERY_LIMIT;
-    let (after, back_times) = loop {
+    // Each `lb` hands over the times back since the previous one.
+    let mut back_times = Latency::new();
+    let after = loop {
         let (replies, back) = lb_state(workers)?;
+        back_times.merge(&back);
         let t = |name: &str| total(&replies, name);
         let down = t("down") - b("down");
         let all_back = t("open") == crowd && t("pending") == 0 && down >= held.saturating_sub(want);
         if all_back && shared.stats.online.load(Relaxed) == want {
-            break (replies, back);
+            break replies;
         }
         if Instant::now() > deadline {
             return Err(Error::Timeout {
@@ -1304,7 +1320,16 @@ fn results_section(
         c.broadcast_secs,
         c.cpu_us_per_delivery()
     );
-    if c.big_want > 0 {
+    if c.big_want > 0 && c.big_got < c.big_want {
+        s += &format!(
+            "| {}-member conversation, {} messages | not every member read them: {} of {} receipts within {} s each |\n",
+            args.big_members,
+            args.big_messages,
+            c.big_got,
+            c.big_want,
+            MESSAGE_LIMIT.as_secs()
+        );
+    } else if c.big_want > 0 {
         s += &format!(
             "| {}-member conversation, {} messages | send -> last member p50 {:.1} ms, p99 {:.1} ms |\n",
             args.big_members,
