@@ -66,6 +66,7 @@ pub fn run(args: ClusterArgs) -> Result<im::Report, Error> {
             log: None,
             node_id: format!("bench-n{}", i + 1),
             extra_toml: extra,
+            extra_limits: String::new(),
             ports: (0, 0),
         };
         nodes.push(Server::start(&t.server_bin, &setup)?);

@@ -15,6 +15,15 @@
 //! | `echo SIZE DEPTH OPCODE START END` | the echo load of [`crate::pipe`]: after END and the drain, `echoed rt R rt_win W sent S errors E inflight I`, then `hist rtt ...` |
 //! | `churn START END` | upgrade churn ([`crate::pipe`]): every slot is reset and reconnects, over and over; after END, `churned ok K ok_win W failed F failed_win FW`, then `hist upgrade ...` |
 //! | `storm`       | every connection is reset at once and all reconnect at once (no cap on handshakes in flight): `connected K failed F ms T` again, then `hist back ...` (each connection's time from the storm to up) |
+//! | `pushes`      | `pushes got G last_ns T`: `push` frames read so far, and the `CLOCK_MONOTONIC` time of the last read |
+//! | `receipts`    | with `--watch-conv`: `receipts split S` and one `seq N got C last_ns T` pair group per seq seen (`msg` frames of that conversation) |
+//! | `lb`          | with `--lb`: `lb open O down D back B closes_1001 C lost L refused_connect E refused_503 R retry_after_n N retry_after_max_s M pending P last_up_ns T`, then `hist back ...` (each connection's time from down to up since the last `lb`) |
+//!
+//! With `--lb` a connection that ends after the connect phase comes back as a client behind
+//! a load balancer would: to the next node in turn (the process's own round robin), after
+//! the `reconnect_after_ms` of a 1001 close, the `Retry-After` of a 503, or else a
+//! jittered exponential backoff (full jitter, 1 s doubling to 8 s); a refused TCP connect
+//! (a node that is gone) goes to the next node at once, as a balancer fails over.
 //!
 //! With `--raw` the server is a plain TCP echo: the upgrade request counts as answered
 //! once it has come back whole, and so does a ping or an echo frame, byte for byte.
@@ -32,7 +41,8 @@
 //! shared read buffer, and the burst's message is generated and masked piece by piece
 //! from its offset instead of being held per connection.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -42,7 +52,8 @@ use crate::chat::{self, Chat, ChatArgs, Peer, Stamp};
 use crate::error::Error;
 use crate::latency::Latency;
 use crate::pipe::{Churn, EchoRun, Pipe};
-use crate::ws::{self, opcode, Decoder, Event, Rng};
+use crate::scan;
+use crate::ws::{self, opcode, Decoder, Event, HandshakeError, Rng};
 
 /// The WebSocket endpoint a fleet connects to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,6 +124,13 @@ pub struct FleetArgs {
     /// The server is a plain TCP echo (no WebSocket): requests and frames come back as sent.
     #[arg(long)]
     pub raw: bool,
+    /// Connections that end after the connect phase come back, as behind a load balancer
+    /// (see the module docs).
+    #[arg(long)]
+    pub lb: bool,
+    /// Count the `msg` frames of this conversation per seq, with the time of the last read.
+    #[arg(long)]
+    pub watch_conv: Option<String>,
     #[command(flatten)]
     pub chat: ChatArgs,
 }
@@ -214,6 +232,31 @@ struct Conn {
     /// back and not yet accounted for.
     raw_want: u32,
     raw_in: u64,
+    /// `--lb`: the node (index into `--addr` and `--also`) this connection goes to.
+    node: u8,
+    /// `--lb`: the connection was up, ended, and is being brought back.
+    lb_down: bool,
+    /// `--lb`: attempts since it went down (the backoff's exponent).
+    attempts: u8,
+    /// What the last attempt ran into, for the choice of the wait.
+    hint: Hint,
+    /// A wait the server asked for: a 1001 close's `reconnect_after_ms`, a 503's
+    /// `Retry-After`, in milliseconds.
+    after_ms: Option<u32>,
+    /// `--lb`: when it went down.
+    down_at: Option<Instant>,
+}
+
+/// What a failed attempt ran into (`--lb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hint {
+    None,
+    /// The TCP connect was refused: the node is gone.
+    Refused,
+    /// A 503 before the upgrade.
+    Busy,
+    /// A 1001 close (the node drains).
+    GoingAway,
 }
 
 impl Conn {
@@ -244,6 +287,12 @@ impl Conn {
             pings_out: 0,
             raw_want: 0,
             raw_in: 0,
+            node: 0,
+            lb_down: false,
+            attempts: 0,
+            hint: Hint::None,
+            after_ms: None,
+            down_at: None,
         }
     }
 
@@ -354,6 +403,10 @@ impl Conn {
                             peer.gather(p)?;
                         }
                     } else {
+                        if self.msg_opcode == opcode::TEXT && self.msg_len == 0 {
+                            let whole = self.frame.fin && p.len() as u64 == self.frame.len;
+                            stats.watch_msg(p, whole);
+                        }
                         self.on_payload(p)?;
                     }
                 }
@@ -382,6 +435,12 @@ impl Conn {
                         } else {
                             1005
                         };
+                        if code == 1001 {
+                            self.hint = Hint::GoingAway;
+                            let reason = &self.ctl[2.min(self.ctl_len as usize)..self.ctl_len as usize];
+                            self.after_ms =
+                                scan::number_after(reason, b"reconnect_after_ms=").map(|ms| ms as u32);
+                        }
                         return Err(format!("closed by the server with {code}"));
                     }
                     _ if self.frame.fin && self.pipe.is_some() => {
@@ -400,7 +459,7 @@ impl Conn {
                                 peer.return_text(text);
                             }
                         }
-                        _ => self.on_message()?,
+                        _ => self.on_message(stats)?,
                     },
                     _ => {}
                 },
@@ -491,12 +550,15 @@ impl Conn {
         Ok(())
     }
 
-    fn on_message(&mut self) -> Result<(), String> {
+    fn on_message(&mut self, stats: &mut Stats) -> Result<(), String> {
         match self.msg_opcode {
             opcode::TEXT => {
                 let n = (self.msg_len as usize).min(PREFIX);
                 if self.prefix[..n].starts_with(b"{\"op\":\"hello\"") {
                     self.ready = true;
+                } else if self.prefix[..n].starts_with(b"{\"op\":\"push\"") {
+                    stats.pushes += 1;
+                    stats.push_last_ns = chat::now_ns();
                 }
                 Ok(())
             }
@@ -523,6 +585,66 @@ struct Stats {
     closed: u64,
     /// Pongs read for the client's own pings.
     client_pongs: u64,
+    /// `push` frames read, and when the last one was read (`CLOCK_MONOTONIC` ns).
+    pushes: u64,
+    push_last_ns: u64,
+    /// `--watch-conv`: its `msg` frames per seq.
+    watch: Option<Watch>,
+}
+
+/// The `msg` frames of one conversation (`--watch-conv`), per seq.
+#[derive(Debug, Default)]
+struct Watch {
+    conv: Vec<u8>,
+    /// Seq -> (frames read, the last read's `CLOCK_MONOTONIC` ns).
+    seqs: BTreeMap<u64, (u64, u64)>,
+    /// Text messages that did not come whole in one read: not looked at (should be 0).
+    split: u64,
+}
+
+impl Stats {
+    /// A text message's first piece; `whole` when it is the whole message.
+    fn watch_msg(&mut self, text: &[u8], whole: bool) {
+        let Some(w) = self.watch.as_mut() else { return };
+        if !whole {
+            w.split += 1;
+            return;
+        }
+        if scan::op(text) != scan::Op::Msg || scan::string_after(text, b"\"conv\":") != Some(&w.conv[..]) {
+            return;
+        }
+        if let Some(seq) = scan::number_after(text, b"\"seq\":") {
+            let e = w.seqs.entry(seq).or_default();
+            e.0 += 1;
+            e.1 = chat::now_ns();
+        }
+    }
+}
+
+/// The load-balancer reconnects (`--lb`).
+#[derive(Debug, Default)]
+struct Lb {
+    /// Connections waiting to reconnect: (due, index).
+    due: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// The next node in turn.
+    rr: usize,
+    /// Connections that were up and ended.
+    down: u64,
+    /// Of those, back up.
+    back: u64,
+    /// How they ended: a 1001 close, anything else (EOF, reset, another close).
+    closes_1001: u64,
+    lost: u64,
+    /// Attempts refused: TCP connect refused (node gone), HTTP 503.
+    refused_connect: u64,
+    refused_503: u64,
+    /// 503s that carried `Retry-After`, and the largest one (seconds).
+    retry_after_n: u64,
+    retry_after_max_s: u64,
+    /// When the last connection came back (`CLOCK_MONOTONIC` ns).
+    last_up_ns: u64,
+    /// Each connection's time from down to up, since the last `lb` command.
+    back_times: Latency,
 }
 
 /// The pings in progress (`ping MS`).
@@ -587,6 +709,8 @@ struct Fleet {
     back: Latency,
     /// The client pings in progress (`ping`).
     ping: Option<PingRun>,
+    /// `--lb`: the reconnects.
+    lb: Option<Lb>,
 }
 
 /// A load phase (`go RATE WINDOW MS`).
@@ -683,7 +807,19 @@ pub fn run(args: FleetArgs) -> Result<(), Error> {
         storm: None,
         back: Latency::new(),
         ping: None,
+        lb: None,
     };
+    if fleet.args.lb {
+        fleet.lb = Some(Lb::default());
+        let nodes = 1 + fleet.args.also.len();
+        let first = fleet.args.first;
+        for (i, conn) in fleet.conns.iter_mut().enumerate() {
+            conn.node = ((first + i) % nodes) as u8;
+        }
+    }
+    if let Some(conv) = &fleet.args.watch_conv {
+        fleet.stats.watch = Some(Watch { conv: conv.as_bytes().to_vec(), ..Watch::default() });
+    }
     fleet.concurrency = fleet.args.concurrency.max(1);
     fleet.run_loop()
 }
@@ -695,6 +831,7 @@ impl Fleet {
         while !self.exit {
             self.start_more();
             self.respawn();
+            self.lb_due();
             // Wake for the next paced send (to the nanosecond: epoll_pwait2), else for the sweeps.
             let wait = match self.args.spin {
                 true => Duration::ZERO,
@@ -756,7 +893,11 @@ impl Fleet {
 
     /// Where connection `i` goes.
     fn dest(&self, i: usize) -> SocketAddr {
-        match (self.args.first + i) % (1 + self.args.also.len()) {
+        let node = match self.lb {
+            Some(_) => self.conns[i].node as usize,
+            None => self.args.first + i,
+        };
+        match node % (1 + self.args.also.len()) {
             0 => self.args.addr,
             k => self.args.also[k - 1],
         }
@@ -801,7 +942,10 @@ impl Fleet {
         match socket_error(raw) {
             Ok(0) => {}
             Ok(errno) => {
-                return self.fail(i, format!("connect: {}", io::Error::from_raw_os_error(errno).kind()))
+                if errno == libc::ECONNREFUSED {
+                    self.conns[i].hint = Hint::Refused;
+                }
+                return self.fail(i, format!("connect: {}", io::Error::from_raw_os_error(errno).kind()));
             }
             Err(e) => return self.fail(i, format!("connect: {}", e.kind())),
         }
@@ -915,7 +1059,13 @@ impl Fleet {
                             at,
                         )
                     }
-                    Err(e) => Err(format!("handshake: {e}")),
+                    Err(e) => {
+                        if e == HandshakeError::Status(503) {
+                            conn.hint = Hint::Busy;
+                            conn.after_ms = ws::retry_after(&conn.head).map(|s| (s * 1000) as u32);
+                        }
+                        Err(format!("handshake: {e}"))
+                    }
                 }
             } else {
                 conn.on_frames(data, &mut self.stats, &mut self.rng, &mut self.chat, &mut self.echo, at)
@@ -944,6 +1094,17 @@ impl Fleet {
                 self.back.record_ns(storm.elapsed().as_nanos() as u64);
             }
             conn.up = true;
+            if conn.lb_down {
+                conn.lb_down = false;
+                conn.attempts = 0;
+                if let Some(lb) = self.lb.as_mut() {
+                    lb.back += 1;
+                    lb.last_up_ns = chat::now_ns();
+                    if let Some(t) = conn.down_at.take() {
+                        lb.back_times.record_ns(t.elapsed().as_nanos() as u64);
+                    }
+                }
+            }
             self.in_flight -= 1;
             self.connect_ok += 1;
             self.stats.open += 1;
@@ -968,6 +1129,9 @@ impl Fleet {
         let (state, up) = (conn.state, conn.up);
         if state == State::Done {
             return;
+        }
+        if self.lb.is_some() && self.connect_done && (up || conn.lb_down) {
+            return self.lb_lost(i, why);
         }
         conn.state = State::Done;
         // Dropping the fd removes it from the epoll set.
@@ -1014,12 +1178,13 @@ impl Fleet {
     /// Fails handshakes past their timeout, and the whole connect phase past its bound.
     fn sweep(&mut self) {
         let churning = self.churn.is_some();
-        if self.connect_done && !churning {
+        if self.connect_done && !churning && self.lb.is_none() {
             return;
         }
         let limit = Duration::from_millis(self.args.handshake_timeout_ms);
-        let phase_over =
-            !churning && self.started.elapsed() > Duration::from_secs(self.args.connect_timeout_secs);
+        let phase_over = !churning
+            && !self.connect_done
+            && self.started.elapsed() > Duration::from_secs(self.args.connect_timeout_secs);
         for i in 0..self.next {
             let c = &self.conns[i];
             let waiting = matches!(c.state, State::Connecting | State::Upgrading | State::Open) && !c.up;
@@ -1105,6 +1270,20 @@ impl Fleet {
             }
             (Some("churn"), &[start, end]) => self.start_churn(start, end),
             (Some("storm"), _) => self.start_storm(),
+            (Some("pushes"), _) => {
+                say(&format!("pushes got {} last_ns {}", self.stats.pushes, self.stats.push_last_ns))?
+            }
+            (Some("receipts"), _) => {
+                let mut line = String::from("receipts");
+                if let Some(w) = &self.stats.watch {
+                    line += &format!(" split {}", w.split);
+                    for (seq, (count, last)) in &w.seqs {
+                        line += &format!(" seq {seq} got {count} last_ns {last}");
+                    }
+                }
+                say(&line)?;
+            }
+            (Some("lb"), _) => self.report_lb()?,
             _ => return Err(Error::Worker(format!("unknown command {line:?}"))),
         }
         Ok(())
@@ -1278,6 +1457,118 @@ impl Fleet {
                 self.churn = None;
             }
         }
+        Ok(())
+    }
+}
+
+/// The load-balancer reconnects (`--lb`).
+impl Fleet {
+    /// Connection `i`, up before or on its way back, ended (`why`): it is brought back
+    /// after the wait the server asked for, or a backoff, to the next node in turn.
+    fn lb_lost(&mut self, i: usize, why: String) {
+        let Some(lb) = self.lb.as_mut() else { return };
+        let nodes = 1 + self.args.also.len();
+        let old = std::mem::replace(&mut self.conns[i], Conn::new());
+        let conn = &mut self.conns[i];
+        if old.up {
+            self.stats.open -= 1;
+            lb.down += 1;
+            match old.hint {
+                Hint::GoingAway => lb.closes_1001 += 1,
+                _ => lb.lost += 1,
+            }
+            if lb.down - lb.back <= 3 && lb.down <= 3 {
+                eprintln!("idle-worker: connection b{} down: {why}", self.args.first + i);
+            }
+            conn.down_at = Some(Instant::now());
+        } else {
+            if old.state != State::Idle {
+                self.in_flight -= 1;
+            }
+            conn.down_at = old.down_at;
+            conn.attempts = old.attempts;
+        }
+        conn.lb_down = true;
+        let backoff = |attempts: u8, rng: &mut Rng| {
+            // Full jitter: uniform below 1 s doubling to 8 s.
+            let cap = 1000u64 << attempts.min(3);
+            Duration::from_millis(rng.next_u64() % cap)
+        };
+        let wait = match (old.hint, old.after_ms) {
+            (Hint::Refused, _) => {
+                lb.refused_connect += 1;
+                // The balancer fails over at once; past a round of refusals, back off.
+                conn.attempts = conn.attempts.saturating_add(1);
+                if (conn.attempts as usize) < nodes {
+                    Duration::ZERO
+                } else {
+                    backoff(conn.attempts - nodes as u8, &mut self.rng)
+                }
+            }
+            (Hint::Busy, after) => {
+                lb.refused_503 += 1;
+                conn.attempts = conn.attempts.saturating_add(1);
+                match after {
+                    Some(ms) => {
+                        lb.retry_after_n += 1;
+                        lb.retry_after_max_s = lb.retry_after_max_s.max(u64::from(ms) / 1000);
+                        Duration::from_millis(u64::from(ms))
+                    }
+                    None => backoff(conn.attempts, &mut self.rng),
+                }
+            }
+            (Hint::GoingAway, Some(ms)) if old.up => Duration::from_millis(u64::from(ms)),
+            _ => {
+                let wait = backoff(conn.attempts, &mut self.rng);
+                conn.attempts = conn.attempts.saturating_add(1);
+                wait
+            }
+        };
+        conn.node = (lb.rr % nodes) as u8;
+        lb.rr = lb.rr.wrapping_add(1);
+        lb.due.push(Reverse((Instant::now() + wait, i)));
+    }
+
+    /// Starts the reconnects that are due.
+    fn lb_due(&mut self) {
+        let now = Instant::now();
+        loop {
+            let Some(lb) = self.lb.as_mut() else { return };
+            match lb.due.peek() {
+                Some(Reverse((due, _))) if *due <= now => {}
+                _ => return,
+            }
+            let Some(Reverse((_, i))) = lb.due.pop() else { return };
+            self.conns[i].started = now;
+            match self.start(i) {
+                Ok(()) => self.in_flight += 1,
+                Err(e) => self.fail(i, format!("connect: {}", e.kind())),
+            }
+        }
+    }
+
+    /// `lb`: the reconnect counters, then the times back since the last `lb`.
+    fn report_lb(&mut self) -> Result<(), Error> {
+        let open = self.stats.open;
+        let Some(lb) = self.lb.as_mut() else {
+            return Err(Error::Worker("lb needs --lb".into()));
+        };
+        say(&format!(
+            "lb open {open} down {} back {} closes_1001 {} lost {} refused_connect {} refused_503 {} \
+             retry_after_n {} retry_after_max_s {} pending {} last_up_ns {}",
+            lb.down,
+            lb.back,
+            lb.closes_1001,
+            lb.lost,
+            lb.refused_connect,
+            lb.refused_503,
+            lb.retry_after_n,
+            lb.retry_after_max_s,
+            lb.due.len(),
+            lb.last_up_ns
+        ))?;
+        say(&lb.back_times.line("back"))?;
+        lb.back_times.reset();
         Ok(())
     }
 }

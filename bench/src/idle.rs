@@ -360,6 +360,7 @@ pub fn run(args: IdleArgs) -> Result<Report, Error> {
                 log: args.server_log.clone(),
                 node_id: "bench".into(),
                 extra_toml: String::new(),
+                extra_limits: String::new(),
                 ports: (0, 0),
             };
             Server::start(&args.server_bin, &setup)?

@@ -15,6 +15,9 @@
 //!   bench's own (a minimal HTTP/1.1 server); events a second, server CPU per event.
 //! - `soak`: the `soak` scenario: a 3-node cluster under churn, rogues and faults, then
 //!   the account of loss, order, memory, files and panics (`conn`, `device`, `rogue`).
+//! - `scale`: the `crowd` scenario: a crowd of idle connections on five nodes (memory, idle
+//!   CPU, broadcast, a big conversation, drain and kill) and the million-connection host on
+//!   paper (`paper`); its syncing devices (`sample`).
 //! - `redis`: a redis-server of the bench's own (`cluster`, `soak`).
 //! - `tabulate`: the side-by-side tables of `bench/compare.sh` from its runs' JSON lines.
 //! - `target`: the IM scenarios' server options: start (tuned config) or attach, pinning.
@@ -53,6 +56,7 @@ mod latency;
 mod pipe;
 mod plan;
 mod redis;
+mod scale;
 mod scan;
 mod server;
 mod sink;
@@ -91,6 +95,9 @@ enum Command {
     /// The IM load across a cluster (redis-server + N nodes over ZeroMQ), users spread
     /// over the nodes so that sends cross them.
     Cluster(cluster::ClusterArgs),
+    /// A crowd of idle connections on five nodes: memory and idle CPU per connection, a
+    /// broadcast, a big conversation, drain and kill; the million-connection host on paper.
+    Crowd(scale::CrowdArgs),
     /// Echo round trips of any server: N connections x size x pipeline depth; rate,
     /// latency, server CPU per message.
     Echo(echo::EchoArgs),
@@ -119,6 +126,7 @@ fn main() -> ExitCode {
         Command::Fanout(args) => fanout::run(args).map(|_| ()),
         Command::Floor(args) => floor::run(args).map(|_| ()),
         Command::Cluster(args) => cluster::run(args).map(|_| ()),
+        Command::Crowd(args) => scale::run(args),
         Command::Echo(args) => echo::run(args).map(|_| ()),
         Command::Soak(args) => soak::run(args),
         Command::Upgrades(args) => upgrades::run(args).map(|_| ()),

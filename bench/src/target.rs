@@ -72,6 +72,7 @@ impl TargetArgs {
                     log: self.server_log.clone(),
                     node_id: "bench".into(),
                     extra_toml: String::new(),
+                    extra_limits: String::new(),
                     ports: (0, 0),
                 };
                 Server::start(&self.server_bin, &setup)?
@@ -138,6 +139,7 @@ impl EchoTargetArgs {
                     log: self.server_log.clone(),
                     node_id: "bench".into(),
                     extra_toml: String::new(),
+                    extra_limits: String::new(),
                     ports: (0, 0),
                 };
                 Server::start(&self.server_bin, &setup)?

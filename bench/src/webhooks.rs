@@ -461,6 +461,7 @@ pub fn run(args: WebhooksArgs) -> Result<Report, Error> {
         log: args.server_log.clone(),
         node_id: "bench".into(),
         extra_toml: webhook,
+        extra_limits: String::new(),
         ports: (0, 0),
     };
     let mut server = Server::start(&args.server_bin, &setup)?;

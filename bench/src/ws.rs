@@ -131,6 +131,16 @@ pub fn check_response(buf: &[u8], key: &str) -> Result<Option<usize>, HandshakeE
     }
 }
 
+/// The `Retry-After` of a refusal's response head (whole seconds; PROTOCOL.md: a 503
+/// may carry it), if the head is complete and has one.
+pub fn retry_after(buf: &[u8]) -> Option<u64> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    response.parse(buf).ok()?;
+    let h = response.headers.iter().find(|h| h.name.eq_ignore_ascii_case("retry-after"))?;
+    std::str::from_utf8(h.value).ok()?.trim().parse().ok()
+}
+
 /// Header bytes of a frame with `payload_len` bytes of payload.
 pub fn header_len(payload_len: u64, masked: bool) -> usize {
     let ext = match payload_len {
@@ -555,6 +565,9 @@ mod tests {
         assert_eq!(check_response(wrong.as_bytes(), key), Err(HandshakeError::BadAccept));
         let refused = "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(check_response(refused.as_bytes(), key), Err(HandshakeError::Status(401)));
+        assert_eq!(retry_after(refused.as_bytes()), None);
+        let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(retry_after(busy.as_bytes()), Some(3));
         let plain =
             "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert_eq!(check_response(plain.as_bytes(), key), Err(HandshakeError::NotUpgraded));

@@ -52,34 +52,49 @@ pub struct Conn {
     text: bool,
     rng: Rng,
     out: Vec<u8>,
+    /// The reason of the last close frame read (PROTOCOL.md: a 1001's ends in
+    /// `reconnect_after_ms=N`).
+    close_reason: Vec<u8>,
 }
 
 impl Conn {
     /// Connects to `addr` and upgrades `target` (path and query), within `limit`.
     pub fn open(addr: SocketAddr, target: &str, limit: Duration) -> Result<Conn, OpenError> {
+        Conn::open_or_retry_after(addr, target, limit).map_err(|(e, _)| e)
+    }
+
+    /// [`Conn::open`], and with a refusal the `Retry-After` it carried (seconds), if any.
+    pub fn open_or_retry_after(
+        addr: SocketAddr,
+        target: &str,
+        limit: Duration,
+    ) -> Result<Conn, (OpenError, Option<u64>)> {
+        let io = |e| (OpenError::Io(e), None);
         let deadline = Instant::now() + limit;
-        let mut stream = TcpStream::connect_timeout(&addr, limit).map_err(OpenError::Io)?;
-        stream.set_nodelay(true).map_err(OpenError::Io)?;
+        let mut stream = TcpStream::connect_timeout(&addr, limit).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
         let mut rng = Rng::from_entropy();
         let key = ws::new_key(&mut rng);
         let request = ws::upgrade_request(&addr.to_string(), target, &key);
-        stream.set_write_timeout(Some(limit)).map_err(OpenError::Io)?;
-        stream.write_all(request.as_bytes()).map_err(OpenError::Io)?;
+        stream.set_write_timeout(Some(limit)).map_err(io)?;
+        stream.write_all(request.as_bytes()).map_err(io)?;
         let mut input = Vec::with_capacity(1024);
         let mut chunk = [0u8; 4096];
         let head = loop {
-            if let Some(n) = ws::check_response(&input, &key).map_err(OpenError::Handshake)? {
-                break n;
+            match ws::check_response(&input, &key) {
+                Ok(Some(n)) => break n,
+                Ok(None) => {}
+                Err(e) => return Err((OpenError::Handshake(e), ws::retry_after(&input))),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(OpenError::Io(io::Error::new(io::ErrorKind::TimedOut, "no upgrade answer")));
+                return Err(io(io::Error::new(io::ErrorKind::TimedOut, "no upgrade answer")));
             }
-            stream.set_read_timeout(Some(left)).map_err(OpenError::Io)?;
+            stream.set_read_timeout(Some(left)).map_err(io)?;
             match stream.read(&mut chunk) {
-                Ok(0) => return Err(OpenError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(0) => return Err(io(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => input.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(OpenError::Io(e)),
+                Err(e) => return Err(io(e)),
             }
         };
         input.drain(..head);
@@ -93,7 +108,13 @@ impl Conn {
             text: false,
             rng,
             out: Vec::new(),
+            close_reason: Vec::new(),
         })
+    }
+
+    /// The reason text of the last close frame read.
+    pub fn close_reason(&self) -> &[u8] {
+        &self.close_reason
     }
 
     pub fn stream(&self) -> &TcpStream {
@@ -184,9 +205,12 @@ impl Conn {
                     frame = match header.opcode {
                         ws::opcode::PING => Some(Frame::Ping(payload)),
                         ws::opcode::PONG => Some(Frame::Pong),
-                        ws::opcode::CLOSE => Some(Frame::Close(
-                            (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
-                        )),
+                        ws::opcode::CLOSE => {
+                            self.close_reason = payload.get(2..).unwrap_or_default().to_vec();
+                            Some(Frame::Close(
+                                (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
+                            ))
+                        }
                         opcode => {
                             if opcode != ws::opcode::CONTINUATION {
                                 self.message.clear();

@@ -29,8 +29,8 @@
 //! the start; then with every client gone, each node's open files back to their count
 //! before any client came; and no panic in any node's log.
 
-mod conn;
-mod device;
+pub(crate) mod conn;
+pub(crate) mod device;
 mod rogue;
 
 use std::collections::BTreeMap;
@@ -377,6 +377,7 @@ pub fn run(args: SoakArgs) -> Result<(), Error> {
                  advertise = \"tcp://127.0.0.1:{bus}\"\n\n[history]\nmax_per_conv = 100000\n",
                 redis.port
             ),
+            extra_limits: String::new(),
             ports: (free_port()?, free_port()?),
         });
     }
