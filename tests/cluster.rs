@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::redis::{free_port, Redis};
+use common::redis::{free_port, Redis, RedisCluster};
 use common::*;
 use serde_json::json;
 
@@ -36,7 +36,7 @@ impl Ports {
     }
 }
 
-fn start_node(name: &str, redis: &Redis, ports: &Ports, extra: &str) -> Server {
+fn start_node(name: &str, redis: &impl Backs, ports: &Ports, extra: &str) -> Server {
     let node = format!(
         r#"
 node_id = "{name}"
@@ -56,20 +56,111 @@ advertise = "tcp://127.0.0.1:{publish}"
     Server::start(&merge_toml(&[CLUSTER_TOML, &node, extra]))
 }
 
+/// What the nodes keep their state in: its URL, and `redis-cli` against it.
+trait Backs {
+    fn url(&self) -> String;
+    fn cli(&self, args: &[&str]) -> String;
+}
+
+impl Backs for Redis {
+    fn url(&self) -> String {
+        Redis::url(self)
+    }
+    fn cli(&self, args: &[&str]) -> String {
+        Redis::cli(self, args)
+    }
+}
+
+impl Backs for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+    fn cli(&self, args: &[&str]) -> String {
+        RedisCluster::cli(self, args)
+    }
+}
+
+/// The two ways to run a cluster's Redis: one `redis-server`, or a Redis Cluster of three
+/// masters (every key of a conversation in one slot, the pool following the slot map).
+#[derive(Clone, Copy, Debug)]
+enum Topology {
+    Single,
+    Cluster,
+}
+
+/// The running store of either topology.
+enum Backing {
+    Single(Redis),
+    Cluster(RedisCluster),
+}
+
+impl Backs for Backing {
+    fn url(&self) -> String {
+        match self {
+            Backing::Single(r) => r.url(),
+            Backing::Cluster(c) => c.url(),
+        }
+    }
+    fn cli(&self, args: &[&str]) -> String {
+        match self {
+            Backing::Single(r) => Backs::cli(r, args),
+            Backing::Cluster(c) => Backs::cli(c, args),
+        }
+    }
+}
+
 /// Redis and three nodes `n1`..`n3` that know each other (each sees two peers).
 fn cluster(extra: &str) -> (Redis, Vec<Server>, Vec<Ports>) {
     let redis = Redis::start();
-    let ports: Vec<Ports> = (0..3).map(|_| Ports::free()).collect();
-    let nodes: Vec<Server> =
-        ports.iter().enumerate().map(|(i, p)| start_node(&format!("n{}", i + 1), &redis, p, extra)).collect();
-    for node in &nodes {
-        node.wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |n| n == 2);
-    }
+    let (nodes, ports) = three_nodes(&redis, extra);
     (redis, nodes, ports)
 }
 
-/// Reads frames until `done` says the collected `msg` frames of `conv` are complete;
-/// other frames are returned apart. Each read is bounded (5 s without any message).
+/// [`cluster`] on either topology.
+fn cluster_on(topology: Topology, extra: &str) -> (Backing, Vec<Server>, Vec<Ports>) {
+    let backing = match topology {
+        Topology::Single => Backing::Single(Redis::start()),
+        Topology::Cluster => Backing::Cluster(RedisCluster::start()),
+    };
+    let (nodes, ports) = three_nodes(&backing, extra);
+    (backing, nodes, ports)
+}
+
+fn three_nodes(redis: &impl Backs, extra: &str) -> (Vec<Server>, Vec<Ports>) {
+    let ports: Vec<Ports> = (0..3).map(|_| Ports::free()).collect();
+    let nodes: Vec<Server> =
+        ports.iter().enumerate().map(|(i, p)| start_node(&format!("n{}", i + 1), redis, p, extra)).collect();
+    for node in &nodes {
+        node.wait_metric("ringpush_cluster_peers", Duration::from_secs(10), |n| n == 2);
+    }
+    (nodes, ports)
+}
+
+/// Runs a test on both topologies: `name::single` and `name::redis_cluster`.
+macro_rules! on_both_topologies {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn single() {
+                super::$name(super::Topology::Single)
+            }
+            #[test]
+            fn redis_cluster() {
+                super::$name(super::Topology::Cluster)
+            }
+        }
+    )*};
+}
+
+on_both_topologies!(
+    three_nodes_concurrent_senders_one_order,
+    killed_node_leaves_no_presence_and_a_restarted_one_rejoins,
+    a_paused_node_gets_every_acked_message_in_order_after_it_resumes,
+    the_api_acts_cluster_wide,
+    a_drained_node_leaves_the_cluster_at_once,
+    read_marks_and_signals_cross_nodes,
+);
+
 fn collect_msgs(
     ws: &mut Ws,
     conv: &str,
@@ -121,9 +212,8 @@ fn post_until_live(node: &Server, ws: &mut Ws, conv: &str) -> u64 {
     }
 }
 
-#[test]
-fn three_nodes_concurrent_senders_one_order() {
-    let (_redis, nodes, _) = cluster("");
+fn three_nodes_concurrent_senders_one_order(topology: Topology) {
+    let (_redis, nodes, _) = cluster_on(topology, "");
     let conv = "c-three";
     nodes[0].set_members(conv, &["u1", "u2", "u3"]);
     // Every user has a device on two nodes; u1 sends from n1, u2 from n2, u3 from n3.
@@ -193,9 +283,8 @@ fn three_nodes_concurrent_senders_one_order() {
     }
 }
 
-#[test]
-fn killed_node_leaves_no_presence_and_a_restarted_one_rejoins() {
-    let (redis, mut nodes, ports) = cluster("");
+fn killed_node_leaves_no_presence_and_a_restarted_one_rejoins(topology: Topology) {
+    let (redis, mut nodes, ports) = cluster_on(topology, "");
     let conv = "c-kill";
     nodes[0].set_members(conv, &["u1", "u2"]);
     let (mut on_n1, _) = connect_synced(&nodes[0], "u1", "a", &[conv]);
@@ -286,10 +375,9 @@ fn redis_outage_refuses_sends_and_everything_resumes() {
     nodes[2].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 1);
 }
 
-#[test]
-fn a_paused_node_gets_every_acked_message_in_order_after_it_resumes() {
+fn a_paused_node_gets_every_acked_message_in_order_after_it_resumes(topology: Topology) {
     // A tiny queue per peer, so ZeroMQ drops while the node is stopped.
-    let (_redis, nodes, _) = cluster("[cluster]\nhwm = 10\n");
+    let (_redis, nodes, _) = cluster_on(topology, "[cluster]\nhwm = 10\n");
     let conv = "c-pause";
     nodes[0].set_members(conv, &["u1", "u3"]);
     let (mut on_n3, _) = connect_synced(&nodes[2], "u3", "phone", &[conv]);
@@ -345,9 +433,8 @@ fn a_node_without_members_online_receives_none_of_a_conversation() {
     assert_eq!(nodes[2].metric("ringpush_cluster_received_total{kind=\"msg\"}"), 0, "{}", nodes[2].metrics());
 }
 
-#[test]
-fn the_api_acts_cluster_wide() {
-    let (_redis, nodes, _) = cluster("");
+fn the_api_acts_cluster_wide(topology: Topology) {
+    let (_redis, nodes, _) = cluster_on(topology, "");
     let (mut u1, _) = connect_client(&nodes[1], "u1", "phone");
     let (mut u2, _) = connect_client(&nodes[2], "u2", "tablet");
     let (mut local, _) = connect_client(&nodes[0], "u3", "desk");
@@ -459,9 +546,8 @@ fn static_peers_and_a_bad_cluster_config() {
     assert!(err.contains("cluster") && err.contains("redis"), "{err}");
 }
 
-#[test]
-fn a_drained_node_leaves_the_cluster_at_once() {
-    let (redis, nodes, _) = cluster("");
+fn a_drained_node_leaves_the_cluster_at_once(topology: Topology) {
+    let (redis, nodes, _) = cluster_on(topology, "");
     let (_ws, _) = connect_client(&nodes[2], "u1", "phone");
     nodes[0].wait_presence("u1", Duration::from_secs(5), |d| d.len() == 1);
     nodes[2].sigterm();
@@ -749,9 +835,8 @@ fn a_member_added_gets_no_message_sent_before_it_was_added() {
 }
 
 /// Read marks and signals across nodes: two devices of alice on n1 and n2, bob on n3.
-#[test]
-fn read_marks_and_signals_cross_nodes() {
-    let (_redis, nodes, _) = cluster("");
+fn read_marks_and_signals_cross_nodes(topology: Topology) {
+    let (_redis, nodes, _) = cluster_on(topology, "");
     nodes[0].set_members("c1", &["alice", "bob"]);
     let (mut laptop, _) = connect_synced(&nodes[0], "alice", "laptop", &["c1"]);
     let (mut phone, _) = connect_synced(&nodes[1], "alice", "phone", &["c1"]);

@@ -568,6 +568,57 @@ fn sweep_purges_an_expired_node_and_never_a_live_one() {
     });
 }
 
+/// A purge spans the users' slots, so it is not one script: a node that dies in the
+/// middle of one leaves the run marked purging with part of its entries. The next sweep
+/// of any node finishes it, and does not report the run a second time.
+#[test]
+fn a_purge_cut_short_is_finished_by_the_next_sweep() {
+    let server = RedisServer::start();
+    let pool = pool(&server);
+    let url = server.url();
+    on_shard(move || async move {
+        let dead = store(&pool, "gone", 3);
+        let live = store(&pool, "here", 4);
+        bounded(live.renew_lease(None, 30_000)).await.unwrap();
+        // 2500 entries: more than one chunk of the purge.
+        let ops: Vec<PresenceOp> =
+            (0..2500).map(|i| add(&format!("p{i}"), presence("d", &format!("k{i}"), "gone"))).collect();
+        bounded(dead.presence_write(&ops)).await.unwrap();
+        // What the purger that died had done: the run out of the epochs (reported by it),
+        // marked purging, its lease gone, some of its entries and index lines removed.
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("SREM").arg("rp:{ctl}:epochs").arg("gone:3").query(&mut conn).unwrap();
+        let _: () = redis::cmd("SADD").arg("rp:{ctl}:purging").arg("gone:3").query(&mut conn).unwrap();
+        for i in 0..700 {
+            let _: () = redis::cmd("HDEL")
+                .arg(format!("rp:p:{{p{i}}}"))
+                .arg(format!("gone/k{i}"))
+                .query(&mut conn)
+                .unwrap();
+            let _: () = redis::cmd("SREM")
+                .arg("rp:{ctl}:pn:{gone}:3")
+                .arg(format!("p{i}\ngone/k{i}"))
+                .query(&mut conn)
+                .unwrap();
+        }
+        assert_eq!(bounded(live.presence_of("p2000")).await.unwrap().len(), 1);
+
+        assert!(bounded(live.sweep()).await.unwrap().is_empty(), "reported twice");
+        for i in [0, 700, 1499, 2499] {
+            assert!(bounded(live.presence_of(&format!("p{i}"))).await.unwrap().is_empty(), "p{i} left");
+        }
+        let purging: Vec<String> = redis::cmd("SMEMBERS").arg("rp:{ctl}:purging").query(&mut conn).unwrap();
+        assert!(purging.is_empty(), "{purging:?}");
+        let index: i64 = redis::cmd("EXISTS").arg("rp:{ctl}:pn:{gone}:3").query(&mut conn).unwrap();
+        assert_eq!(index, 0);
+        // A live run marked purging (a leave cut short, then registered again) is left alone.
+        bounded(live.presence_write(&[add("q", presence("e", "k", "here"))])).await.unwrap();
+        let _: () = redis::cmd("SADD").arg("rp:{ctl}:purging").arg("here:4").query(&mut conn).unwrap();
+        assert!(bounded(live.sweep()).await.unwrap().is_empty());
+        assert_eq!(bounded(live.presence_of("q")).await.unwrap().len(), 1);
+    });
+}
+
 #[test]
 fn two_concurrent_sweeps_purge_each_run_once() {
     let server = RedisServer::start();
