@@ -600,7 +600,7 @@ mod tests {
         let throttled = R::Throttled { why: "", retry_after_s: 1 };
         for r in [R::BadRequest(""), R::Unauthorized(""), R::Forbidden, R::NotFound, R::UpgradeRequired]
             .into_iter()
-            .chain([R::Unavailable(""), throttled])
+            .chain([R::Unavailable { why: "", retry_after_s: 1 }, throttled])
         {
             assert_eq!(Refusal::from(r).label(), r.label());
         }
