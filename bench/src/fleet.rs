@@ -1508,12 +1508,16 @@ impl Fleet {
             (Hint::Busy, after) => {
                 lb.refused_503 += 1;
                 conn.attempts = conn.attempts.saturating_add(1);
+                if let Some(ms) = after {
+                    lb.retry_after_n += 1;
+                    lb.retry_after_max_s = lb.retry_after_max_s.max(u64::from(ms) / 1000);
+                }
+                // A full or draining node: the balancer tries the next one at once (nginx:
+                // `proxy_next_upstream http_503`); once every node refused, the client
+                // waits what it was told.
                 match after {
-                    Some(ms) => {
-                        lb.retry_after_n += 1;
-                        lb.retry_after_max_s = lb.retry_after_max_s.max(u64::from(ms) / 1000);
-                        Duration::from_millis(u64::from(ms))
-                    }
+                    _ if (conn.attempts as usize) < nodes => Duration::ZERO,
+                    Some(ms) => Duration::from_millis(u64::from(ms)),
                     None => backoff(conn.attempts, &mut self.rng),
                 }
             }
@@ -1524,8 +1528,14 @@ impl Fleet {
                 wait
             }
         };
-        conn.node = (lb.rr % nodes) as u8;
-        lb.rr = lb.rr.wrapping_add(1);
+        conn.node = match old.hint {
+            // Failing over: the next node after the one that refused.
+            Hint::Refused | Hint::Busy => ((old.node as usize + 1) % nodes) as u8,
+            _ => {
+                lb.rr = lb.rr.wrapping_add(1);
+                ((lb.rr - 1) % nodes) as u8
+            }
+        };
         lb.due.push(Reverse((Instant::now() + wait, i)));
     }
 

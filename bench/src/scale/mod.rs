@@ -1263,7 +1263,7 @@ fn results_section(
         "## The crowd: {} connections on {} nodes (`ringpush-bench crowd`)\n\n\
          Written by `ringpush-bench crowd --write-results` on {when} (commit {}), on this project's 2-core dev VM: \
          all {} nodes (`shards = 1`, default heartbeats: ping {} s, idle {} s) and redis-server pinned to CPU 0, the \
-         {} client processes to CPU 1; other engineers build and measure on the same machine, so CPU figures carry their noise.\n\n",
+         {} client processes to CPU 1. The nodes share one core here, as do the clients: a node's CPU figures include the cost of that sharing (cache, switches), and whatever else runs on the machine shows in them.\n\n",
         c.connected,
         args.nodes,
         git_head(),

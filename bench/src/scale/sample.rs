@@ -6,8 +6,9 @@
 //!
 //! One thread per device on the soak's blocking connection ([`Conn`]). A device that
 //! loses its connection comes back as the crowd's clients do: after a 1001 close's
-//! `reconnect_after_ms`, a 503's `Retry-After`, or a jittered backoff; a refused TCP
-//! connect (a node gone) moves to the next node at once.
+//! `reconnect_after_ms`, or a jittered backoff; a refused TCP connect (a node gone) or a
+//! 503 (a node full or draining) moves to the next node at once, as a balancer fails
+//! over, and only when every node refused does a 503's `Retry-After` make it wait.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -238,10 +239,16 @@ pub fn run(index: usize, shared: &Shared) {
             Err((OpenError::Handshake(HandshakeError::Status(503)), retry_after)) => {
                 stats.refused_503.fetch_add(1, Relaxed);
                 attempts += 1;
-                retry_after.map(|s| {
+                if retry_after.is_some() {
                     stats.retry_after.fetch_add(1, Relaxed);
-                    Duration::from_secs(s)
-                })
+                }
+                // A full or draining node: the balancer tries the next one at once (nginx:
+                // `proxy_next_upstream http_503`); once every node refused, wait as told.
+                match retry_after {
+                    _ if (attempts as usize) < nodes => Some(Duration::ZERO),
+                    Some(s) => Some(Duration::from_secs(s)),
+                    None => None,
+                }
             }
             Err((e, _)) => {
                 shared.report(format!("device {index}: connect to node {}: {e}", node + 1));
