@@ -317,7 +317,7 @@ async fn route(admin: &Admin, req: &Request) -> Response {
                 if let Some(outbox) = &admin.node.webhooks {
                     outbox.counters().render(&mut text);
                 }
-                metrics::render_process(&mut text);
+                text.push_str(&process_metrics().await);
                 text.into_bytes()
             },
         },
@@ -349,6 +349,23 @@ fn node_facts(node: &Node) -> metrics::NodeFacts {
 }
 
 /// The `/metrics` text exactly as a scrape gets it: what the dashboard is built from.
+/// [`metrics::render_process`] on a thread of its own: counting `/proc/self/fd` walks
+/// every open descriptor (a million on a full node), which must not hold up this executor
+/// (it also keeps the node's lease). Not glommio's blocking pool: the control thread's
+/// one blocking thread waits for the shutdown signal. Empty if no thread can start.
+async fn process_metrics() -> String {
+    let (tx, rx) = flume::bounded(1);
+    let started = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        let mut text = String::new();
+        metrics::render_process(&mut text);
+        let _ = tx.send(text);
+    });
+    match started {
+        Ok(_) => rx.recv_async().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 async fn metrics_text(admin: &Admin) -> String {
     let scrape =
         Request { method: "GET".into(), path: "/metrics".into(), authorization: None, body: Vec::new() };

@@ -537,7 +537,8 @@ pub fn render_node(node: &NodeFacts, shards: &[Arc<ShardMetrics>], out: &mut Str
 }
 
 /// Process-wide figures read when scraped: the C heap's bytes in use (glibc's
-/// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator.
+/// `mallinfo2`, summed over its arenas), to tell live memory from RSS kept by the allocator,
+/// and the open descriptors (a walk over `/proc/self/fd`: call it off the executors).
 pub fn render_process(out: &mut String) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
