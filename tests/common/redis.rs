@@ -81,22 +81,7 @@ impl Redis {
         } else {
             &["--appendonly", "no"]
         };
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(persistence)
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server (scripts/test installs it: apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + REDIS_START;
-        while !self.pings() {
-            assert!(Instant::now() < deadline, "redis-server on port {} never answered PING", self.port);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child = Some(spawn_redis(self.port, &self.dir, persistence));
     }
 
     /// Whether the server answers PING now.
@@ -106,10 +91,7 @@ impl Redis {
 
     /// Kills the server (SIGKILL): its data is gone.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port, empty.
@@ -156,39 +138,64 @@ struct ClusterNode {
 
 impl ClusterNode {
     fn run(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--protected-mode", "no"])
-            .args(["--cluster-enabled", "yes", "--cluster-port", &self.bus.to_string()])
-            .args(["--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"])
-            .arg("--cluster-config-file")
-            .arg(self.dir.path().join("nodes.conf"))
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(self.dir.path().join("redis.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server (scripts/test installs it: apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + REDIS_START;
-        while !pings(self.port) {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-                panic!("cluster redis-server on port {} exited ({status}):\n{log}", self.port);
-            }
-            assert!(Instant::now() < deadline, "redis-server on port {} never answered PING", self.port);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let bus = self.bus.to_string();
+        let config = self.dir.path().join("nodes.conf");
+        let args = [
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus,
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-config-file",
+            config.to_str().expect("a UTF-8 temp dir"),
+        ];
+        self.child = Some(spawn_redis(self.port, &self.dir, &args));
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        kill(&mut self.child);
+    }
+}
+
+/// Starts `redis-server` on loopback `port` in `dir` (no RDB snapshots, its log in
+/// `dir/redis.log`) with `extra` arguments, and waits until it answers PING; a server
+/// that exits first fails the test with its log.
+fn spawn_redis(port: u16, dir: &TempDir, extra: &[&str]) -> Child {
+    let log = dir.path().join("redis.log");
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--protected-mode", "no"])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server (scripts/test installs it: apt-get install redis-server)");
+    let deadline = Instant::now() + REDIS_START;
+    while !pings(port) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("redis-server on port {port} exited ({status}):\n{log}");
         }
+        assert!(Instant::now() < deadline, "redis-server on port {port} never answered PING");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// Kills a server started by [`spawn_redis`] (SIGKILL) and reaps it.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
