@@ -452,6 +452,11 @@ impl NodeFigures {
     }
 }
 
+/// Share of one core that `cpu` is over an idle window of `secs` seconds.
+fn util(cpu: Duration, secs: f64) -> f64 {
+    cpu.as_secs_f64() / secs.max(1e-9)
+}
+
 /// Kernel memory before and after the crowd (machine-wide: both ends of every loopback
 /// connection).
 #[derive(Debug, Clone, Default)]
@@ -546,7 +551,7 @@ impl CrowdFigures {
 
     /// All nodes' idle CPU as a share of one core.
     fn idle_util(&self) -> f64 {
-        self.idle_cpu().as_secs_f64() / self.idle_secs.max(1e-9)
+        util(self.idle_cpu(), self.idle_secs)
     }
 
     /// The pings the nodes sent in the window, a second; a window without any (shorter
@@ -1098,7 +1103,7 @@ fn human_crowd(args: &CrowdArgs, c: &CrowdFigures) -> String {
             mib(n.rss_before),
             mib(n.rss_after),
             n.bytes_per_conn(),
-            100.0 * n.idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9)
+            100.0 * util(n.idle_cpu, c.idle_secs)
         );
     }
     s += &format!(
@@ -1126,7 +1131,7 @@ fn human_crowd(args: &CrowdArgs, c: &CrowdFigures) -> String {
         c.idle_secs,
         100.0 * c.idle_util(),
         c.idle_cpu().as_secs_f64(),
-        100.0 * c.redis_idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9),
+        100.0 * util(c.redis_idle_cpu, c.idle_secs),
         c.heartbeats_per_sec(args.ping_interval_ms),
         c.cpu_us_per_heartbeat(args.ping_interval_ms),
         args.ping_interval_ms
@@ -1234,11 +1239,11 @@ fn json_line(
         "fill": c.fill.json(),
         "connected": c.connected, "dropped": c.dropped,
         "per_node": c.nodes.iter().map(|n| json!({"conns": n.conns, "rss_before": n.rss_before, "rss_after": n.rss_after,
-            "bytes_per_conn": round(n.bytes_per_conn(), 0), "idle_cpu_util": round(n.idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9), 4)})).collect::<Vec<_>>(),
+            "bytes_per_conn": round(n.bytes_per_conn(), 0), "idle_cpu_util": round(util(n.idle_cpu, c.idle_secs), 4)})).collect::<Vec<_>>(),
         "user_bytes_per_conn": round(c.user_bytes_per_conn(), 0),
         "kernel": c.kernel.json(c.connected),
         "idle": {"secs": round(c.idle_secs, 1), "nodes_cpu_util": round(c.idle_util(), 4),
-            "redis_cpu_util": round(c.redis_idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9), 4),
+            "redis_cpu_util": round(util(c.redis_idle_cpu, c.idle_secs), 4),
             "heartbeats_per_sec": c.heartbeats_per_sec(args.ping_interval_ms).round(), "cpu_us_per_heartbeat": round(c.cpu_us_per_heartbeat(args.ping_interval_ms), 2)},
         "broadcast": {"secs": round(c.broadcast_secs, 3), "got": c.broadcast_got, "cpu_us_per_delivery": round(c.cpu_us_per_delivery(), 2)},
         "big_conv": {"members": args.big_members, "messages": args.big_messages, "last_member": c.big.summary().json(),
@@ -1282,7 +1287,7 @@ fn results_section(
             mib(n.rss_before),
             mib(n.rss_after),
             n.bytes_per_conn(),
-            100.0 * n.idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9)
+            100.0 * util(n.idle_cpu, c.idle_secs)
         );
     }
     s += &format!(
@@ -1308,7 +1313,7 @@ fn results_section(
         "| idle CPU, {:.0} s window | nodes {:.2}% of one core together, redis-server {:.2}% |\n",
         c.idle_secs,
         100.0 * c.idle_util(),
-        100.0 * c.redis_idle_cpu.as_secs_f64() / c.idle_secs.max(1e-9)
+        100.0 * util(c.redis_idle_cpu, c.idle_secs)
     );
     s += &format!(
         "| heartbeats | {:.0}/s; {:.1} µs CPU each (idle CPU / heartbeats a second) |\n",
